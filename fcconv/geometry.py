@@ -1,0 +1,312 @@
+"""Patch, order and stride specs, and the weight permutation both ways.
+
+This module knows tensors and arithmetic only: no ``nn.Module``, no files.
+
+A Linear weight ``W[O, N]`` that was fed patches flattened in ``order`` (the
+axes ``c``, ``h``, ``w`` from slowest to fastest) is the conv kernel
+``K[O, C, kh, kw]`` with ``K[o, c, i, j] = W[o, index_of(order, c, i, j)]``.
+Both directions are a reshape and a permute: nothing is recomputed or cast.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fcconv.errors import SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+AXES = "chw"
+"""The conv kernel's own axis order after the output axis: ``K[o, c, i, j]``."""
+
+ORDERS: tuple[str, ...] = tuple("".join(p) for p in itertools.permutations(AXES))
+"""All six flatten orders, the PyTorch default first: chw, cwh, hcw, hwc, wch, whc."""
+
+DEFAULT_ORDER = "chw"
+
+_SEP = r"\s*[xX×]\s*"
+_INT = r"(\d+)"
+
+
+def parse_order(text: str) -> str:
+    """Validate a flatten order such as ``chw`` or ``hwc`` and return it lower-cased."""
+    order = text.strip().lower()
+    if order not in ORDERS:
+        raise SpecError(
+            f"malformed order {text!r}: expected a permutation of c, h, w "
+            f"({', '.join(ORDERS)})"
+        )
+    return order
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """A patch as the user wrote it: ``HxWxC``, or ``HxW`` with C to be inferred."""
+
+    height: int
+    width: int
+    channels: int | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.height}x{self.width}"
+        return text if self.channels is None else f"{text}x{self.channels}"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A fully known patch: ``kh × kw`` pixels of ``C`` channels."""
+
+    height: int
+    width: int
+    channels: int
+
+    @property
+    def features(self) -> int:
+        """``N = C·kh·kw``, the Linear layer's ``in_features``."""
+        return self.height * self.width * self.channels
+
+    def sizes(self, order: str) -> tuple[int, ...]:
+        """The patch's axis lengths in ``order``, e.g. ``(H, W, C)`` for ``hwc``."""
+        lengths = {"c": self.channels, "h": self.height, "w": self.width}
+        return tuple(lengths[axis] for axis in order)
+
+    def __str__(self) -> str:
+        return f"{self.height}x{self.width}x{self.channels}"
+
+
+def parse_patch(text: str) -> PatchSpec:
+    """Parse ``HxWxC`` (``20x20x10``) or ``HxW`` (``20x20``).
+
+    >>> parse_patch("20x20x10")
+    PatchSpec(height=20, width=20, channels=10)
+    """
+    match = re.fullmatch(rf"\s*{_INT}{_SEP}{_INT}(?:{_SEP}{_INT})?\s*", text)
+    numbers = [int(g) for g in match.groups() if g is not None] if match else []
+    if not match or 0 in numbers:
+        raise SpecError(
+            f"malformed patch {text!r}: expected HxWxC (e.g. 20x20x10) or HxW "
+            "(C inferred from in_features), with positive integers"
+        )
+    return PatchSpec(*numbers)
+
+
+def _parse_pair(text: str, what: str, example: str) -> tuple[int, int]:
+    match = re.fullmatch(rf"\s*{_INT}(?:{_SEP}{_INT})?\s*", text)
+    if not match or any(g is not None and int(g) == 0 for g in match.groups()):
+        raise SpecError(
+            f"malformed {what} {text!r}: expected two positive integers like {example}"
+        )
+    first, second = match.groups()
+    return int(first), int(second if second is not None else first)
+
+
+def parse_stride(text: str) -> tuple[int, int]:
+    """Parse a stride ``SHxSW`` (``20x20``); a single number means both."""
+    return _parse_pair(text, "stride", "20x20")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse an input size ``HxW`` (``100x60``); a single number means both."""
+    return _parse_pair(text, "input size", "100x60")
+
+
+def candidate_patches(
+    features: int, channels: int | None = None, limit: int = 6
+) -> list[Patch]:
+    """Patches whose ``C·kh·kw`` equals ``features``, the most plausible first.
+
+    With ``channels`` known, every ``kh × kw`` that fits, squarest first.
+    Without it, the square patches (what classifiers are trained on), largest
+    first, since a 1×1 patch of ``features`` channels always fits and tells
+    the user nothing new.
+    """
+    if channels is not None:
+        if channels <= 0 or features % channels:
+            return []
+        area = features // channels
+        pairs = [(h, area // h) for h in range(1, area + 1) if area % h == 0]
+        pairs.sort(key=lambda hw: (abs(hw[0] - hw[1]), -hw[0]))
+        return [Patch(h, w, channels) for h, w in pairs[:limit]]
+    squares = [
+        Patch(side, side, features // (side * side))
+        for side in range(1, int(features**0.5) + 1)
+        if features % (side * side) == 0
+    ]
+    return sorted(squares, key=lambda p: -p.height)[:limit]
+
+
+def _describe(patches: list[Patch]) -> str:
+    return ", ".join(str(p) for p in patches) if patches else "none"
+
+
+def resolve_patch(spec: PatchSpec, in_features: int, layer: str = "layer") -> Patch:
+    """Complete ``spec`` against the layer's ``in_features``, or explain the mismatch."""
+    area = spec.height * spec.width
+    if spec.channels is None:
+        if in_features % area:
+            raise SpecError(
+                f"patch {spec} does not fit {layer}: in_features {in_features} is not "
+                f"a multiple of {spec.height}·{spec.width} = {area}; patches that fit: "
+                f"{_describe(candidate_patches(in_features))}"
+            )
+        return Patch(spec.height, spec.width, in_features // area)
+    patch = Patch(spec.height, spec.width, spec.channels)
+    if patch.features != in_features:
+        fits = candidate_patches(in_features, spec.channels) or candidate_patches(
+            in_features
+        )
+        raise SpecError(
+            f"patch {spec} has {patch.features} elements but {layer} has in_features "
+            f"{in_features}; patches that fit: {_describe(fits)}"
+        )
+    return patch
+
+
+def index_map(patch: Patch, order: str) -> torch.Tensor:
+    """``index_map[c, i, j]``: which Linear input column feeds kernel tap ``(c, i, j)``.
+
+    Two orders are the same permutation for this patch exactly when their
+    index maps are equal (e.g. every order when the patch is 1×1).
+    """
+    import torch
+
+    columns = torch.arange(patch.features).reshape(patch.sizes(order))
+    return columns.permute(*(order.index(axis) for axis in AXES))
+
+
+def linear_weight_to_conv(weight: torch.Tensor, patch: Patch, order: str) -> torch.Tensor:
+    """Rearrange a Linear weight ``[O, N]`` into the conv kernel ``[O, C, kh, kw]``.
+
+    The result is a new contiguous tensor of the same dtype holding exactly
+    the same element values; ``weight`` may be non-contiguous.
+
+    >>> import torch
+    >>> k = linear_weight_to_conv(torch.arange(8.).reshape(1, 8), Patch(2, 2, 2), "hwc")
+    >>> k[0, 1].tolist()  # channel 1 sits at the odd columns when flattened HWC
+    [[1.0, 3.0], [5.0, 7.0]]
+    """
+    order = parse_order(order)
+    if weight.dim() != 2 or weight.shape[1] != patch.features:
+        raise SpecError(
+            f"weight of shape {tuple(weight.shape)} is not a Linear weight for patch "
+            f"{patch} (expected [out, {patch.features}])"
+        )
+    out_features = weight.shape[0]
+    grouped = weight.reshape(out_features, *patch.sizes(order))
+    kernel = grouped.permute(0, *(1 + order.index(axis) for axis in AXES))
+    return kernel.contiguous()
+
+
+def conv_weight_to_linear(kernel: torch.Tensor, order: str) -> torch.Tensor:
+    """Inverse of :func:`linear_weight_to_conv`: ``[O, C, kh, kw]`` back to ``[O, N]``."""
+    order = parse_order(order)
+    if kernel.dim() != 4:
+        raise SpecError(
+            f"kernel of shape {tuple(kernel.shape)} is not a Conv2d weight "
+            "(expected [out, C, kh, kw])"
+        )
+    flat = kernel.permute(0, *(1 + AXES.index(axis) for axis in order))
+    return flat.reshape(kernel.shape[0], -1).contiguous()
+
+
+def patch_of_kernel(kernel_shape: tuple[int, ...]) -> Patch:
+    """The patch a conv kernel of shape ``[O, C, kh, kw]`` reads."""
+    _, channels, height, width = kernel_shape
+    return Patch(height, width, channels)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where the windows of a strided conv fall on an input of ``height × width``."""
+
+    height: int
+    width: int
+    patch: Patch
+    stride: tuple[int, int]
+
+    @property
+    def rows(self) -> int:
+        """``H' = (H − kh) // sh + 1``."""
+        return (self.height - self.patch.height) // self.stride[0] + 1
+
+    @property
+    def cols(self) -> int:
+        """``W' = (W − kw) // sw + 1``."""
+        return (self.width - self.patch.width) // self.stride[1] + 1
+
+    @property
+    def uncovered_rows(self) -> int:
+        """Bottom rows of the input that no window reads."""
+        return self.height - ((self.rows - 1) * self.stride[0] + self.patch.height)
+
+    @property
+    def uncovered_cols(self) -> int:
+        """Right-hand columns of the input that no window reads."""
+        return self.width - ((self.cols - 1) * self.stride[1] + self.patch.width)
+
+    def window(self, row: int, col: int) -> tuple[slice, slice]:
+        """The input rows and columns that output cell ``(row, col)`` sees."""
+        top, left = row * self.stride[0], col * self.stride[1]
+        return (
+            slice(top, top + self.patch.height),
+            slice(left, left + self.patch.width),
+        )
+
+    def warnings(self) -> list[str]:
+        """Plain-words notes about input the windows leave out."""
+        notes = []
+        if self.uncovered_rows:
+            notes.append(
+                f"input height {self.height} leaves the last {self.uncovered_rows} "
+                f"row(s) uncovered by {self.patch.height}-row windows at stride "
+                f"{self.stride[0]}"
+            )
+        if self.uncovered_cols:
+            notes.append(
+                f"input width {self.width} leaves the last {self.uncovered_cols} "
+                f"column(s) uncovered by {self.patch.width}-column windows at stride "
+                f"{self.stride[1]}"
+            )
+        return notes
+
+
+def make_grid(
+    size: tuple[int, int], patch: Patch, stride: tuple[int, int] | None = None
+) -> Grid:
+    """Lay windows of ``patch`` at ``stride`` (default: the patch size) over ``size``."""
+    stride = stride or (patch.height, patch.width)
+    height, width = size
+    if height < patch.height or width < patch.width:
+        raise SpecError(
+            f"input {height}x{width} is smaller than one {patch.height}x{patch.width} "
+            "patch; give an --input at least as large as the patch"
+        )
+    return Grid(height, width, patch, stride)
+
+
+def default_input(patch: Patch, stride: tuple[int, int]) -> tuple[int, int]:
+    """The smallest input that yields a 2×2 grid of windows."""
+    return (patch.height + stride[0], patch.width + stride[1])
+
+
+def conv2d_line(
+    patch: Patch, out_features: int, stride: tuple[int, int], bias: bool = True
+) -> str:
+    """The ``nn.Conv2d(...)`` call that builds the module the new weights load into."""
+    return (
+        f"nn.Conv2d({patch.channels}, {out_features}, "
+        f"kernel_size=({patch.height}, {patch.width}), stride={tuple(stride)}, "
+        f"padding=0, bias={bias})"
+    )
+
+
+def coinciding_orders(patch: Patch, order: str) -> list[str]:
+    """Every order whose permutation equals ``order``'s for this patch (itself included)."""
+    import torch
+
+    reference = index_map(patch, order)
+    return [o for o in ORDERS if torch.equal(index_map(patch, o), reference)]
