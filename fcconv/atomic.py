@@ -1,0 +1,118 @@
+"""Atomic file output: a temporary file beside the target, then a rename.
+
+The target is either absent or complete: never a partial checkpoint under its
+name. A handled failure leaves no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from fcconv.errors import CheckpointError
+
+TEMP_SUFFIX = ".fcconv-tmp"
+
+
+def check_output_path(target: Path, force: bool, sources: tuple[Path, ...] = ()) -> None:
+    """Refuse outputs that would clobber an input or an existing file without ``force``."""
+    for source in sources:
+        if _same_file(source, target):
+            raise CheckpointError(
+                f"output {target} is the input file; fcconv never overwrites its "
+                "input, choose another -o"
+            )
+    if target.is_dir():
+        raise CheckpointError(f"output {target} is a directory; give a file name with -o")
+    if target.exists() and not force:
+        raise CheckpointError(
+            f"output {target} already exists; pass --force to replace it or choose "
+            "another -o"
+        )
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"output folder {folder} does not exist; create it or choose another -o"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def describe_os_error(error: OSError, target: Path) -> str:
+    """A one-line explanation of a failed write, ending with what to do."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "free some space or choose another -o"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "choose a folder you can write to with -o"
+    else:
+        advice = "check the output path"
+    return f"could not write {target}: {reason}; {advice}"
+
+
+@contextlib.contextmanager
+def atomic_output(target: Path) -> Iterator[Path]:
+    """Yield a temporary path in ``target``'s folder; rename it onto ``target`` on success.
+
+    The caller writes the whole file to the yielded path. On success it is
+    flushed to disk and renamed over ``target`` in one step; on any failure it
+    is removed and ``target`` keeps whatever it held before. ``OSError`` (disk
+    full, permission denied, file too large) becomes a one-line
+    :class:`CheckpointError`.
+
+    Example:
+        >>> with atomic_output(Path(tmp) / "out.bin") as path:  # doctest: +SKIP
+        ...     path.write_bytes(b"...")
+    """
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        handle, name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=folder
+        )
+    except OSError as error:
+        raise CheckpointError(describe_os_error(error, target)) from error
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        # mkstemp creates 0600; give the result the permissions a plain open() would.
+        os.chmod(temporary, 0o666 & ~_umask())
+        yield temporary
+        _fsync(temporary)
+        os.replace(temporary, target)
+        _fsync_folder(folder)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise CheckpointError(describe_os_error(error, target)) from error
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform lets a folder be opened.
+    with contextlib.suppress(OSError):
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
