@@ -1,0 +1,257 @@
+"""Which tensors of a state dict are which layer, and the plan to convert them.
+
+Works on tensor *descriptions* (shape and dtype), so the same planning serves
+tensors in memory and tensors still on disk.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fcconv.errors import LayerError, SpecError
+from fcconv.geometry import (
+    Patch,
+    PatchSpec,
+    conv2d_line,
+    linear_weight_to_conv,
+    parse_order,
+    parse_patch,
+    resolve_patch,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+AUTO = "auto"
+FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What planning needs to know of a tensor: its shape and dtype name."""
+
+    shape: tuple[int, ...]
+    dtype: str  # torch's name without the prefix: "float32", "int8", ...
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def describe(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of in-memory tensors, in their order."""
+    return {
+        name: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for name, t in tensors.items()
+    }
+
+
+@dataclass(frozen=True)
+class LinearEntry:
+    """A Linear-shaped pair of entries: a 2-D ``weight`` and an optional 1-D ``bias``."""
+
+    name: str
+    weight_key: str
+    bias_key: str | None
+    out_features: int
+    in_features: int
+    dtype: str
+
+
+def module_names(info: Mapping[str, TensorInfo]) -> list[str]:
+    """Every name that owns a ``.weight`` entry, in file order."""
+    return [key.removesuffix(".weight") for key in info if key.endswith(".weight")]
+
+
+def linear_entries(info: Mapping[str, TensorInfo]) -> list[LinearEntry]:
+    """Every Linear-shaped entry: a 2-D ``NAME.weight`` with an optional matching bias."""
+    entries = []
+    for name in module_names(info):
+        weight = info[f"{name}.weight"]
+        if len(weight.shape) != 2:
+            continue
+        out_features, in_features = weight.shape
+        bias = info.get(f"{name}.bias")
+        bias_key = f"{name}.bias" if bias is not None and bias.shape == (out_features,) else None
+        entries.append(
+            LinearEntry(
+                name,
+                f"{name}.weight",
+                bias_key,
+                out_features,
+                in_features,
+                weight.dtype,
+            )
+        )
+    return entries
+
+
+def resolve_name(requested: str, info: Mapping[str, TensorInfo], source: str) -> str:
+    """The module name in the checkpoint that ``requested`` refers to.
+
+    An exact name wins; otherwise a unique suffix match on a dot boundary is
+    accepted, so ``fc`` finds ``model.fc`` or ``module.fc``.
+    """
+    names = module_names(info)
+    if requested in names:
+        return requested
+    matches = [n for n in names if n.endswith(f".{requested}")]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise LayerError(
+            f"layer name {requested!r} is ambiguous in {source}: it matches "
+            f"{', '.join(matches)}; give the full name"
+        )
+    linear = [entry.name for entry in linear_entries(info)]
+    close = difflib.get_close_matches(requested, linear, n=3, cutoff=0.5) or linear[:5]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise LayerError(
+        f"no layer {requested!r} in {source}; {hint}(fcconv inspect {source} lists "
+        "the Linear-shaped layers)"
+    )
+
+
+@dataclass(frozen=True)
+class LayerRequest:
+    """One ``--layer NAME[=PATCH]`` as given, before it is checked against a file."""
+
+    name: str
+    patch: PatchSpec | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> LayerRequest:
+        """Parse ``fc`` or ``fc6=7x7x512``."""
+        name, _, patch = text.partition("=")
+        if not name.strip():
+            raise SpecError(f"malformed --layer {text!r}: expected NAME or NAME=HxWxC")
+        return cls(name.strip(), parse_patch(patch) if patch else None)
+
+
+def parse_order_option(text: str) -> str:
+    """A flatten order, or ``auto`` (decided from the weights later)."""
+    return AUTO if text.strip().lower() == AUTO else parse_order(text)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Everything needed to convert one layer and to describe the result."""
+
+    name: str
+    weight_key: str
+    bias_key: str | None
+    out_features: int
+    patch: Patch
+    order: str
+    stride: tuple[int, int]
+    dtype: str
+
+    @property
+    def linear_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.patch.features)
+
+    @property
+    def conv_shape(self) -> tuple[int, int, int, int]:
+        p = self.patch
+        return (self.out_features, p.channels, p.height, p.width)
+
+    def conv2d_line(self) -> str:
+        """The ``nn.Conv2d(...)`` that the converted weights load into."""
+        return conv2d_line(self.patch, self.out_features, self.stride, self.bias_key is not None)
+
+    def provenance(self) -> dict[str, Any]:
+        """The record kept in safetensors metadata."""
+        return {
+            "patch": str(self.patch),
+            "order": self.order,
+            "stride": list(self.stride),
+            "linear_shape": list(self.linear_shape),
+        }
+
+    def with_order(self, order: str) -> LayerPlan:
+        return LayerPlan(
+            self.name, self.weight_key, self.bias_key, self.out_features,
+            self.patch, order, self.stride, self.dtype,
+        )  # fmt: skip
+
+
+def plan_layers(
+    info: Mapping[str, TensorInfo],
+    requests: Iterable[LayerRequest],
+    *,
+    default_patch: PatchSpec | None,
+    order: str,
+    stride: tuple[int, int] | None,
+    source: str,
+) -> list[LayerPlan]:
+    """Check each request against the checkpoint and fix its patch, order and stride."""
+    plans: list[LayerPlan] = []
+    for request in requests:
+        name = resolve_name(request.name, info, source)
+        if any(plan.name == name for plan in plans):
+            raise LayerError(f"layer {name} is named twice; give each --layer once")
+        entry = _linear_entry(name, info, source)
+        spec = request.patch or default_patch
+        if spec is None:
+            raise SpecError(
+                f"no patch for layer {name} (in_features {entry.in_features}); give "
+                f"--patch HxWxC or --layer {request.name}=HxWxC"
+            )
+        patch = resolve_patch(spec, entry.in_features, name)
+        plans.append(
+            LayerPlan(
+                name=name,
+                weight_key=entry.weight_key,
+                bias_key=entry.bias_key,
+                out_features=entry.out_features,
+                patch=patch,
+                order=order,
+                stride=stride or (patch.height, patch.width),
+                dtype=entry.dtype,
+            )
+        )
+    if not plans:
+        raise SpecError("no layer to convert; name one with --layer NAME[=HxWxC]")
+    return plans
+
+
+def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> LinearEntry:
+    weight = info[f"{name}.weight"]
+    if len(weight.shape) != 2:
+        raise LayerError(
+            f"{name} is not Linear-shaped: {name}.weight has shape {tuple(weight.shape)}, "
+            "fcconv converts 2-D Linear weights [out, in]; pick a Linear layer "
+            f"(fcconv inspect {source} lists them)"
+        )
+    if not weight.floating:
+        raise LayerError(
+            f"{name}.weight is {weight.dtype}; fcconv converts floating-point weights "
+            "only, dequantize the checkpoint first"
+        )
+    bias = info.get(f"{name}.bias")
+    out_features = weight.shape[0]
+    if bias is not None and bias.shape != (out_features,):
+        raise LayerError(
+            f"{name}.bias has shape {tuple(bias.shape)} but {name}.weight has "
+            f"{out_features} rows; this is not a Linear layer's bias"
+        )
+    entry = next(e for e in linear_entries(info) if e.name == name)
+    return entry
+
+
+def apply_plans(
+    tensors: Mapping[str, torch.Tensor], plans: Iterable[LayerPlan]
+) -> dict[str, torch.Tensor]:
+    """A new state dict with each planned weight rearranged into its conv kernel.
+
+    Keys keep their order; every other tensor is the very same object.
+    """
+    converted = dict(tensors)
+    for plan in plans:
+        converted[plan.weight_key] = linear_weight_to_conv(
+            tensors[plan.weight_key], plan.patch, plan.order
+        )
+    return converted

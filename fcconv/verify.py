@@ -1,0 +1,575 @@
+"""The exact and functional checks of SPEC §4, and result objects truthy on pass.
+
+Exact: the converted kernel, flattened back in the layer's order, equals the
+Linear weight bit for bit; biases and every other tensor are identical.
+
+Functional: on a random input, every cell of the conv output is compared
+with "cut the window, flatten it in ORDER, apply the Linear", computed here
+independently from the *original* weight with ``unfold`` and a matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fcconv.errors import LayerError
+from fcconv.geometry import (
+    ORDERS,
+    Patch,
+    PatchSpec,
+    coinciding_orders,
+    conv_weight_to_linear,
+    default_input,
+    index_map,
+    make_grid,
+    patch_of_kernel,
+    resolve_patch,
+)
+from fcconv.layers import (
+    AUTO,
+    LayerPlan,
+    LayerRequest,
+    TensorInfo,
+    describe,
+    linear_entries,
+    resolve_name,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+FLOAT64_TOLERANCE = 1e-9
+"""The float64 judge: |conv − reference| ≤ 1e-9 · (|W|·|x| + |b|) per element."""
+
+_INT_OF_WIDTH = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+# ------------------------------------------------------------ bitwise equality
+
+
+def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    width = flat.element_size()
+    return flat.view(getattr(torch, _INT_OF_WIDTH[width])) if width in _INT_OF_WIDTH else flat
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, same shape, and the same bytes (so NaN == NaN and 0.0 != -0.0)."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    try:
+        return torch.equal(_as_bits(a), _as_bits(b))
+    except (RuntimeError, TypeError):  # quantized and other exotic tensors
+        return torch.equal(a, b)
+
+
+def _first_mismatch(expected: torch.Tensor, actual: torch.Tensor) -> tuple[int, int]:
+    """(count, flat index of the first) of elements whose bits differ; same shape."""
+    differ = (_as_bits(expected) != _as_bits(actual)).nonzero()
+    return len(differ), int(differ[0]) if len(differ) else -1
+
+
+# ------------------------------------------------------------- result objects
+
+
+@dataclass
+class FunctionalCheck:
+    """Conv output vs. Linear-on-every-window, on one random input."""
+
+    input_size: tuple[int, int]
+    output_grid: tuple[int, int]
+    cells: int
+    float64_max_error: float
+    float64_ratio: float  # max error / (1e-9·scale): ≤ 1 passes
+    dtype: str
+    max_abs_error: float  # in the layer's dtype, against the float64 reference
+    roundoff_units: float  # max error / (u·scale): healthy ≪ 1
+    bound_ratio: float | None  # max error / (2·γ_N·scale); None when N·u ≥ 1
+    needed_rtol: float  # the tolerance, relative to scale, that would have passed
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def float64_passed(self) -> bool:
+        return self.float64_ratio <= 1.0
+
+    @property
+    def dtype_passed(self) -> bool:
+        return self.bound_ratio is None or self.bound_ratio <= 1.0
+
+    def __bool__(self) -> bool:
+        return self.float64_passed and self.dtype_passed
+
+
+@dataclass
+class LayerCheck:
+    """Both checks for one converted layer."""
+
+    plan: LayerPlan
+    exact: bool
+    problems: list[str] = field(default_factory=list)
+    functional: FunctionalCheck | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.exact and not self.problems and bool(self.functional)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "layer": plan.name,
+            "weight": plan.weight_key,
+            "bias": plan.bias_key,
+            "linear_shape": list(plan.linear_shape),
+            "conv_shape": list(plan.conv_shape),
+            "patch": str(plan.patch),
+            "order": plan.order,
+            "stride": list(plan.stride),
+            "dtype": plan.dtype,
+            "conv2d": plan.conv2d_line(),
+            "exact": self.exact,
+            "problems": self.problems,
+            "functional": asdict(self.functional) if self.functional else None,
+            "notes": self.notes,
+            "passed": self.passed,
+        }
+
+
+@dataclass
+class VerifyResult:
+    """The verdict over every converted layer and every untouched tensor."""
+
+    layers: list[LayerCheck]
+    differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.layers) and all(self.layers) and not self.differences
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def exit_code(self) -> int:
+        """0 equivalent, 1 a difference was found (``cmp`` convention)."""
+        return 0 if self.passed else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "equivalent": self.passed,
+            "exit_code": self.exit_code,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "differences": self.differences,
+            "notes": self.notes,
+        }
+
+
+# ------------------------------------------------------------------- checks
+
+
+def exact_problems(
+    plan: LayerPlan,
+    original: Mapping[str, torch.Tensor],
+    converted: Mapping[str, torch.Tensor],
+) -> list[str]:
+    """Where the converted layer is not a pure permutation of the original, in words."""
+    weight, kernel = original[plan.weight_key], converted[plan.weight_key]
+    problems = []
+    if kernel.dtype != weight.dtype:
+        problems.append(f"{plan.weight_key} changed dtype: {_dtype(weight)} → {_dtype(kernel)}")
+    elif tuple(kernel.shape) != plan.conv_shape:
+        problems.append(
+            f"{plan.weight_key} has shape {tuple(kernel.shape)}, expected "
+            f"{plan.conv_shape} for patch {plan.patch}"
+        )
+    else:
+        back = conv_weight_to_linear(kernel, plan.order)
+        count, first = _first_mismatch(weight, back)
+        if count:
+            problems.append(_weight_mismatch(plan, weight, back, count, first))
+    if plan.bias_key is not None and not bitwise_equal(
+        original[plan.bias_key], converted.get(plan.bias_key, _missing())
+    ):
+        problems.append(f"{plan.bias_key} differs from the original bias")
+    return problems
+
+
+def _missing() -> torch.Tensor:
+    import torch
+
+    return torch.empty(0)
+
+
+def _weight_mismatch(
+    plan: LayerPlan, weight: torch.Tensor, back: torch.Tensor, count: int, first: int
+) -> str:
+    row, column = divmod(first, weight.shape[1])
+    where = (index_map(plan.patch, plan.order) == column).nonzero()[0].tolist()
+    channel, i, j = where
+    return (
+        f"{plan.weight_key}: {count} element(s) are not the original's under order "
+        f"{plan.order}; first at conv [{row}, {channel}, {i}, {j}] = Linear "
+        f"[{row}, {column}]: {back.reshape(-1)[first].item()!r} vs original "
+        f"{weight.reshape(-1)[first].item()!r}"
+    )
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def functional_check(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel: torch.Tensor,
+    kernel_bias: torch.Tensor | None,
+    patch: Patch,
+    order: str,
+    stride: tuple[int, int],
+    input_size: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> FunctionalCheck:
+    """Compare the conv with the Linear applied to every window of a random input.
+
+    ``weight``/``bias`` are the original Linear's; ``kernel``/``kernel_bias``
+    the converted conv's. The reference never touches ``kernel``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    size = input_size or default_input(patch, stride)
+    grid = make_grid(size, patch, stride)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, patch.channels, *size, generator=generator, dtype=torch.float64)
+    x = x.to(kernel.dtype)  # the input the layer's dtype can hold exactly
+    x64 = x.double()
+
+    reference, scale = _linear_on_windows(
+        x64, weight.double(), _bias64(bias, weight), patch, order, stride
+    )
+    dense64 = F.conv2d(x64, kernel.double(), _bias64(kernel_bias, kernel), stride=stride)
+    error64 = (dense64 - reference).abs()
+    dense = F.conv2d(x, kernel, kernel_bias, stride=stride)
+    error = (dense.double() - reference).abs()
+
+    u = torch.finfo(kernel.dtype).eps / 2
+    nu = patch.features * u
+    gamma = nu / (1 - nu) if nu < 1 else math.inf
+    notes = grid.warnings()
+    if gamma == math.inf:
+        notes.append(
+            f"the rigorous {_dtype(kernel)} bound is vacuous for N={patch.features} "
+            "(N·u ≥ 1); the float64 check is the judge"
+        )
+    return FunctionalCheck(
+        input_size=tuple(size),
+        output_grid=(grid.rows, grid.cols),
+        cells=grid.rows * grid.cols,
+        float64_max_error=float(error64.max()),
+        float64_ratio=_max_ratio(error64, FLOAT64_TOLERANCE * scale),
+        dtype=_dtype(kernel),
+        max_abs_error=float(error.max()),
+        roundoff_units=_max_ratio(error, u * scale),
+        bound_ratio=None if gamma == math.inf else _max_ratio(error, 2 * gamma * scale),
+        needed_rtol=_max_ratio(error, scale),
+        notes=notes,
+    )
+
+
+def _bias64(bias: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    if bias is None:
+        return torch.zeros(weight.shape[0], dtype=torch.float64)
+    return bias.double()
+
+
+def _linear_on_windows(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    patch: Patch,
+    order: str,
+    stride: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear on every window flattened in ``order``, and the error scale |W||x|+|b|."""
+    windows = x.unfold(2, patch.height, stride[0]).unfold(3, patch.width, stride[1])
+    batch, _, rows, cols, _, _ = windows.shape  # [B, C, H', W', kh, kw]
+    axis = {"c": 1, "h": 4, "w": 5}
+    vectors = windows.permute(0, 2, 3, *(axis[a] for a in order))
+    vectors = vectors.reshape(batch, rows, cols, patch.features)
+    output = vectors @ weight.T + bias
+    scale = vectors.abs() @ weight.abs().T + bias.abs()
+    return output.permute(0, 3, 1, 2), scale.permute(0, 3, 1, 2)
+
+
+def _max_ratio(error: torch.Tensor, allowed: torch.Tensor) -> float:
+    import torch
+
+    ratio = torch.where(allowed > 0, error / allowed, torch.where(error > 0, math.inf, 0.0))
+    return float(ratio.max())
+
+
+def check_layer(
+    plan: LayerPlan,
+    original: Mapping[str, torch.Tensor],
+    converted: Mapping[str, torch.Tensor],
+    input_size: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> LayerCheck:
+    """The exact check, then the functional check, for one layer."""
+    problems = exact_problems(plan, original, converted)
+    kernel = converted[plan.weight_key]
+    functional = None
+    if tuple(kernel.shape) == plan.conv_shape and kernel.dtype == original[plan.weight_key].dtype:
+        functional = functional_check(
+            original[plan.weight_key],
+            original.get(plan.bias_key) if plan.bias_key else None,
+            kernel,
+            converted.get(plan.bias_key) if plan.bias_key else None,
+            plan.patch,
+            plan.order,
+            plan.stride,
+            input_size,
+            seed,
+        )
+        if not functional.float64_passed:
+            problems.append(
+                f"conv output differs from Linear-on-every-window by up to "
+                f"{functional.float64_max_error:.3g} in float64 "
+                f"({functional.float64_ratio:.3g}× the 1e-9 tolerance)"
+            )
+        elif not functional.dtype_passed:
+            problems.append(
+                f"in {functional.dtype} the error {functional.max_abs_error:.3g} exceeds "
+                f"the floating-point bound ({functional.bound_ratio:.3g}× 2·γ_N); it "
+                f"would have needed rtol {functional.needed_rtol:.3g}"
+            )
+    return LayerCheck(plan, exact=not problems, problems=problems, functional=functional)
+
+
+def untouched_differences(
+    original: Mapping[str, torch.Tensor],
+    converted: Mapping[str, torch.Tensor],
+    converted_keys: Iterable[str],
+) -> list[str]:
+    """Every tensor other than the converted weights must be identical, bit for bit."""
+    skip = set(converted_keys)
+    differences = [
+        f"{key} is missing from the converted checkpoint"
+        for key in original
+        if key not in converted
+    ]
+    differences += [
+        f"{key} is new in the converted checkpoint" for key in converted if key not in original
+    ]
+    for key, tensor in original.items():
+        if key in skip or key not in converted:
+            continue
+        other = converted[key]
+        if not bitwise_equal(tensor, other):
+            differences.append(f"{key} differs: {_tensor_difference(tensor, other)}")
+    return differences
+
+
+def _tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.dtype != b.dtype:
+        return f"dtype {_dtype(a)} → {_dtype(b)}"
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)} → {tuple(b.shape)}"
+    count, first = _first_mismatch(a, b)
+    index = list(_unravel(first, tuple(a.shape)))
+    return f"{count} element(s), first at {index}"
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    index = []
+    for size in reversed(shape):
+        flat, rest = divmod(flat, size)
+        index.append(rest)
+    return tuple(reversed(index))
+
+
+def verify_conversion(
+    plans: list[LayerPlan],
+    original: Mapping[str, torch.Tensor],
+    converted: Mapping[str, torch.Tensor],
+    input_size: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> VerifyResult:
+    """All layer checks plus the untouched-tensor comparison."""
+    checks = [check_layer(plan, original, converted, input_size, seed) for plan in plans]
+    differences = untouched_differences(original, converted, [p.weight_key for p in plans])
+    return VerifyResult(checks, differences)
+
+
+# ------------------------------------------------------------ order discovery
+
+
+def matching_orders(weight: torch.Tensor, kernel: torch.Tensor) -> list[str]:
+    """The orders under which ``kernel`` flattens back to ``weight`` bit for bit."""
+    if kernel.dim() != 4 or kernel.dtype != weight.dtype or kernel.numel() != weight.numel():
+        return []
+    return [
+        order for order in ORDERS if bitwise_equal(conv_weight_to_linear(kernel, order), weight)
+    ]
+
+
+def closest_order(weight: torch.Tensor, kernel: torch.Tensor) -> str:
+    """The order with the fewest mismatching elements (to point at the difference)."""
+    counts = {
+        order: _first_mismatch(weight, conv_weight_to_linear(kernel, order))[0] for order in ORDERS
+    }
+    return min(ORDERS, key=lambda order: counts[order])
+
+
+def converted_pairs(
+    original: Mapping[str, TensorInfo], converted: Mapping[str, TensorInfo]
+) -> list[str]:
+    """Weight keys that are 2-D in the original and 4-D with as many elements after."""
+    pairs = []
+    for key, info in original.items():
+        other = converted.get(key)
+        if (
+            key.endswith(".weight")
+            and other is not None
+            and len(info.shape) == 2
+            and len(other.shape) == 4
+            and math.prod(info.shape) == math.prod(other.shape)
+        ):
+            pairs.append(key)
+    return pairs
+
+
+def kernel_patch(converted: Mapping[str, torch.Tensor], weight_key: str) -> Patch:
+    """The patch a converted kernel reads, from its shape."""
+    return patch_of_kernel(tuple(converted[weight_key].shape))
+
+
+def plan_verification(
+    original: Mapping[str, torch.Tensor],
+    converted: Mapping[str, torch.Tensor],
+    *,
+    requests: list[LayerRequest],
+    default_patch: PatchSpec | None,
+    order: str | None,
+    stride: tuple[int, int] | None,
+    provenance: Mapping[str, Mapping[str, Any]],
+    source: str,
+) -> tuple[list[LayerPlan], list[str]]:
+    """Find the converted layers and how each claims to have been converted.
+
+    Explicit flags win, then the file's provenance, then discovery: the order
+    whose permutation maps one weight onto the other exactly. Returns the plans
+    and the notes that say where each fact came from; flags that disagree with
+    the files come back as plans that the checks will fail.
+    """
+    info, info_after = describe(original), describe(converted)
+    pairs = converted_pairs(info, info_after)
+    if requests:
+        names = [resolve_name(r.name, info, source) for r in requests]
+    else:
+        names = [key.removesuffix(".weight") for key in pairs]
+    if not names:
+        raise LayerError(
+            f"no converted layer found: no weight of {source} is 2-D there and 4-D "
+            "with as many elements in the converted file; check the two paths"
+        )
+    entries = {entry.name: entry for entry in linear_entries(info)}
+    specs = {r.name: r.patch for r in requests}
+    plans, notes = [], []
+    for requested, name in zip(requests or names, names, strict=True):
+        if name not in entries:
+            raise LayerError(f"{name} is not Linear-shaped in {source}; nothing to verify")
+        entry = entries[name]
+        if entry.weight_key not in pairs:
+            shape = (
+                tuple(converted[entry.weight_key].shape) if entry.weight_key in converted else None
+            )
+            raise LayerError(
+                f"{name} is not converted in the second file ({entry.weight_key} has "
+                f"shape {shape}); check the layer name and the file order"
+            )
+        kernel = converted[entry.weight_key]
+        patch = patch_of_kernel(tuple(kernel.shape))
+        spec = specs.get(getattr(requested, "name", requested)) or default_patch
+        claimed_patch = resolve_patch(spec, entry.in_features, name) if spec else patch
+        record = provenance.get(name, {})
+        layer_order, note = _claimed_order(
+            name, original[entry.weight_key], kernel, patch, order, record
+        )
+        notes.append(note)
+        layer_stride = stride or tuple(record.get("stride", ())) or (patch.height, patch.width)
+        plans.append(
+            LayerPlan(
+                name,
+                entry.weight_key,
+                entry.bias_key,
+                entry.out_features,
+                claimed_patch,
+                layer_order,
+                tuple(layer_stride),
+                entry.dtype,
+            )  # fmt: skip
+        )
+    return plans, notes
+
+
+def _claimed_order(
+    name: str,
+    weight: torch.Tensor,
+    kernel: torch.Tensor,
+    patch: Patch,
+    order: str | None,
+    record: Mapping[str, Any],
+) -> tuple[str, str]:
+    if order and order != AUTO:
+        return order, f"{name}: order {order} from --order"
+    if record.get("order") in ORDERS:
+        return record["order"], f"{name}: order {record['order']} from the file's metadata"
+    matches = matching_orders(weight, kernel)
+    if not matches:
+        closest = closest_order(weight, kernel)
+        return closest, (
+            f"{name}: no order maps the kernel onto the weight exactly; the closest is {closest}"
+        )
+    same = coinciding_orders(patch, matches[0])
+    if len(matches) == 1:
+        return matches[0], f"{name}: order {matches[0]} found from the weights"
+    if set(matches) <= set(same):
+        return matches[0], (
+            f"{name}: orders {', '.join(matches)} are the same permutation for a "
+            f"{patch} patch; any of them is right"
+        )
+    return matches[0], (
+        f"{name}: orders {', '.join(matches)} all map the kernel onto the weight "
+        f"(its values repeat); checked as {matches[0]}"
+    )
+
+
+__all__ = [
+    "FunctionalCheck",
+    "LayerCheck",
+    "VerifyResult",
+    "bitwise_equal",
+    "check_layer",
+    "closest_order",
+    "converted_pairs",
+    "describe",
+    "functional_check",
+    "matching_orders",
+    "plan_verification",
+    "untouched_differences",
+    "verify_conversion",
+]

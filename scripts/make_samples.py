@@ -1,0 +1,76 @@
+"""Write the sample checkpoints shipped in sample_checkpoints/ (fixed seed, small).
+
+    python scripts/make_samples.py [OUT_DIR]
+
+- seed_fc.pt / seed_fc.safetensors: the seed case, Linear(4000 → 64) that was
+  fed flattened 20×20×10 patches (NCHW order).
+- training_checkpoint.pt: a nested training checkpoint ({"state_dict", "optimizer",
+  "epoch", "hparams"}) whose keys carry a "model." prefix.
+- head_fc6_fc7.safetensors: a two-layer head, fc6 on 6×6×8 patches, fc7 pointwise.
+- trained_nchw.pt / trained_nhwc.pt: heads of a small trained CNN (see
+  make_trained_samples.py) for --order auto.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+SEED = 20260127
+
+
+def seed_layer() -> dict[str, torch.Tensor]:
+    fc = nn.Linear(4000, 64)
+    return {"fc.weight": fc.weight.detach().clone(), "fc.bias": fc.bias.detach().clone()}
+
+
+def training_checkpoint() -> dict:
+    model = nn.Sequential()
+    model.add_module("backbone", nn.Conv2d(3, 10, 3, padding=1))
+    model.add_module("fc", nn.Linear(10 * 8 * 8, 16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3, 8, 8)
+    loss = model.fc(model.backbone(x).flatten(1)).square().mean()
+    loss.backward()
+    optimizer.step()
+    state = {f"model.{key}": value.detach().clone() for key, value in model.state_dict().items()}
+    return {
+        "state_dict": state,
+        "optimizer": optimizer.state_dict(),
+        "epoch": 7,
+        "hparams": {"lr": 0.1, "patch": "8x8x10", "note": "flattened NCHW"},
+    }
+
+
+def two_layer_head() -> dict[str, torch.Tensor]:
+    fc6, fc7 = nn.Linear(6 * 6 * 8, 32), nn.Linear(32, 10)
+    return {
+        "fc6.weight": fc6.weight.detach().clone(),
+        "fc6.bias": fc6.bias.detach().clone(),
+        "fc7.weight": fc7.weight.detach().clone(),
+        "fc7.bias": fc7.bias.detach().clone(),
+    }
+
+
+def main(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    seed = seed_layer()
+    torch.save(seed, out_dir / "seed_fc.pt")
+    save_file(seed, str(out_dir / "seed_fc.safetensors"), metadata={"source": "fcconv samples"})
+    torch.save(training_checkpoint(), out_dir / "training_checkpoint.pt")
+    save_file(two_layer_head(), str(out_dir / "head_fc6_fc7.safetensors"))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from make_trained_samples import write_trained_samples
+
+    write_trained_samples(out_dir)
+    for path in sorted(out_dir.iterdir()):
+        print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent.parent / "sample_checkpoints")
