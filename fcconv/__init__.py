@@ -22,14 +22,41 @@ from fcconv.geometry import (
 
 __version__ = "0.1.0"
 
+# Torch-heavy entry points load on first use, so `fcconv --help` starts fast.
+_LAZY = {
+    "linear_to_conv": "fcconv.surgery",
+    "conv_to_linear": "fcconv.surgery",
+    "replace_module": "fcconv.surgery",
+    "load_checkpoint": "fcconv.checkpoint",
+    "save_checkpoint": "fcconv.checkpoint",
+    "verify_conversion": "fcconv.verify",
+    "functional_check": "fcconv.verify",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fcconv' has no attribute {name!r}")
+
+
 __all__ = [
     "ORDERS",
     "Patch",
     "PatchSpec",
     "__version__",
+    "conv_to_linear",
     "conv_weight_to_linear",
+    "functional_check",
+    "linear_to_conv",
     "linear_weight_to_conv",
+    "load_checkpoint",
     "parse_order",
     "parse_patch",
     "parse_stride",
+    "replace_module",
+    "save_checkpoint",
+    "verify_conversion",
 ]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `make demo`: the main job on the shipped samples, end to end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+OUT=demo_out
+rm -rf "$OUT" && mkdir -p "$OUT"
+run() { printf '\n$ %s\n' "$*"; "$@"; }
+
+# The seed case: Linear(4000 -> 64) trained on flattened 20x20x10 patches.
+run "$BIN/fcconv" inspect sample_checkpoints/seed_fc.pt
+run "$BIN/fcconv" convert sample_checkpoints/seed_fc.pt -o "$OUT/seed_fc.conv.pt" \
+    --layer fc --patch 20x20x10 --input 100x60
+run "$BIN/fcconv" verify sample_checkpoints/seed_fc.pt "$OUT/seed_fc.conv.pt" --input 100x60
+
+# Load the new weights into the module fcconv printed and run it on 100x60.
+printf '\n$ python: load %s into nn.Conv2d and run a 100x60x10 input\n' "$OUT/seed_fc.conv.pt"
+"$BIN/python" - "$OUT/seed_fc.conv.pt" <<'PY'
+import sys
+import torch
+from torch import nn
+
+conv = nn.Conv2d(10, 64, kernel_size=(20, 20), stride=(20, 20), padding=0, bias=True)
+state = torch.load(sys.argv[1], weights_only=True)
+conv.load_state_dict({"weight": state["fc.weight"], "bias": state["fc.bias"]})
+scores = conv(torch.randn(1, 10, 100, 60))
+print(f"local-response map: {tuple(scores.shape)} = batch x 64 scores x 5 x 3 windows")
+PY
+
+# A two-layer head in safetensors: fc6 on 6x6x8 patches, fc7 pointwise; provenance kept.
+run "$BIN/fcconv" convert sample_checkpoints/head_fc6_fc7.safetensors -o "$OUT/head.conv.safetensors" \
+    --layer fc6=6x6x8 --layer fc7=1x1 --stride 2x2 --input 14x14
+run "$BIN/fcconv" verify sample_checkpoints/head_fc6_fc7.safetensors "$OUT/head.conv.safetensors"
