@@ -209,13 +209,21 @@ def plan_layers(
                 out_features=entry.out_features,
                 patch=patch,
                 order=order,
-                stride=stride or (patch.height, patch.width),
+                stride=layer_stride(patch, stride),
                 dtype=entry.dtype,
             )
         )
     if not plans:
         raise SpecError("no layer to convert; name one with --layer NAME[=HxWxC]")
     return plans
+
+
+def layer_stride(patch: Patch, stride: tuple[int, int] | None) -> tuple[int, int]:
+    # A 1×1 layer is the pointwise follower of a head (fc7 after fc6): it reads
+    # every cell of the map before it, whatever stride the patch layer uses.
+    if (patch.height, patch.width) == (1, 1):
+        return (1, 1)
+    return stride or (patch.height, patch.width)
 
 
 def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> LinearEntry:

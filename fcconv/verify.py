@@ -34,6 +34,7 @@ from fcconv.layers import (
     LayerRequest,
     TensorInfo,
     describe,
+    layer_stride,
     linear_entries,
     resolve_name,
 )
@@ -510,7 +511,9 @@ def plan_verification(
             name, original[entry.weight_key], kernel, patch, order, record
         )
         notes.append(note)
-        layer_stride = stride or tuple(record.get("stride", ())) or (patch.height, patch.width)
+        recorded = tuple(record.get("stride", ())) or None
+        window_stride = layer_stride(patch, stride) if stride else recorded
+        window_stride = window_stride or layer_stride(patch, None)
         plans.append(
             LayerPlan(
                 name,
@@ -519,7 +522,7 @@ def plan_verification(
                 entry.out_features,
                 claimed_patch,
                 layer_order,
-                tuple(layer_stride),
+                tuple(window_stride),
                 entry.dtype,
             )  # fmt: skip
         )
