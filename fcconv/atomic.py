@@ -30,13 +30,17 @@ def check_output_path(target: Path, force: bool, sources: tuple[Path, ...] = ())
         raise CheckpointError(f"output {target} is a directory; give a file name with -o")
     if target.exists() and not force:
         raise CheckpointError(
-            f"output {target} already exists; pass --force to replace it or choose "
-            "another -o"
+            f"output {target} already exists; pass --force to replace it or choose another -o"
         )
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+        fix = "choose another -o" if folder.exists() else "create it or choose another -o"
+        raise CheckpointError(f"output folder {folder} {problem}; {fix}")
+    if not os.access(folder, os.W_OK):
         raise CheckpointError(
-            f"output folder {folder} does not exist; create it or choose another -o"
+            f"cannot write to folder {folder}: permission denied; choose a folder you "
+            "can write to with -o"
         )
 
 
@@ -75,9 +79,7 @@ def atomic_output(target: Path) -> Iterator[Path]:
     """
     folder = target.parent if str(target.parent) else Path(".")
     try:
-        handle, name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=folder
-        )
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=folder)
     except OSError as error:
         raise CheckpointError(describe_os_error(error, target)) from error
     os.close(handle)

@@ -12,7 +12,9 @@ import io
 import json
 import pickle
 import re
+import struct
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +32,16 @@ TORCH = "torch"
 FORMATS = (SAFETENSORS, TORCH)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 PROVENANCE_KEY = "fcconv"
+
+# What torch.load raises on bytes that are not a well-formed checkpoint. Truncated
+# and bit-flipped files, fuzzed, reach the unpickler in all of these ways.
+_UNREADABLE = (
+    pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError,
+    KeyError, IndexError, TypeError, AssertionError, ImportError, struct.error,
+)  # fmt: skip
+# How the weights_only unpickler refuses code, as opposed to bytes it cannot parse
+# ("Unsupported operand 177", which --trust-pickle would not cure).
+_REFUSES_CODE = re.compile(r"GLOBAL|call reduce|create new object|Can only build")
 
 # Where training scripts keep the weights inside a nested checkpoint, most common first.
 STATE_DICT_KEYS = (
@@ -149,10 +161,12 @@ def _check_readable(file: Path) -> None:
 def _sniff(head: bytes, size: int, source: str) -> str:
     if head.startswith(b"PK\x03\x04"):
         return "zip"
-    if head[:1] == b"\x80":  # pickle protocol 2+: the legacy torch.save format
-        return "legacy"
+    # Before the pickle test: a safetensors header length whose low byte is 0x80
+    # (one file in 32) would otherwise pass for a pickle.
     if len(head) >= 9 and head[8:9] == b"{":
         return SAFETENSORS
+    if head[:1] == b"\x80":  # pickle protocol 2+: the legacy torch.save format
+        return "legacy"
     raise CheckpointError(
         f"{source} is not a PyTorch or safetensors checkpoint (unrecognised first "
         f"bytes {head[:8]!r}); give a file written by torch.save or safetensors"
@@ -169,19 +183,13 @@ def _load_bytes(data: bytes, source: str, trust_pickle: bool) -> Checkpoint:
 
 
 def _load_torch(file: Path | BinaryIO, source: str, trust_pickle: bool, zipped: bool) -> Checkpoint:
-    import torch
-
     try:
-        if trust_pickle:
-            loaded = torch.load(file, map_location="cpu", weights_only=False)
-        else:
-            # mmap keeps a large zip checkpoint out of memory until its bytes are used.
-            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+        loaded = _torch_load(file, trust_pickle, zipped)
     except pickle.UnpicklingError as error:
-        if not trust_pickle and "weights_only" in str(error).replace(" ", "_"):
+        if not trust_pickle and _REFUSES_CODE.search(str(error)):
             raise UnsafeCheckpointError(_unsafe_message(source, str(error))) from None
         raise CheckpointError(_corrupt_message(source, error)) from None
-    except (RuntimeError, EOFError, ValueError, OSError, AttributeError) as error:
+    except _UNREADABLE as error:
         raise CheckpointError(_corrupt_message(source, error)) from None
     location = find_state_dict(loaded, source)
     mapping = loaded
@@ -198,6 +206,24 @@ def _load_torch(file: Path | BinaryIO, source: str, trust_pickle: bool, zipped: 
     )
 
 
+def _torch_load(file: Path | BinaryIO, trust_pickle: bool, zipped: bool) -> Any:
+    import torch
+
+    if isinstance(file, Path) and str(file).endswith(".safetensors"):
+        # torch.load hands any path named *.safetensors to safetensors, whatever the
+        # bytes are; the content said torch, so give it an open file instead.
+        with open(file, "rb") as handle:
+            return _torch_load(handle, trust_pickle, zipped=False)
+    with warnings.catch_warnings():
+        # Legacy storages and pickle protocols make torch warn while loading: noise
+        # the user cannot act on, and stderr must stay one line when we refuse.
+        warnings.simplefilter("ignore")
+        if trust_pickle:
+            return torch.load(file, map_location="cpu", weights_only=False)
+        # mmap keeps a large zip checkpoint out of memory until its bytes are used.
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+
+
 def _unsafe_message(source: str, detail: str) -> str:
     found = re.search(r"(?:GLOBAL|global) ([\w.]+)", detail)
     what = f" (it references {found.group(1)})" if found else ""
@@ -208,7 +234,13 @@ def _unsafe_message(source: str, detail: str) -> str:
 
 
 def _corrupt_message(source: str, error: BaseException) -> str:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    # torch's weights_only failures open with advice to disable it; the cause is later.
+    cause = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    detail = cause.group(1) if cause else text.splitlines()[0] if text else ""
+    if not isinstance(error, RuntimeError | pickle.UnpicklingError | OSError):
+        detail = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    detail = detail or type(error).__name__
     return (
         f"{source} is truncated or corrupt and could not be read ({detail[:160]}); "
         "re-export or re-download the checkpoint"

@@ -126,10 +126,10 @@ def _parsed(patch: str | None, order: str | None, stride: str | None, size: str 
     from fcconv.layers import parse_order_option
 
     return (
-        parse_patch(patch) if patch else None,
-        parse_order_option(order) if order else None,
-        parse_stride(stride) if stride else None,
-        parse_size(size) if size else None,
+        parse_patch(patch) if patch is not None else None,
+        parse_order_option(order) if order is not None else None,
+        parse_stride(stride) if stride is not None else None,
+        parse_size(size) if size is not None else None,
     )
 
 
@@ -202,9 +202,11 @@ def inspect(
 
 
 def _converted_layers(provenance: dict[str, Any], info: dict) -> list[dict[str, Any]]:
+    from fcconv.layers import param_key
+
     layers = []
     for name, record in provenance.get("layers", {}).items():
-        weight = info.get(f"{name}.weight")
+        weight = info.get(param_key(name, "weight"))
         if weight is not None and len(weight.shape) == 4:
             layers.append({"layer": name, "conv_shape": list(weight.shape), **record})
     return layers
@@ -252,7 +254,15 @@ def convert(
         raise SpecError("no layer to convert; name one with --layer NAME[=HxWxC]")
     output = output or default_output(checkpoint)
     if output == STDIO and as_json:
-        raise SpecError("--json and -o - both want stdout; write the checkpoint to a file")
+        raise SpecError(
+            "--json puts its report on stdout, so the checkpoint cannot go there too; "
+            "write it to a file with -o"
+        )
+    if output == STDIO and sys.stdout.isatty():
+        raise SpecError(
+            "refusing to write a binary checkpoint to the terminal; redirect stdout "
+            "or write to a file with -o"
+        )
     if output != STDIO:
         sources = (Path(checkpoint),) if checkpoint != STDIO else ()
         check_output_path(Path(output), force, sources)

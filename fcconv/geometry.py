@@ -37,8 +37,7 @@ def parse_order(text: str) -> str:
     order = text.strip().lower()
     if order not in ORDERS:
         raise SpecError(
-            f"malformed order {text!r}: expected a permutation of c, h, w "
-            f"({', '.join(ORDERS)})"
+            f"malformed order {text!r}: expected a permutation of c, h, w ({', '.join(ORDERS)})"
         )
     return order
 
@@ -97,9 +96,7 @@ def parse_patch(text: str) -> PatchSpec:
 def _parse_pair(text: str, what: str, example: str) -> tuple[int, int]:
     match = re.fullmatch(rf"\s*{_INT}(?:{_SEP}{_INT})?\s*", text)
     if not match or any(g is not None and int(g) == 0 for g in match.groups()):
-        raise SpecError(
-            f"malformed {what} {text!r}: expected two positive integers like {example}"
-        )
+        raise SpecError(f"malformed {what} {text!r}: expected two positive integers like {example}")
     first, second = match.groups()
     return int(first), int(second if second is not None else first)
 
@@ -114,9 +111,7 @@ def parse_size(text: str) -> tuple[int, int]:
     return _parse_pair(text, "input size", "100x60")
 
 
-def candidate_patches(
-    features: int, channels: int | None = None, limit: int = 6
-) -> list[Patch]:
+def candidate_patches(features: int, channels: int | None = None, limit: int = 6) -> list[Patch]:
     """Patches whose ``C·kh·kw`` equals ``features``, the most plausible first.
 
     With ``channels`` known, every ``kh × kw`` that fits, squarest first.
@@ -156,9 +151,7 @@ def resolve_patch(spec: PatchSpec, in_features: int, layer: str = "layer") -> Pa
         return Patch(spec.height, spec.width, in_features // area)
     patch = Patch(spec.height, spec.width, spec.channels)
     if patch.features != in_features:
-        fits = candidate_patches(in_features, spec.channels) or candidate_patches(
-            in_features
-        )
+        fits = candidate_patches(in_features, spec.channels) or candidate_patches(in_features)
         raise SpecError(
             f"patch {spec} has {patch.features} elements but {layer} has in_features "
             f"{in_features}; patches that fit: {_describe(fits)}"
@@ -181,8 +174,9 @@ def index_map(patch: Patch, order: str) -> torch.Tensor:
 def linear_weight_to_conv(weight: torch.Tensor, patch: Patch, order: str) -> torch.Tensor:
     """Rearrange a Linear weight ``[O, N]`` into the conv kernel ``[O, C, kh, kw]``.
 
-    The result is a new contiguous tensor of the same dtype holding exactly
-    the same element values; ``weight`` may be non-contiguous.
+    The result is a new tensor (never a view of ``weight``) with row-major
+    strides, the same dtype and exactly the same element bits; ``weight`` may
+    be non-contiguous.
 
     >>> import torch
     >>> k = linear_weight_to_conv(torch.arange(8.).reshape(1, 8), Patch(2, 2, 2), "hwc")
@@ -198,7 +192,7 @@ def linear_weight_to_conv(weight: torch.Tensor, patch: Patch, order: str) -> tor
     out_features = weight.shape[0]
     grouped = weight.reshape(out_features, *patch.sizes(order))
     kernel = grouped.permute(0, *(1 + order.index(axis) for axis in AXES))
-    return kernel.contiguous()
+    return _fresh(kernel)
 
 
 def conv_weight_to_linear(kernel: torch.Tensor, order: str) -> torch.Tensor:
@@ -210,7 +204,20 @@ def conv_weight_to_linear(kernel: torch.Tensor, order: str) -> torch.Tensor:
             "(expected [out, C, kh, kw])"
         )
     flat = kernel.permute(0, *(1 + AXES.index(axis) for axis in order))
-    return flat.reshape(kernel.shape[0], -1).contiguous()
+    return _fresh(flat.reshape(kernel.shape[0], -1))
+
+
+def _fresh(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in new memory with canonical row-major strides.
+
+    ``.contiguous()`` would return the input itself when the permutation is the
+    identity (order ``chw``), so the result would alias the caller's weight, and
+    it keeps odd strides on size-1 axes, which some conv kernels mishandle.
+    """
+    import torch
+
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    return out.copy_(tensor)
 
 
 def patch_of_kernel(kernel_shape: tuple[int, ...]) -> Patch:
@@ -274,11 +281,11 @@ class Grid:
         return notes
 
 
-def make_grid(
-    size: tuple[int, int], patch: Patch, stride: tuple[int, int] | None = None
-) -> Grid:
+def make_grid(size: tuple[int, int], patch: Patch, stride: tuple[int, int] | None = None) -> Grid:
     """Lay windows of ``patch`` at ``stride`` (default: the patch size) over ``size``."""
     stride = stride or (patch.height, patch.width)
+    if min(stride) < 1:
+        raise SpecError(f"stride {stride[0]}x{stride[1]} must be positive, e.g. 1x1")
     height, width = size
     if height < patch.height or width < patch.width:
         raise SpecError(
@@ -293,9 +300,7 @@ def default_input(patch: Patch, stride: tuple[int, int]) -> tuple[int, int]:
     return (patch.height + stride[0], patch.width + stride[1])
 
 
-def conv2d_line(
-    patch: Patch, out_features: int, stride: tuple[int, int], bias: bool = True
-) -> str:
+def conv2d_line(patch: Patch, out_features: int, stride: tuple[int, int], bias: bool = True) -> str:
     """The ``nn.Conv2d(...)`` call that builds the module the new weights load into."""
     return (
         f"nn.Conv2d({patch.channels}, {out_features}, "

@@ -61,25 +61,42 @@ class LinearEntry:
     dtype: str
 
 
+ROOT = "."
+"""The name of a layer saved on its own: ``nn.Linear(...).state_dict()`` has bare keys."""
+
+
+def param_key(name: str, param: str) -> str:
+    """The state-dict key of ``param`` (``weight``/``bias``) of the module ``name``."""
+    return param if name == ROOT else f"{name}.{param}"
+
+
+def module_name(key: str) -> str | None:
+    """The module that owns a ``…weight`` key, or None for other keys."""
+    if key == "weight":
+        return ROOT
+    return key.removesuffix(".weight") if key.endswith(".weight") else None
+
+
 def module_names(info: Mapping[str, TensorInfo]) -> list[str]:
-    """Every name that owns a ``.weight`` entry, in file order."""
-    return [key.removesuffix(".weight") for key in info if key.endswith(".weight")]
+    """Every name that owns a ``weight`` entry, in file order."""
+    return [name for name in map(module_name, info) if name is not None]
 
 
 def linear_entries(info: Mapping[str, TensorInfo]) -> list[LinearEntry]:
     """Every Linear-shaped entry: a 2-D ``NAME.weight`` with an optional matching bias."""
     entries = []
     for name in module_names(info):
-        weight = info[f"{name}.weight"]
+        weight = info[param_key(name, "weight")]
         if len(weight.shape) != 2:
             continue
         out_features, in_features = weight.shape
-        bias = info.get(f"{name}.bias")
-        bias_key = f"{name}.bias" if bias is not None and bias.shape == (out_features,) else None
+        bias_key = param_key(name, "bias")
+        bias = info.get(bias_key)
+        bias_key = bias_key if bias is not None and bias.shape == (out_features,) else None
         entries.append(
             LinearEntry(
                 name,
-                f"{name}.weight",
+                param_key(name, "weight"),
                 bias_key,
                 out_features,
                 in_features,
@@ -227,7 +244,7 @@ def layer_stride(patch: Patch, stride: tuple[int, int] | None) -> tuple[int, int
 
 
 def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> LinearEntry:
-    weight = info[f"{name}.weight"]
+    weight = info[param_key(name, "weight")]
     if len(weight.shape) != 2:
         raise LayerError(
             f"{name} is not Linear-shaped: {name}.weight has shape {tuple(weight.shape)}, "
@@ -239,7 +256,7 @@ def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> Lin
             f"{name}.weight is {weight.dtype}; fcconv converts floating-point weights "
             "only, dequantize the checkpoint first"
         )
-    bias = info.get(f"{name}.bias")
+    bias = info.get(param_key(name, "bias"))
     out_features = weight.shape[0]
     if bias is not None and bias.shape != (out_features,):
         raise LayerError(

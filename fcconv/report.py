@@ -20,7 +20,8 @@ def stderr_console() -> Console:
     """The console for people: stderr, so stdout stays clean for data."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    # soft_wrap: long lines (the nn.Conv2d(...) call) stay whole, ready to copy.
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def emit_json(document: Mapping[str, Any]) -> None:
@@ -120,7 +121,10 @@ def render_verification(console: Console, result: VerifyResult) -> None:
         for label, value in _check_rows(check):
             table.add_row(label, value)
         console.print(table)
-        for line in [*check.notes, *(check.functional.notes if check.functional else [])]:
+        for line in [
+            *check.notes,
+            *(check.functional.notes if check.functional is not None else []),
+        ]:
             console.print(f"note: {line}", markup=False)
         for problem in check.problems:
             console.print(f"[red]difference[/]: {problem}", highlight=False)

@@ -1,0 +1,47 @@
+"""Fixtures shared by the CLI-level tests: the shipped samples and an in-process runner."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+
+
+@pytest.fixture
+def samples() -> Path:
+    """The folder of shipped sample checkpoints (read them, never write there)."""
+    return SAMPLES
+
+
+@pytest.fixture
+def invoke() -> Callable[..., Result]:
+    """Run the ``fcconv`` command in-process and check its exit code.
+
+    ``invoke("convert", path, "--layer", "fc", exit=0, input=b"...")`` returns
+    click's ``Result`` (``stdout``, ``stderr``, ``stdout_bytes`` kept apart)
+    after asserting the exit code (``exit=None`` skips that) and that nothing
+    escaped as an unhandled exception: CliRunner reports a crash as exit 1,
+    which must not pass for "verification found a difference".
+    """
+    from fcconv.cli import cli
+
+    runner = CliRunner()
+
+    def run(*args: object, exit: int | None = 0, input: bytes | str | None = None) -> Result:
+        result = runner.invoke(cli, [str(a) for a in args], input=input)
+        crash = result.exception if not isinstance(result.exception, SystemExit) else None
+        where = "".join(traceback.format_exception(crash)) if crash else ""
+        assert crash is None, f"fcconv {' '.join(map(str, args))} crashed:\n{where}"
+        if exit is not None:
+            assert result.exit_code == exit, (
+                f"fcconv {' '.join(map(str, args))} exited {result.exit_code}, "
+                f"expected {exit}\n--- stderr\n{result.stderr}\n--- stdout\n{result.stdout[:3000]}"
+            )
+        return result
+
+    return run
