@@ -291,85 +291,26 @@ def find_state_dict(loaded: Any, source: str = "checkpoint") -> tuple[Any, ...]:
 
 
 def _load_safetensors_file(file: Path) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
+    from fcconv.streaming import read_header, read_tensors
 
-    order = _safetensors_order(_read_header(file), str(file))
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata()
-            tensors = {name: handle.get_tensor(name) for name in order}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(_corrupt_header_message(str(file), error)) from None
-    return Checkpoint(tensors, SAFETENSORS, str(file), metadata=metadata or None)
+    header = read_header(file)  # validated; tensors in the order of their bytes
+    tensors = read_tensors(file, list(header.tensors))
+    return Checkpoint(tensors, SAFETENSORS, str(file), metadata=header.metadata)
 
 
 def _load_safetensors_bytes(data: bytes, source: str) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    header = _header_from_bytes(data, source)
-    order = _safetensors_order(header, source)
+    from fcconv.streaming import header_from_bytes
+
+    header = header_from_bytes(data, source)
     try:
         loaded = load(data)
     except (SafetensorError, ValueError) as error:
-        raise CheckpointError(_corrupt_header_message(source, error)) from None
-    metadata = header.get("__metadata__")
-    tensors = {name: loaded[name] for name in order}
-    return Checkpoint(tensors, SAFETENSORS, source, metadata=metadata or None)
-
-
-def _read_header(file: Path) -> dict[str, Any]:
-    with open(file, "rb") as handle:
-        prefix = handle.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        size = file.stat().st_size
-        if length < 2 or 8 + length > size:
-            raise CheckpointError(
-                _corrupt_header_message(
-                    str(file), f"header length {length} does not fit a {size}-byte file"
-                )
-            )
-        return _parse_header(handle.read(length), str(file))
-
-
-def _header_from_bytes(data: bytes, source: str) -> dict[str, Any]:
-    length = int.from_bytes(data[:8], "little")
-    if length < 2 or 8 + length > len(data):
-        raise CheckpointError(
-            _corrupt_header_message(
-                source, f"header length {length} does not fit {len(data)} bytes"
-            )
-        )
-    return _parse_header(data[8 : 8 + length], source)
-
-
-def _parse_header(raw: bytes, source: str) -> dict[str, Any]:
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(_corrupt_header_message(source, error)) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(_corrupt_header_message(source, "header is not an object"))
-    return header
-
-
-def _safetensors_order(header: dict[str, Any], source: str) -> list[str]:
-    """Tensor names in the order their bytes lie in the file."""
-    try:
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        return sorted(entries, key=lambda name: entries[name]["data_offsets"][0])
-    except (KeyError, TypeError, IndexError) as error:
-        raise CheckpointError(
-            _corrupt_header_message(source, f"bad tensor entry ({error})")
-        ) from None
-
-
-def _corrupt_header_message(source: str, error: object) -> str:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else "invalid"
-    return (
-        f"{source} has a corrupt safetensors header ({detail[:160]}); the file is "
-        "damaged or not really safetensors, re-export it"
-    )
+        raise CheckpointError(f"{source} has a corrupt safetensors header ({error})") from None
+    tensors = {name: loaded[name] for name in header.tensors}
+    return Checkpoint(tensors, SAFETENSORS, source, metadata=header.metadata)
 
 
 # --------------------------------------------------------------------- writing

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,16 +157,17 @@ def inspect(
     trust_pickle: bool,
 ) -> int:
     """List the Linear-shaped entries of CKPT and the patches that fit each."""
-    from fcconv.checkpoint import load_checkpoint
     from fcconv.geometry import candidate_patches, parse_patch
-    from fcconv.layers import describe, linear_entries
+    from fcconv.layers import linear_entries
     from fcconv.report import emit_json, render_inspect, stderr_console
+    from fcconv.sources import open_source
 
     limit = parse_patch(input_shape) if input_shape else None
     if limit is not None:
         channels = limit.channels or channels
-    loaded = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
-    info = describe(loaded.tensors)
+    # Headers only for safetensors and shards: no tensor bytes read, no torch import.
+    loaded = open_source(checkpoint, trust_pickle=trust_pickle, lazy=True)
+    info = loaded.info
     entries = linear_entries(info)
     fits = {
         entry.name: [
@@ -179,7 +181,7 @@ def inspect(
     if as_json:
         emit_json(
             {
-                "source": loaded.source,
+                "source": loaded.path,
                 "format": loaded.format,
                 "layers": [
                     {
@@ -197,7 +199,7 @@ def inspect(
             }
         )
     else:
-        render_inspect(stderr_console(), loaded.source, loaded.format, entries, fits, converted)
+        render_inspect(stderr_console(), loaded.path, loaded.format, entries, fits, converted)
     return EXIT_OK
 
 
@@ -215,13 +217,35 @@ def _converted_layers(provenance: dict[str, Any], info: dict) -> list[dict[str, 
 # ------------------------------------------------------------------- convert
 
 
+@dataclass
+class ConvertOptions:
+    """Everything ``convert`` was asked, parsed."""
+
+    checkpoint: str
+    output: str
+    requests: list
+    patch: Any
+    order: str | None
+    stride: tuple[int, int] | None
+    size: tuple[int, int] | None
+    as_json: bool
+    force: bool
+    verify: bool
+    fmt: str | None
+    link: bool
+    quiet: bool
+
+
 @cli.command()
 @click.argument("checkpoint", metavar="CKPT")
 @click.option(
-    "-o", "--output", metavar="OUT", help="Output path (default: <stem>.conv<suffix>; - = stdout)."
+    "-o",
+    "--output",
+    metavar="OUT",
+    help="Output path (default: <stem>.conv<suffix> beside the input; - = stdout).",
 )
 @_layer_options
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--no-verify", is_flag=True, help="Skip the checks before writing.")
 @click.option(
     "--format",
@@ -229,6 +253,10 @@ def _converted_layers(provenance: dict[str, Any], info: dict) -> list[dict[str, 
     type=click.Choice(["torch", "safetensors"]),
     help="Output format (default: from the output's extension, else the input's).",
 )
+@click.option(
+    "--link", is_flag=True, help="Sharded input: hard-link untouched shards instead of copying."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(
     checkpoint: str,
     output: str | None,
@@ -242,120 +270,242 @@ def convert(
     force: bool,
     no_verify: bool,
     fmt: str | None,
+    link: bool,
+    quiet: bool,
 ) -> int:
-    """Convert Linear layers of CKPT into Conv2d weights and write a new checkpoint."""
-    from fcconv.atomic import check_output_path
-    from fcconv.checkpoint import STDIO, default_output, load_checkpoint
+    """Convert Linear layers of CKPT into Conv2d weights and write a new checkpoint.
+
+    CKPT is a .pt/.pth/.bin/.ckpt or .safetensors file, - for stdin, or a
+    sharded checkpoint's folder (or its *.safetensors.index.json).
+    """
     from fcconv.layers import LayerRequest
+    from fcconv.sources import SHARDED, open_source
 
     patch_spec, order, stride_hw, size = _parsed(patch, order, stride, input_size)
     requests = [LayerRequest.parse(text) for text in layers]
     if not requests:
         raise SpecError("no layer to convert; name one with --layer NAME[=HxWxC]")
-    output = output or default_output(checkpoint)
-    if output == STDIO and as_json:
-        raise SpecError(
-            "--json puts its report on stdout, so the checkpoint cannot go there too; "
-            "write it to a file with -o"
-        )
-    if output == STDIO and sys.stdout.isatty():
-        raise SpecError(
-            "refusing to write a binary checkpoint to the terminal; redirect stdout "
-            "or write to a file with -o"
-        )
-    if output != STDIO:
-        sources = (Path(checkpoint),) if checkpoint != STDIO else ()
-        check_output_path(Path(output), force, sources)
-    loaded = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
-    return _convert_loaded(
-        loaded, output, requests, patch_spec, order, stride_hw, size, as_json, force,
-        not no_verify, fmt, checkpoint,
+    options = ConvertOptions(
+        checkpoint, output or "", requests, patch_spec, order, stride_hw, size, as_json,
+        force, not no_verify, fmt, link, quiet,
     )  # fmt: skip
+    source = open_source(checkpoint, trust_pickle=trust_pickle, lazy=True)
+    if source.format == SHARDED:
+        return _convert_sharded(source, options)
+    options.output = output or _default_output(checkpoint)
+    _check_output(options)
+    out_format = _output_format(options, source.format)
+    if source.on_disk and out_format == "safetensors" and options.output != "-":
+        return _convert_streaming(source, options)
+    if source.on_disk:
+        source = open_source(checkpoint, trust_pickle=trust_pickle, lazy=False)
+    return _convert_in_memory(source, options, out_format)
 
 
-def _convert_loaded(
-    loaded: Any,
-    output: str,
-    requests: list,
-    patch_spec: Any,
-    order: str | None,
-    stride: tuple[int, int] | None,
-    size: tuple[int, int] | None,
-    as_json: bool,
-    force: bool,
-    verify: bool,
-    fmt: str | None,
-    source_path: str,
-) -> int:
-    from fcconv.checkpoint import SAFETENSORS, format_for, save_checkpoint, with_provenance
-    from fcconv.geometry import DEFAULT_ORDER
-    from fcconv.layers import apply_plans, describe, plan_layers
-    from fcconv.report import plan_dict, render_plans, render_verification
-    from fcconv.report import stderr_console as console
-    from fcconv.verify import verify_conversion
+def _default_output(checkpoint: str) -> str:
+    from fcconv.checkpoint import default_output
+
+    return default_output(checkpoint)
+
+
+def _check_output(options: ConvertOptions) -> None:
+    from fcconv.atomic import check_output_path
+
+    if options.output == "-":
+        if options.as_json:
+            raise SpecError(
+                "--json puts its report on stdout, so the checkpoint cannot go there too; "
+                "write it to a file with -o"
+            )
+        if sys.stdout.isatty():
+            raise SpecError(
+                "refusing to write a binary checkpoint to the terminal; redirect stdout "
+                "or write to a file with -o"
+            )
+        return
+    sources = (Path(options.checkpoint),) if options.checkpoint != "-" else ()
+    check_output_path(Path(options.output), options.force, sources)
+
+
+def _output_format(options: ConvertOptions, input_format: str) -> str:
+    from fcconv.checkpoint import format_for
+
+    return format_for(options.output, options.fmt, input_format)
+
+
+def _plan(source: Any, options: ConvertOptions) -> list:
+    from fcconv.geometry import DEFAULT_ORDER, make_grid
+    from fcconv.layers import plan_layers
 
     plans = plan_layers(
-        describe(loaded.tensors),
-        requests,
-        default_patch=patch_spec,
-        order=order or DEFAULT_ORDER,
-        stride=stride,
-        source=loaded.source,
+        source.info,
+        options.requests,
+        default_patch=options.patch,
+        order=options.order or DEFAULT_ORDER,
+        stride=options.stride,
+        source=source.path,
     )
-    plans = _settle_orders(plans, loaded.tensors, explicit=order is not None, quiet=as_json)
+    if options.size is not None:  # refuse a too-small --input before anything is written
+        for plan in plans:
+            make_grid(options.size, plan.patch, plan.stride)
+    return _settle_orders(plans, source, explicit=options.order is not None, quiet=options.as_json)
+
+
+def _layer_keys(plans: list) -> list[str]:
+    return [p.weight_key for p in plans] + [p.bias_key for p in plans if p.bias_key]
+
+
+def _convert_in_memory(source: Any, options: ConvertOptions, out_format: str) -> int:
+    from fcconv.checkpoint import SAFETENSORS, save_checkpoint, with_provenance
+    from fcconv.layers import apply_plans
+    from fcconv.verify import verify_conversion
+
+    loaded = source.loaded
+    plans = _plan(source, options)
     converted = apply_plans(loaded.tensors, plans)
-    result = verify_conversion(plans, loaded.tensors, converted, size) if verify else None
-    document = {
-        "source": loaded.source,
-        "output": output,
-        "layers": [plan_dict(plan, size) for plan in plans],
-        "verification": result.to_dict() if result is not None else None,
-        "written": False,
-    }
-    if result is not None and not result:
-        _render(document, as_json, lambda c: render_verification(c, result))
-        if not as_json:
-            console().print("[red]not written[/]: the conversion failed verification")
-        return EXIT_DIFFERENT
-    out_format = format_for(output, fmt, loaded.format)
+    result = None
+    if options.verify:
+        result = verify_conversion(plans, loaded.tensors, converted, options.size)
+        if not result:
+            return _report_failure(plans, result, options)
     new = loaded.with_tensors(converted)
     if out_format == SAFETENSORS:
         new.metadata = with_provenance(loaded.metadata, {p.name: p.provenance() for p in plans})
-    document["format"] = save_checkpoint(
-        new, output, fmt=out_format, force=force, sources=(source_path,)
+    written = save_checkpoint(
+        new, options.output, fmt=out_format, force=options.force, sources=(options.checkpoint,)
     )
-    document["written"] = True
+    return _report_success(plans, result, options, written, how="in memory")
 
-    def human(c: Any) -> None:
-        render_plans(c, plans, size)
+
+def _verifying(plans: list, source: Any, options: ConvertOptions, read_after: Any, results: list):
+    """A check for the streaming writers: verify the finished temporary output, or abort."""
+    from fcconv.verify import VerificationFailed, verify_conversion
+
+    keys = _layer_keys(plans)
+
+    def check(built: Any) -> None:
+        result = verify_conversion(plans, source.read(keys), read_after(built, keys), options.size)
+        results.append(result)
+        if not result:
+            raise VerificationFailed(result)
+
+    return check if options.verify else None
+
+
+def _convert_streaming(source: Any, options: ConvertOptions) -> int:
+    from fcconv.checkpoint import with_provenance
+    from fcconv.streaming import progress_bar, read_tensors, stream_convert
+    from fcconv.verify import VerificationFailed
+
+    plans = _plan(source, options)
+    results: list = []
+    check = _verifying(plans, source, options, lambda path, keys: read_tensors(path, keys), results)
+    metadata = with_provenance(source.metadata, {p.name: p.provenance() for p in plans})
+    try:
+        with progress_bar("converting", enabled=False if options.quiet else None) as progress:
+            stream_convert(
+                source.path,
+                options.output,
+                {p.weight_key: (p.patch, p.order) for p in plans},
+                metadata,
+                force=options.force,
+                progress=progress,
+                check=check,
+            )
+    except VerificationFailed as failure:
+        return _report_failure(plans, failure.result, options)
+    return _report_success(
+        plans, results[0] if results else None, options, "safetensors", how="streamed"
+    )
+
+
+def _convert_sharded(source: Any, options: ConvertOptions) -> int:
+    from fcconv.checkpoint import with_provenance
+    from fcconv.sharded import convert_sharded, default_output, read_sharded_tensors
+    from fcconv.streaming import progress_bar
+    from fcconv.verify import VerificationFailed
+
+    options.output = options.output or str(default_output(options.checkpoint))
+    plans = _plan(source, options)
+    by_weight = {p.weight_key: p for p in plans}
+
+    def metadata(header: Any, shard_layers: Any) -> dict[str, str]:
+        records = {by_weight[key].name: by_weight[key].provenance() for key in shard_layers}
+        return with_provenance(header.metadata, records)
+
+    results: list = []
+    check = _verifying(plans, source, options, read_sharded_tensors, results)
+    try:
+        with progress_bar("converting", enabled=False if options.quiet else None) as progress:
+            convert_sharded(
+                options.checkpoint,
+                options.output,
+                {p.weight_key: (p.patch, p.order) for p in plans},
+                metadata,
+                force=options.force,
+                link=options.link,
+                progress=progress,
+                check=check,
+            )
+    except VerificationFailed as failure:
+        return _report_failure(plans, failure.result, options)
+    return _report_success(
+        plans, results[0] if results else None, options, "sharded safetensors", how="streamed"
+    )
+
+
+def _document(plans: list, result: Any, options: ConvertOptions) -> dict[str, Any]:
+    from fcconv.report import plan_dict
+
+    return {
+        "source": options.checkpoint,
+        "output": options.output,
+        "layers": [plan_dict(plan, options.size) for plan in plans],
+        "verification": result.to_dict() if result is not None else None,
+        "written": False,
+    }
+
+
+def _report_failure(plans: list, result: Any, options: ConvertOptions) -> int:
+    from fcconv.report import render_verification
+
+    def human(console: Any) -> None:
+        render_verification(console, result)
+        console.print("[red]not written[/]: the conversion failed verification")
+
+    _render(_document(plans, result, options), options.as_json, human)
+    return EXIT_DIFFERENT
+
+
+def _report_success(
+    plans: list, result: Any, options: ConvertOptions, written: str, how: str
+) -> int:
+    from fcconv.report import render_plans, render_verification
+
+    document = {**_document(plans, result, options), "written": True, "format": written}
+    document["mode"] = how
+
+    def human(console: Any) -> None:
+        render_plans(console, plans, options.size)
         if result is not None:
-            render_verification(c, result)
-        where = "stdout" if output == "-" else output
-        c.print(f"wrote {where} ({document['format']})", markup=False)
+            render_verification(console, result)
+        where = "stdout" if options.output == "-" else options.output
+        console.print(f"wrote {where} ({written}, {how})", markup=False)
 
-    _render(document, as_json, human)
+    _render(document, options.as_json, human)
     return EXIT_OK
 
 
-def _settle_orders(plans: list, tensors: Any, explicit: bool, quiet: bool) -> list:
+def _settle_orders(plans: list, source: Any, explicit: bool, quiet: bool) -> list:
     """Resolve ``--order auto`` from the weights, and warn when they contradict the order."""
     from fcconv.layers import AUTO
 
-    try:
-        from fcconv import evidence
-    except ImportError:  # pragma: no cover - evidence ships with fcconv
-        evidence = None
     settled = []
     for plan in plans:
         if plan.order == AUTO:
-            settled.append(plan.with_order(_auto_order(evidence, plan, tensors)))
-            continue
+            raise SpecError(f"--order auto is not available for {plan.name}; give --order")
         settled.append(plan)
     return settled
-
-
-def _auto_order(evidence: Any, plan: Any, tensors: Any) -> str:
-    raise SpecError(f"--order auto is not available for {plan.name}; give --order")
 
 
 def _render(document: dict, as_json: bool, human: Any) -> None:
@@ -391,27 +541,29 @@ def verify(
 
     Exit 0 when equivalent, 1 when a difference is found.
     """
-    from fcconv.checkpoint import STDIO, load_checkpoint
+    from fcconv.checkpoint import STDIO
     from fcconv.layers import LayerRequest
     from fcconv.report import render_verification
+    from fcconv.sources import open_source, read_all
     from fcconv.verify import plan_verification, verify_conversion
 
     if original == STDIO and converted == STDIO:
         raise SpecError("only one of ORIGINAL and CONVERTED can be - (stdin)")
     patch_spec, order, stride_hw, size = _parsed(patch, order, stride, input_size)
-    before = load_checkpoint(original, trust_pickle=trust_pickle)
-    after = load_checkpoint(converted, trust_pickle=trust_pickle)
+    before = read_all(open_source(original, trust_pickle=trust_pickle))
+    after_source = open_source(converted, trust_pickle=trust_pickle)
+    after = read_all(after_source)
     plans, notes = plan_verification(
-        before.tensors,
-        after.tensors,
+        before,
+        after,
         requests=[LayerRequest.parse(text) for text in layers],
         default_patch=patch_spec,
         order=order,
         stride=stride_hw,
-        provenance=after.provenance.get("layers", {}),
-        source=before.source,
+        provenance=after_source.provenance.get("layers", {}),
+        source=original,
     )
-    result = verify_conversion(plans, before.tensors, after.tensors, size, seed)
+    result = verify_conversion(plans, before, after, size, seed)
     result.notes = notes
     _render(result.to_dict(), as_json, lambda c: render_verification(c, result))
     return result.exit_code

@@ -145,7 +145,7 @@ class SafetensorsHeader:
 
 
 def _bad(path: Path, problem: str, advice: str = _DAMAGED) -> CheckpointError:
-    return CheckpointError(f"{path} is not a valid safetensors file: {problem}; {advice}")
+    return CheckpointError(f"{path} has a corrupt safetensors header: {problem}; {advice}")
 
 
 def _read_error(path: Path, error: OSError) -> CheckpointError:
@@ -214,6 +214,15 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     if len(raw) != length:
         raise _bad(path, "the file changed size while being read", _TRUNCATED)
     return _parse_header(path, raw, size - 8 - length)
+
+
+def header_from_bytes(data: bytes, source: str) -> SafetensorsHeader:
+    """Validate the header of a safetensors file held in memory (read from stdin)."""
+    path = Path(source)
+    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if length < 0 or length > len(data) - 8:
+        raise _bad(path, f"header length {length} runs past the end of {len(data)} bytes")
+    return _parse_header(path, data[8 : 8 + length], len(data) - 8 - length)
 
 
 def _parse_header(path: Path, raw: bytes, data_bytes: int) -> SafetensorsHeader:

@@ -178,6 +178,14 @@ class VerifyResult:
         }
 
 
+class VerificationFailed(Exception):
+    """Raised from a writer's check to abort a write whose result failed verification."""
+
+    def __init__(self, result: VerifyResult) -> None:
+        super().__init__("the conversion failed verification")
+        self.result = result
+
+
 # ------------------------------------------------------------------- checks
 
 
