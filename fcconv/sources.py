@@ -48,6 +48,19 @@ class Source:
     metadata: dict[str, str] | None
     read: Callable[[list[str]], dict[str, torch.Tensor]]
     loaded: Checkpoint | None = None  # set when the whole file is in memory
+    locate: Callable[[str], Path] | None = None  # the safetensors file holding a tensor
+
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows of a 2-D tensor, reading only those rows' bytes when it is on disk."""
+        import torch
+
+        if self.locate is None:
+            return self.read([name])[name][rows]
+        from safetensors import safe_open
+
+        with safe_open(str(self.locate(name)), framework="pt") as handle:
+            block = handle.get_slice(name)
+            return torch.cat([block[row : row + 1] for row in rows])
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -114,6 +127,7 @@ def _safetensors_source(path: str) -> Source:
         info=_info(header.tensors),
         metadata=header.metadata,
         read=lambda names: read_tensors(path, list(names)),
+        locate=lambda name: Path(path),
     )
 
 
@@ -141,6 +155,7 @@ def _sharded_source(path: str) -> Source:
         info=_info(checkpoint.tensors),
         metadata=metadata or None,
         read=lambda names: read_sharded_tensors(checkpoint, list(names)),
+        locate=lambda name: checkpoint.header_of(name).path,
     )
 
 
