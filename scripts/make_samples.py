@@ -7,8 +7,10 @@
 - training_checkpoint.pt: a nested training checkpoint ({"state_dict", "optimizer",
   "epoch", "hparams"}) whose keys carry a "model." prefix.
 - head_fc6_fc7.safetensors: a two-layer head, fc6 on 6×6×8 patches, fc7 pointwise.
-- trained_nchw.pt / trained_nhwc.pt: heads of a small trained CNN (see
+- trained_nchw.* / trained_nhwc.*: heads of a small trained CNN (see
   make_trained_samples.py) for --order auto.
+- tiny_vgg.safetensors: weights of fcconv.samples_models.tiny_vgg, a small
+  VGG-style classifier, for `fcconv convolutionalize --arch`.
 """
 
 from __future__ import annotations
@@ -68,9 +70,14 @@ def main(out_dir: Path) -> None:
     from make_trained_samples import write_trained_samples
 
     write_trained_samples(out_dir)
+    from fcconv.samples_models import tiny_vgg
+
+    # Weights for `fcconv convolutionalize --arch fcconv.samples_models:tiny_vgg` (seeded there).
+    save_file(tiny_vgg().state_dict(), str(out_dir / "tiny_vgg.safetensors"))
     for path in sorted(out_dir.iterdir()):
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent.parent / "sample_checkpoints")
+    default = Path(__file__).parent.parent / "sample_checkpoints"
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else default)
