@@ -31,6 +31,9 @@ _LAZY = {
     "save_checkpoint": "fcconv.checkpoint",
     "verify_conversion": "fcconv.verify",
     "functional_check": "fcconv.verify",
+    "convolutionalize": "fcconv.fcn",
+    "verify_dense": "fcconv.fcn",
+    "rank_orders": "fcconv.evidence",
 }
 
 
@@ -48,6 +51,7 @@ __all__ = [
     "PatchSpec",
     "__version__",
     "conv_to_linear",
+    "convolutionalize",
     "conv_weight_to_linear",
     "functional_check",
     "linear_to_conv",
@@ -56,7 +60,9 @@ __all__ = [
     "parse_order",
     "parse_patch",
     "parse_stride",
+    "rank_orders",
     "replace_module",
     "save_checkpoint",
     "verify_conversion",
+    "verify_dense",
 ]

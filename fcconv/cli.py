@@ -122,6 +122,15 @@ def cli() -> None:
 main = cli
 
 
+def _attach_convolutionalize() -> None:
+    from fcconv.cli_convolutionalize import convolutionalize
+
+    cli.add_command(convolutionalize)
+
+
+_attach_convolutionalize()
+
+
 def _parsed(patch: str | None, order: str | None, stride: str | None, size: str | None) -> tuple:
     from fcconv.geometry import parse_patch, parse_size, parse_stride
     from fcconv.layers import parse_order_option

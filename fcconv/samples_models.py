@@ -1,0 +1,135 @@
+"""Small classifiers for the shipped samples, the benchmark and ``--arch``.
+
+Each factory takes no required arguments and builds the same weights every
+time (its own seeded generator, the global RNG untouched), so
+``--arch fcconv.samples_models:tiny_vgg`` rebuilds exactly the architecture a
+sample checkpoint was saved from.
+
+>>> import torch
+>>> tuple(tiny_vgg()(torch.zeros(1, 3, 32, 32)).shape)
+(1, 10)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["KerasStyle", "VGGStyle", "keras_style", "tiny_vgg", "vgg_style"]
+
+
+def _seeded_init(model: nn.Module, seed: int) -> nn.Module:
+    """Re-initialise every conv and Linear from one seeded generator: same weights each run."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.weight[0].numel()
+                bound = (6.0 / fan_in) ** 0.5  # He-uniform keeps ReLU activations O(1)
+                module.weight.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.uniform_(-0.1, 0.1, generator=generator)
+    return model
+
+
+class VGGStyle(nn.Module):
+    """Conv stages (3×3 convs, ReLU, 2×2 max pool), an adaptive pool, a Linear head.
+
+    At the native size ``native`` the adaptive pool is the identity, as in
+    torchvision's VGG at 224×224; the head is ``flatten → Linear → ReLU →
+    Dropout → … → Linear``.
+
+    Args:
+        stages: each stage's channel widths; one 3×3 conv per entry.
+        hidden: widths of the hidden Linear layers.
+        num_classes: the last Linear's outputs.
+        native: the input side the network is built for.
+        in_channels: the input's channels.
+        dropout: the Dropout after each hidden ReLU; ``None`` for none.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Sequence[int]] = ((8,), (16,), (16,)),
+        hidden: Sequence[int] = (64, 32),
+        num_classes: int = 10,
+        native: int = 32,
+        in_channels: int = 3,
+        dropout: float | None = 0.5,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for stage in stages:
+            for width in stage:
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        side = native // 2 ** len(stages)
+        self.avgpool = nn.AdaptiveAvgPool2d((side, side))
+        head: list[nn.Module] = []
+        width = channels * side * side
+        for size in hidden:
+            head += [nn.Linear(width, size), nn.ReLU(inplace=True)]
+            if dropout is not None:
+                head.append(nn.Dropout(dropout))
+            width = size
+        head.append(nn.Linear(width, num_classes))
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+class KerasStyle(nn.Module):
+    """A net whose head was trained on NHWC-flattened features (order ``hwc``)."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(12 * 6 * 6, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = x.permute(0, 2, 3, 1).reshape(x.size(0), -1)  # NHWC, as Keras flattens
+        return torch.log_softmax(self.fc2(torch.relu(self.fc1(x))), dim=1)
+
+
+def tiny_vgg() -> VGGStyle:
+    """The sample classifier: 3×32×32 in, 10 classes, a 16×4×4 feature map.
+
+    Its head is ``Linear(256→64) → ReLU → Dropout → Linear(64→32) → ReLU →
+    Dropout → Linear(32→10)``; ~27k parameters.
+    """
+    return _seeded_init(VGGStyle(), seed=0).eval()
+
+
+def keras_style() -> KerasStyle:
+    """A 3×24×24 classifier that flattens NHWC: its order is ``hwc``."""
+    return _seeded_init(KerasStyle(), seed=1).eval()
+
+
+def vgg_style(
+    stages: Sequence[Sequence[int]] = ((32,), (64,), (128, 128), (256, 256), (256, 256)),
+    hidden: Sequence[int] = (1024,),
+    num_classes: int = 10,
+    native: int = 224,
+) -> VGGStyle:
+    """The benchmark's VGG-style classifier: five stages, native 224×224.
+
+    The head is ``Linear(256·7·7 → 1024) → ReLU → Linear(1024 → 10)``.
+    """
+    model = VGGStyle(
+        stages=stages, hidden=hidden, num_classes=num_classes, native=native, dropout=None
+    )
+    return _seeded_init(model, seed=2).eval()
