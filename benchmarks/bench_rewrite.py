@@ -37,27 +37,21 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-TARGET = "classifier.0.weight"
+LAYER = "classifier.0"
+TARGET = f"{LAYER}.weight"
 PATCH = (7, 7, 512)  # H, W, C
 LIMITS = {"chw": (1.1, 256), "hwc": (1.3, 256)}
 
 
 # ----------------------------------------------------------------------------
-# THE COMMAND UNDER TEST: the one place to switch to the CLI once it is wired:
-#
-#   return [sys.executable, "-m", "fcconv.cli", "convert", str(src), "-o", str(dst),
-#           "--layer", "classifier.0=7x7x512", "--order", order, "--no-verify", "--force"]
-# ----------------------------------------------------------------------------
-def convert_command(src: Path, dst: Path, order: str) -> list[str]:
-    """The process that rewrites ``src`` into ``dst`` with ``classifier.0`` in ``order``."""
-    code = (
-        "import sys\n"
-        "from fcconv.geometry import Patch\n"
-        "from fcconv.streaming import stream_convert\n"
-        "stream_convert(sys.argv[1], sys.argv[2],"
-        f" {{{TARGET!r}: (Patch(7, 7, 512), sys.argv[3])}}, force=True)\n"
-    )
-    return [sys.executable, "-c", code, str(src), str(dst), order]
+FCCONV = str(Path(sys.executable).parent / "fcconv")
+
+
+def convert_command(src: Path, dst: Path, order: str, *, verify: bool = False) -> list[str]:
+    """``fcconv convert`` of ``src`` into ``dst`` with ``classifier.0`` in ``order``."""
+    command = [FCCONV, "convert", str(src), "-o", str(dst), "--layer", f"{LAYER}=7x7x512"]
+    command += ["--order", order, "--force", "-q"]
+    return command if verify else [*command, "--no-verify"]
 
 
 def naive_command(src: Path, dst: Path, order: str) -> list[str]:
@@ -122,7 +116,8 @@ def make_checkpoint(path: Path, size_bytes: int) -> int:
 LAUNCHER = """
 import os, sys, time
 start = time.perf_counter()
-pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)
+quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_WRONLY, 0) for fd in (1, 2)]
+pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, file_actions=quiet)
 _, status, usage = os.wait4(pid, 0)
 print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
 """
@@ -174,6 +169,35 @@ def check_output(src: Path, dst: Path, rows: int, order: str) -> None:
     assert np.array_equal(a, b), tail
 
 
+def make_pt_twin(src: Path, pt: Path) -> None:
+    """The same tensors written by torch.save (zip format), for the pickle path."""
+    code = (
+        "import sys, torch\n"
+        "from safetensors.torch import load_file\n"
+        "torch.save(load_file(sys.argv[1]), sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(src), str(pt)], check=True)
+
+
+VERIFY_ONLY = """
+import sys, time
+from safetensors import safe_open
+from fcconv.geometry import Patch, linear_weight_to_conv
+from fcconv.layers import LayerPlan
+from fcconv.verify import check_layer
+with safe_open(sys.argv[1], "pt") as f:
+    weight, bias = f.get_tensor(sys.argv[2] + ".weight"), f.get_tensor(sys.argv[2] + ".bias")
+patch = Patch(7, 7, 512)
+plan = LayerPlan(sys.argv[2], sys.argv[2] + ".weight", sys.argv[2] + ".bias", weight.shape[0],
+                 patch, "hwc", (7, 7), "float32")
+after = {plan.weight_key: linear_weight_to_conv(weight, patch, "hwc"), plan.bias_key: bias}
+start = time.perf_counter()
+check = check_layer(plan, {plan.weight_key: weight, plan.bias_key: bias}, after)
+assert check, check.problems
+print(f"{time.perf_counter() - start:.2f}")
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -182,6 +206,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 200 MB checkpoint")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive load+save")
+    parser.add_argument("--no-pt", action="store_true", help="skip the torch pickle cases")
     parser.add_argument("--dir", type=Path, default=ROOT / "bench_out" / "rewrite")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
@@ -189,56 +214,87 @@ def main() -> None:
 
     args.dir.mkdir(parents=True, exist_ok=True)
     src, dst = args.dir / "vgg16.safetensors", args.dir / "out.safetensors"
+    pt, pt_dst = args.dir / "vgg16.pt", args.dir / "out.pt"
     try:
         print(f"making a {size / 1e9:.1f} GB checkpoint in {args.dir} ...", file=sys.stderr)
         rows = make_checkpoint(src, size)
-        cases = {
-            "cp": ["cp", str(src), str(dst)],
-            "cp + sync": ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(dst)],
-            "stream chw": convert_command(src, dst, "chw"),
-            "stream hwc": convert_command(src, dst, "hwc"),
-        }
+        # name: (command, output, baseline case, time ratio limit, peak RSS limit in MiB)
+        cases: dict[str, tuple[list[str], Path, str, float | None, float | None]] = {
+            "cp": (["cp", str(src), str(dst)], dst, "cp", None, None),
+            "cp + sync": (
+                ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(dst)],
+                dst, "cp", None, None,
+            ),
+            "convert chw": (convert_command(src, dst, "chw"), dst, "cp", 1.1, 256),
+            "convert hwc": (convert_command(src, dst, "hwc"), dst, "cp", 1.3, 256),
+            "convert hwc verified": (
+                convert_command(src, dst, "hwc", verify=True), dst, "cp", 2.0, None,
+            ),
+        }  # fmt: skip
         if not args.no_naive:
-            cases["naive load+save hwc"] = naive_command(src, dst, "hwc")
+            cases["naive load+save hwc"] = (naive_command(src, dst, "hwc"), dst, "cp", None, None)
+        if not args.no_pt:
+            make_pt_twin(src, pt)
+            pt_mib = pt.stat().st_size / MiB
+            cases["cp .pt"] = (["cp", str(pt), str(pt_dst)], pt_dst, "cp .pt", None, None)
+            cases[".pt convert hwc"] = (
+                convert_command(pt, pt_dst, "hwc"), pt_dst, "cp .pt", 2.5, 1.2 * pt_mib,
+            )  # fmt: skip
+        cases["fcconv --help"] = ([FCCONV, "--help"], dst, "", None, None)
         times: dict[str, list[float]] = {name: [] for name in cases}
         peaks: dict[str, float] = dict.fromkeys(cases, 0.0)
-        subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # warm cache
+        for file in (src, pt):
+            if file.exists():  # warm the page cache, as right after a download
+                subprocess.run(["cat", str(file)], stdout=subprocess.DEVNULL, check=True)
         for round_ in range(args.rounds):
-            for name, command in cases.items():
-                dst.unlink(missing_ok=True)
+            for name, (command, output, *_rest) in cases.items():
+                output.unlink(missing_ok=True)
                 subprocess.run(["sync"], check=True)  # earlier writes flushed, not timed
                 elapsed, peak = run(command)
                 times[name].append(elapsed)
                 peaks[name] = max(peaks[name], peak)
-                if name.startswith("stream") and round_ == 0:
+                if name in ("convert chw", "convert hwc") and round_ == 0:
                     check_output(src, dst, rows, name.split()[-1])
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
-
-        cp = statistics.median(times["cp"])
-        durable = statistics.median(times["cp + sync"])
-        print(
-            f"\nrewrite of a {src.stat().st_size / 1e9:.2f} GB fp32 safetensors "
-            f"({TARGET} {rows}x{PATCH[0] * PATCH[1] * PATCH[2]}, patch 7x7x512), "
-            f"median of {args.rounds}, {os.cpu_count()} CPUs\n"
-        )
-        header = f"{'case':<22}{'time s':>8}{'× cp':>8}{'× cp+sync':>11}{'peak RSS':>12}  target"
-        print(header)
-        print("-" * (len(header) + 22))
-        for name in cases:
-            median = statistics.median(times[name])
-            target = ""
-            order = name.split()[-1]
-            if name.startswith("stream") and order in LIMITS:
-                ratio, rss = LIMITS[order]
-                ok = median / cp <= ratio and peaks[name] <= rss
-                target = f"≤ {ratio}× cp, ≤ {rss} MiB: {'met' if ok else 'NOT met'}"
-            print(
-                f"{name:<22}{median:>8.2f}{median / cp:>8.2f}{median / durable:>11.2f}"
-                f"{peaks[name]:>9.0f} MiB  {target}"
-            )
+        verify_seconds = subprocess.run(
+            [sys.executable, "-c", VERIFY_ONLY, str(src), LAYER],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        report(cases, times, peaks, args.rounds, src, rows, verify_seconds)
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
+
+
+def report(cases, times, peaks, rounds: int, src: Path, rows: int, verify_seconds: str) -> None:
+    """The table: medians, ratios to the case's own cp, peak RSS, and each target's verdict."""
+    median = {name: statistics.median(values) for name, values in times.items()}
+    durable = median["cp + sync"]
+    print(
+        f"\nrewrite of a {src.stat().st_size / 1e9:.2f} GB fp32 checkpoint "
+        f"({TARGET} {rows}x{PATCH[0] * PATCH[1] * PATCH[2]}, patch 7x7x512), "
+        f"median of {rounds}, {os.cpu_count()} CPUs\n"
+    )
+    header = f"{'case':<22}{'time s':>8}{'× cp':>8}{'× cp+sync':>11}{'peak RSS':>12}  target"
+    print(header)
+    print("-" * (len(header) + 30))
+    for name, (_command, _output, baseline, ratio, rss) in cases.items():
+        cp = median[baseline] if baseline else None
+        shown = f"{median[name] / cp:>8.2f}" if cp else f"{'':>8}"
+        target = ""
+        if ratio is not None:
+            ok = median[name] / cp <= ratio and (rss is None or peaks[name] <= rss)
+            limit = f", ≤ {rss:.0f} MiB" if rss is not None else ""
+            target = f"≤ {ratio}× {baseline}{limit}: {'met' if ok else 'NOT met'}"
+        if name == "fcconv --help":
+            target = f"≤ 0.3 s: {'met' if median[name] <= 0.3 else 'NOT met'}"
+        print(
+            f"{name:<22}{median[name]:>8.2f}{shown}{median[name] / durable:>11.2f}"
+            f"{peaks[name]:>9.0f} MiB  {target}"
+        )
+    print(f"\nverification of {TARGET} alone (exact + functional, float64 and float32): "
+          f"{verify_seconds} s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -550,6 +550,10 @@ def _settle_orders(plans: list, source: Any, options: ConvertOptions) -> list:
 
     settled = []
     for plan in plans:
+        if plan.order != AUTO and not options.verify:
+            # --no-verify skips every check, this one too: it would import torch.
+            settled.append(plan)
+            continue
         evidence = order_evidence(source, plan)
         options.evidence[plan.name] = evidence
         if plan.order == AUTO:
