@@ -31,3 +31,18 @@ PY
 run "$BIN/fcconv" convert sample_checkpoints/head_fc6_fc7.safetensors -o "$OUT/head.conv.safetensors" \
     --layer fc6=6x6x8 --layer fc7=1x1 --stride 2x2 --input 14x14
 run "$BIN/fcconv" verify sample_checkpoints/head_fc6_fc7.safetensors "$OUT/head.conv.safetensors"
+
+# The flatten order from the weights: a head trained on NHWC features.
+run "$BIN/fcconv" inspect sample_checkpoints/trained_nhwc.pt --patch 6x4x16
+run "$BIN/fcconv" convert sample_checkpoints/trained_nhwc.pt -o "$OUT/trained_nhwc.conv.pt" \
+    --layer fc --patch 6x4x16 --order auto --no-verify
+
+# A whole classifier made fully convolutional, saved as a torch.export program.
+run "$BIN/fcconv" convolutionalize sample_checkpoints/tiny_vgg.safetensors \
+    --arch fcconv.samples_models:tiny_vgg --input 32x32 -o "$OUT/tiny_vgg.pt2"
+printf '\n$ python: torch.export.load(%s) on a 64x48 input\n' "$OUT/tiny_vgg.pt2"
+"$BIN/python" -c "
+import sys, torch
+model = torch.export.load(sys.argv[1]).module()
+print('class-score map:', tuple(model(torch.randn(1, 3, 64, 48)).shape), '= batch x 10 classes x 5 x 3 windows')
+" "$OUT/tiny_vgg.pt2"
