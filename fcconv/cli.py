@@ -379,7 +379,7 @@ def _output_format(options: ConvertOptions, input_format: str) -> str:
 
 def _plan(source: Any, options: ConvertOptions) -> list:
     from fcconv.geometry import DEFAULT_ORDER, make_grid
-    from fcconv.layers import plan_layers
+    from fcconv.layers import layer_inputs, plan_layers
 
     plans = plan_layers(
         source.info,
@@ -390,8 +390,8 @@ def _plan(source: Any, options: ConvertOptions) -> list:
         source=source.path,
     )
     if options.size is not None:  # refuse a too-small --input before anything is written
-        for plan in plans:
-            make_grid(options.size, plan.patch, plan.stride)
+        for plan, size in zip(plans, layer_inputs(plans, options.size), strict=True):
+            make_grid(size, plan.patch, plan.stride)
     return _settle_orders(plans, source, options)
 
 
@@ -499,9 +499,11 @@ def _convert_sharded(source: Any, options: ConvertOptions) -> int:
 
 
 def _document(plans: list, result: Any, options: ConvertOptions) -> dict[str, Any]:
+    from fcconv.layers import layer_inputs
     from fcconv.report import plan_dict
 
-    layers = [plan_dict(plan, options.size) for plan in plans]
+    sizes = layer_inputs(plans, options.size)
+    layers = [plan_dict(plan, size) for plan, size in zip(plans, sizes, strict=True)]
     for layer, plan in zip(layers, plans, strict=True):
         evidence = options.evidence.get(plan.name)
         layer["order_evidence"] = evidence.to_dict() if evidence is not None else None

@@ -267,6 +267,34 @@ def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> Lin
     return entry
 
 
+def layer_inputs(
+    plans: list[LayerPlan], size: tuple[int, int] | None
+) -> list[tuple[int, int] | None]:
+    """The input grid each layer sees when ``size`` feeds the first.
+
+    A 1×1 layer that reads the previous layer's outputs (``fc7`` after ``fc6``)
+    sees that layer's output map, not the original input; every other layer
+    gets ``size`` itself (``None``: each layer's default 2×2 grid of windows).
+    """
+    from fcconv.geometry import default_input, make_grid
+
+    inputs: list[tuple[int, int] | None] = []
+    for index, plan in enumerate(plans):
+        previous = plans[index - 1] if index else None
+        follows = (
+            previous is not None
+            and (plan.patch.height, plan.patch.width) == (1, 1)
+            and plan.patch.channels == previous.out_features
+        )
+        if not follows:
+            inputs.append(size)
+            continue
+        seen = inputs[-1] or default_input(previous.patch, previous.stride)
+        grid = make_grid(seen, previous.patch, previous.stride)
+        inputs.append((grid.rows, grid.cols))
+    return inputs
+
+
 def apply_plans(
     tensors: Mapping[str, torch.Tensor], plans: Iterable[LayerPlan]
 ) -> dict[str, torch.Tensor]:

@@ -92,17 +92,19 @@ def plan_dict(plan: LayerPlan, input_size: tuple[int, int] | None) -> dict[str, 
 
 
 def render_plans(
-    console: Console, plans: Iterable[LayerPlan], input_size: tuple[int, int] | None
+    console: Console, plans: list[LayerPlan], input_size: tuple[int, int] | None
 ) -> None:
     """What each layer became and the module that loads it."""
-    for plan in plans:
+    from fcconv.layers import layer_inputs
+
+    for plan, size in zip(plans, layer_inputs(plans, input_size), strict=True):
         console.print(
             f"[bold]{plan.name}[/]: Linear {plan.linear_shape[0]}←{plan.linear_shape[1]} → "
             f"conv {'×'.join(map(str, plan.conv_shape))}, patch {plan.patch}, "
             f"order {plan.order}, stride {plan.stride[0]}x{plan.stride[1]}"
         )
         console.print(f"  build it with: {plan.conv2d_line()}", markup=False)
-        for line in geometry_lines(plan, input_size):
+        for line in geometry_lines(plan, size):
             style = "yellow" if "uncovered" in line else None
             console.print(f"  {line}", style=style, markup=False)
 

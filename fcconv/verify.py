@@ -35,6 +35,7 @@ from fcconv.layers import (
     LayerRequest,
     TensorInfo,
     describe,
+    layer_inputs,
     layer_stride,
     linear_entries,
     module_name,
@@ -465,7 +466,11 @@ def verify_conversion(
     seed: int = 0,
 ) -> VerifyResult:
     """All layer checks plus the untouched-tensor comparison."""
-    checks = [check_layer(plan, original, converted, input_size, seed) for plan in plans]
+    sizes = layer_inputs(plans, input_size)
+    checks = [
+        check_layer(plan, original, converted, size, seed)
+        for plan, size in zip(plans, sizes, strict=True)
+    ]
     differences = untouched_differences(original, converted, [p.weight_key for p in plans])
     return VerifyResult(checks, differences)
 
