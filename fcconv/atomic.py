@@ -90,7 +90,7 @@ def atomic_output(target: Path) -> Iterator[Path]:
         yield temporary
         _fsync(temporary)
         os.replace(temporary, target)
-        _fsync_folder(folder)
+        fsync_folder(folder)
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise CheckpointError(describe_os_error(error, target)) from error
@@ -110,8 +110,8 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_folder(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a folder be opened.
+def fsync_folder(folder: Path) -> None:
+    """Make renames and new names in ``folder`` durable (where a folder can be opened)."""
     with contextlib.suppress(OSError):
         handle = os.open(folder, os.O_RDONLY)
         try:

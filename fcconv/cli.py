@@ -438,64 +438,54 @@ def _verifying(plans: list, source: Any, options: ConvertOptions, read_after: An
 
 def _convert_streaming(source: Any, options: ConvertOptions) -> int:
     from fcconv.checkpoint import with_provenance
-    from fcconv.streaming import progress_bar, read_tensors, stream_convert
-    from fcconv.verify import VerificationFailed
+    from fcconv.streaming import read_tensors, stream_convert
 
-    plans = _plan(source, options)
-    results: list = []
-    check = _verifying(plans, source, options, lambda path, keys: read_tensors(path, keys), results)
-    metadata = with_provenance(source.metadata, {p.name: p.provenance() for p in plans})
-    try:
-        with progress_bar("converting", enabled=False if options.quiet else None) as progress:
-            stream_convert(
-                source.path,
-                options.output,
-                {p.weight_key: (p.patch, p.order) for p in plans},
-                metadata,
-                force=options.force,
-                progress=progress,
-                check=check,
-            )
-    except VerificationFailed as failure:
-        return _report_failure(plans, failure.result, options)
-    return _report_success(
-        plans, results[0] if results else None, options, "safetensors", how="streamed"
-    )
+    def write(layers: dict, plans: list, check: Any, progress: Any) -> None:
+        metadata = with_provenance(source.metadata, {p.name: p.provenance() for p in plans})
+        stream_convert(
+            source.path, options.output, layers, metadata,
+            force=options.force, progress=progress, check=check,
+        )  # fmt: skip
+
+    return _streamed(source, options, write, read_tensors, "safetensors")
 
 
 def _convert_sharded(source: Any, options: ConvertOptions) -> int:
     from fcconv.checkpoint import with_provenance
     from fcconv.sharded import convert_sharded, default_output, read_sharded_tensors
+
+    options.output = options.output or str(default_output(options.checkpoint))
+
+    def write(layers: dict, plans: list, check: Any, progress: Any) -> None:
+        by_weight = {p.weight_key: p for p in plans}
+
+        def metadata(header: Any, shard_layers: Any) -> dict[str, str]:
+            records = {by_weight[key].name: by_weight[key].provenance() for key in shard_layers}
+            return with_provenance(header.metadata, records)
+
+        convert_sharded(
+            options.checkpoint, options.output, layers, metadata,
+            force=options.force, link=options.link, progress=progress, check=check,
+        )  # fmt: skip
+
+    return _streamed(source, options, write, read_sharded_tensors, "sharded safetensors")
+
+
+def _streamed(source: Any, options: ConvertOptions, write: Any, read_after: Any, label: str) -> int:
+    """Plan, then let a streaming writer convert, verifying its output before the rename."""
     from fcconv.streaming import progress_bar
     from fcconv.verify import VerificationFailed
 
-    options.output = options.output or str(default_output(options.checkpoint))
     plans = _plan(source, options)
-    by_weight = {p.weight_key: p for p in plans}
-
-    def metadata(header: Any, shard_layers: Any) -> dict[str, str]:
-        records = {by_weight[key].name: by_weight[key].provenance() for key in shard_layers}
-        return with_provenance(header.metadata, records)
-
     results: list = []
-    check = _verifying(plans, source, options, read_sharded_tensors, results)
+    check = _verifying(plans, source, options, read_after, results)
+    layers = {p.weight_key: (p.patch, p.order) for p in plans}
     try:
         with progress_bar("converting", enabled=False if options.quiet else None) as progress:
-            convert_sharded(
-                options.checkpoint,
-                options.output,
-                {p.weight_key: (p.patch, p.order) for p in plans},
-                metadata,
-                force=options.force,
-                link=options.link,
-                progress=progress,
-                check=check,
-            )
+            write(layers, plans, check, progress)
     except VerificationFailed as failure:
         return _report_failure(plans, failure.result, options)
-    return _report_success(
-        plans, results[0] if results else None, options, "sharded safetensors", how="streamed"
-    )
+    return _report_success(plans, results[0] if results else None, options, label, how="streamed")
 
 
 def _document(plans: list, result: Any, options: ConvertOptions) -> dict[str, Any]:

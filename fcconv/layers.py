@@ -179,6 +179,21 @@ class LayerPlan:
         """The ``nn.Conv2d(...)`` that the converted weights load into."""
         return conv2d_line(self.patch, self.out_features, self.stride, self.bias_key is not None)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The layer's conversion facts, for JSON reports."""
+        return {
+            "layer": self.name,
+            "weight": self.weight_key,
+            "bias": self.bias_key,
+            "linear_shape": list(self.linear_shape),
+            "conv_shape": list(self.conv_shape),
+            "patch": str(self.patch),
+            "order": self.order,
+            "stride": list(self.stride),
+            "dtype": self.dtype,
+            "conv2d": self.conv2d_line(),
+        }
+
     def provenance(self) -> dict[str, Any]:
         """The record kept in safetensors metadata."""
         return {

@@ -78,15 +78,7 @@ def geometry_dict(plan: LayerPlan, input_size: tuple[int, int] | None) -> dict[s
 def plan_dict(plan: LayerPlan, input_size: tuple[int, int] | None) -> dict[str, Any]:
     """One converted layer, for JSON."""
     return {
-        "layer": plan.name,
-        "weight": plan.weight_key,
-        "linear_shape": list(plan.linear_shape),
-        "conv_shape": list(plan.conv_shape),
-        "patch": str(plan.patch),
-        "order": plan.order,
-        "stride": list(plan.stride),
-        "dtype": plan.dtype,
-        "conv2d": plan.conv2d_line(),
+        **plan.to_dict(),
         "geometry": geometry_dict(plan, input_size),
     }
 

@@ -14,7 +14,6 @@ sibling folder (``.NAME.*.fcconv-tmp``), then renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from fcconv.atomic import TEMP_SUFFIX, describe_os_error
+from fcconv.atomic import TEMP_SUFFIX, describe_os_error, fsync_folder
 from fcconv.errors import CheckpointError, LayerError
 from fcconv.geometry import Patch
 from fcconv.streaming import (
@@ -391,12 +390,7 @@ def _link(source: Path, output: Path, target: Path) -> None:
 def _fsync_folders(root: Path, folders: set[Path]) -> None:
     # The files are fsynced as written; this makes their names durable too.
     for folder in sorted(folders | {root}, key=lambda p: -len(p.parts)):
-        with contextlib.suppress(OSError):
-            handle = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(handle)
-            finally:
-                os.close(handle)
+        fsync_folder(folder)
 
 
 def _install(building: Path, target: Path) -> None:

@@ -131,18 +131,8 @@ class LayerCheck:
         return self.passed
 
     def to_dict(self) -> dict[str, Any]:
-        plan = self.plan
         return {
-            "layer": plan.name,
-            "weight": plan.weight_key,
-            "bias": plan.bias_key,
-            "linear_shape": list(plan.linear_shape),
-            "conv_shape": list(plan.conv_shape),
-            "patch": str(plan.patch),
-            "order": plan.order,
-            "stride": list(plan.stride),
-            "dtype": plan.dtype,
-            "conv2d": plan.conv2d_line(),
+            **self.plan.to_dict(),
             "exact": self.exact,
             "problems": self.problems,
             "functional": asdict(self.functional) if self.functional is not None else None,
