@@ -556,11 +556,10 @@ def _settle_orders(plans: list, source: Any, options: ConvertOptions) -> list:
                     f"ranking: {ranking_text(evidence)}{ask}"
                 )
             plan = plan.with_order(evidence.winner)
-            _say(options, f"{plan.name}: order {plan.order} chosen from the weights "
-                 f"({ranking_text(evidence)})")  # fmt: skip
+            ranking = ranking_text(evidence)
+            _say(f"{plan.name}: order {plan.order} chosen from the weights ({ranking})")
         elif evidence.favours_other_than(plan.order):
             _say(
-                options,
                 f"warning: {_disagreement(plan.name, plan.order, evidence)}; converting as "
                 f"{plan.order} as asked (see --order auto)",
             )
@@ -596,7 +595,7 @@ def _disagreement(name: str, order: str, evidence: Any) -> str:
     )
 
 
-def _say(options: ConvertOptions, line: str) -> None:
+def _say(line: str) -> None:
     click.echo(f"fcconv: {line}", err=True)
 
 
