@@ -142,3 +142,25 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     (True, False)
     """
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+def same_object(a: object, b: object) -> bool:
+    """Deep equality: tensors by bits and dtype, containers by type, keys (in order) and values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and bitwise_equal(a, b)
+    if isinstance(a, dict):
+        return type(a) is type(b) and list(a) == list(b) and all(same_object(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return (
+            type(a) is type(b)
+            and len(a) == len(b)
+            and all(same_object(x, y) for x, y in zip(a, b, strict=True))
+        )
+    return type(a) is type(b) and a == b
+
+
+def kernel_of(weight: torch.Tensor, channels: int, kh: int, kw: int, order: str) -> torch.Tensor:
+    """SPEC §1 by hand: group the columns by the order's axis lengths, then put c, h, w first."""
+    sizes = {"c": channels, "h": kh, "w": kw}
+    grouped = weight.reshape(weight.shape[0], *(sizes[a] for a in order))
+    return grouped.permute(0, *(1 + order.index(a) for a in "chw"))

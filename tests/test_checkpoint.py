@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import bitwise_equal, kernel_of, same_object
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -28,35 +29,6 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 def load_pt(path: Path | bytes) -> object:
     source = io.BytesIO(path) if isinstance(path, bytes) else path
     return torch.load(source, map_location="cpu", weights_only=True)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    a, b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
-    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-
-
-def same_object(a: object, b: object) -> bool:
-    """Deep equality: tensors by bits and dtype, containers by keys (in order) and values."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and same_bits(a, b)
-    if isinstance(a, dict):
-        return type(a) is type(b) and list(a) == list(b) and all(same_object(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return (
-            type(a) is type(b)
-            and len(a) == len(b)
-            and all(same_object(x, y) for x, y in zip(a, b, strict=True))
-        )
-    return type(a) is type(b) and a == b
-
-
-def kernel_of(weight: torch.Tensor, channels: int, kh: int, kw: int, order: str) -> torch.Tensor:
-    """SPEC §1 by hand: group the columns by the order's axis lengths, then put c, h, w first."""
-    sizes = {"c": channels, "h": kh, "w": kw}
-    grouped = weight.reshape(weight.shape[0], *(sizes[a] for a in order))
-    return grouped.permute(0, *(1 + order.index(a) for a in "chw"))
 
 
 def mixed_state(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -84,9 +56,9 @@ def assert_converted(original: dict, converted: dict, order: str = "hwc") -> Non
     for key, tensor in original.items():
         if key == "fc.weight":
             expected = kernel_of(tensor, 2, 3, 4, order)
-            assert same_bits(converted[key], expected), key
+            assert bitwise_equal(converted[key], expected), key
         else:
-            assert same_bits(converted[key], tensor), f"{key} changed"
+            assert bitwise_equal(converted[key], tensor), f"{key} changed"
 
 
 # ----------------------------------------------------------- torch pickles
@@ -147,7 +119,7 @@ def test_safetensors_round_trip_keeps_metadata_and_adds_provenance(invoke, tmp_p
     assert set(converted) == set(original)
     for key, tensor in original.items():
         expected = kernel_of(tensor, 2, 3, 4, "hwc") if key == "fc.weight" else tensor
-        assert same_bits(converted[key], expected), key
+        assert bitwise_equal(converted[key], expected), key
     with safe_open(str(out), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["source"] == "unit test" and metadata["license"] == "MIT"
@@ -206,7 +178,7 @@ def test_torch_to_safetensors_by_extension(invoke, tmp_path) -> None:
     invoke("convert", tmp_path / "m.pt", "-o", tmp_path / "m.safetensors", *CONVERT)
     converted = load_file(tmp_path / "m.safetensors")
     assert set(converted) == set(original)
-    assert same_bits(converted["fc.weight"], kernel_of(original["fc.weight"], 2, 3, 4, "hwc"))
+    assert bitwise_equal(converted["fc.weight"], kernel_of(original["fc.weight"], 2, 3, 4, "hwc"))
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as handle:
         assert json.loads(handle.metadata()["fcconv"])["layers"]["fc"]["order"] == "hwc"
 
@@ -237,7 +209,7 @@ def test_safetensors_through_stdin_and_stdout(invoke, tmp_path) -> None:
     with safe_open(str(tmp_path / "out.safetensors"), framework="pt") as handle:
         assert handle.metadata()["source"] == "pipe"
         assert "fcconv" in handle.metadata()
-        assert same_bits(handle.get_tensor("embedding"), original["embedding"])
+        assert bitwise_equal(handle.get_tensor("embedding"), original["embedding"])
 
 
 # ------------------------------------------------- nested training checkpoints
@@ -299,8 +271,8 @@ def test_every_float_dtype_converts_and_verifies(invoke, tmp_path, dtype, suffix
     out = tmp_path / f"m.conv{suffix}"
     converted = load_pt(out) if suffix == ".pt" else load_file(out)
     assert converted["fc.weight"].dtype == dtype
-    assert same_bits(converted["fc.weight"], kernel_of(original["fc.weight"], 2, 3, 4, "hwc"))
-    assert same_bits(converted["fc.bias"], original["fc.bias"])
+    assert bitwise_equal(converted["fc.weight"], kernel_of(original["fc.weight"], 2, 3, 4, "hwc"))
+    assert bitwise_equal(converted["fc.bias"], original["fc.bias"])
     document = json.loads(invoke("verify", source, out, "--json").stdout)
     assert document["equivalent"] is True
     functional = document["layers"][0]["functional"]

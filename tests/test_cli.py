@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import bitwise_equal, kernel_of, same_object
 from safetensors import safe_open
 from torch import nn
 
@@ -35,38 +36,6 @@ def as_json(result) -> dict:
 
 def load_pt(path: Path) -> object:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes (independent of fcconv)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    a, b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
-    return a.view(torch.uint8).tolist() == b.view(torch.uint8).tolist()
-
-
-def same_object(a: object, b: object) -> bool:
-    """Deep equality for training state: tensors by their bits, containers by content."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and same_bits(a, b)
-    if isinstance(a, dict):
-        return (
-            isinstance(b, dict) and list(a) == list(b) and all(same_object(a[k], b[k]) for k in a)
-        )
-    if isinstance(a, list | tuple):
-        return (
-            type(a) is type(b)
-            and len(a) == len(b)
-            and all(same_object(x, y) for x, y in zip(a, b, strict=True))
-        )
-    return type(a) is type(b) and a == b
-
-
-def kernel_of(weight: torch.Tensor, channels: int, kh: int, kw: int, order: str) -> torch.Tensor:
-    """SPEC §1 by hand: K[o, c, i, j] = W[o, index_of(order, c, i, j)]."""
-    sizes = {"c": channels, "h": kh, "w": kw}
-    grouped = weight.reshape(weight.shape[0], *(sizes[a] for a in order))
-    return grouped.permute(0, *(1 + order.index(a) for a in "chw"))
 
 
 def tiny_linear(prefix: str = "", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -350,9 +319,11 @@ def test_convert_nested_training_checkpoint_by_suffix(invoke, samples, tmp_path)
         assert same_object(before[key], after[key]), key
     assert list(after["state_dict"]) == list(before["state_dict"])
     for key in ("model.backbone.weight", "model.backbone.bias", "model.fc.bias"):
-        assert same_bits(before["state_dict"][key], after["state_dict"][key]), key
+        assert bitwise_equal(before["state_dict"][key], after["state_dict"][key]), key
     kernel = after["state_dict"]["model.fc.weight"]
-    assert same_bits(kernel, kernel_of(before["state_dict"]["model.fc.weight"], 10, 8, 8, "chw"))
+    assert bitwise_equal(
+        kernel, kernel_of(before["state_dict"]["model.fc.weight"], 10, 8, 8, "chw")
+    )
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
@@ -383,8 +354,10 @@ def test_convert_to_and_from_stdio_in_process(invoke, samples) -> None:
     assert "wrote stdout" in flat(result.stderr)
     converted = torch.load(io.BytesIO(result.stdout_bytes), weights_only=True)
     original = load_pt(samples / "seed_fc.pt")
-    assert same_bits(converted["fc.weight"], kernel_of(original["fc.weight"], 10, 20, 20, "chw"))
-    assert same_bits(converted["fc.bias"], original["fc.bias"])
+    assert bitwise_equal(
+        converted["fc.weight"], kernel_of(original["fc.weight"], 10, 20, 20, "chw")
+    )
+    assert bitwise_equal(converted["fc.bias"], original["fc.bias"])
 
 
 def test_convert_json_with_checkpoint_on_stdout_is_refused(invoke, seed_pt) -> None:
