@@ -635,15 +635,18 @@ def verify(
     from fcconv.checkpoint import STDIO
     from fcconv.layers import LayerRequest
     from fcconv.report import render_verification
-    from fcconv.sources import open_source, read_all
+    from fcconv.sources import byte_differences, open_source, read_all, tensors_of
     from fcconv.verify import plan_verification, verify_conversion
 
     if original == STDIO and converted == STDIO:
         raise SpecError("only one of ORIGINAL and CONVERTED can be - (stdin)")
     patch_spec, order, stride_hw, size = _parsed(patch, order, stride, input_size)
-    before = read_all(open_source(original, trust_pickle=trust_pickle))
+    before_source = open_source(original, trust_pickle=trust_pickle)
     after_source = open_source(converted, trust_pickle=trust_pickle)
-    after = read_all(after_source)
+    # Two files on disk are compared by their bytes; only the layers are loaded.
+    on_disk = before_source.on_disk and after_source.on_disk
+    before = tensors_of(before_source) if on_disk else read_all(before_source)
+    after = tensors_of(after_source) if on_disk else read_all(after_source)
     plans, notes = plan_verification(
         before,
         after,
@@ -653,8 +656,11 @@ def verify(
         stride=stride_hw,
         provenance=after_source.provenance.get("layers", {}),
         source=original,
+        info=(before_source.info, after_source.info),
     )
-    result = verify_conversion(plans, before, after, size, seed)
+    skip = {plan.weight_key for plan in plans}
+    differences = byte_differences(before_source, after_source, skip) if on_disk else None
+    result = verify_conversion(plans, before, after, size, seed, differences)
     result.notes = notes + _evidence_notes(plans, before)
     _render(result.to_dict(), as_json, lambda c: render_verification(c, result))
     return result.exit_code

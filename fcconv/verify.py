@@ -454,14 +454,20 @@ def verify_conversion(
     converted: Mapping[str, torch.Tensor],
     input_size: tuple[int, int] | None = None,
     seed: int = 0,
+    differences: list[str] | None = None,
 ) -> VerifyResult:
-    """All layer checks plus the untouched-tensor comparison."""
+    """All layer checks plus the untouched-tensor comparison.
+
+    ``differences`` replaces the in-memory comparison of untouched tensors
+    (e.g. with :func:`fcconv.sources.byte_differences` for files on disk).
+    """
     sizes = layer_inputs(plans, input_size)
     checks = [
         check_layer(plan, original, converted, size, seed)
         for plan, size in zip(plans, sizes, strict=True)
     ]
-    differences = untouched_differences(original, converted, [p.weight_key for p in plans])
+    if differences is None:
+        differences = untouched_differences(original, converted, [p.weight_key for p in plans])
     return VerifyResult(checks, differences)
 
 
@@ -518,15 +524,17 @@ def plan_verification(
     stride: tuple[int, int] | None,
     provenance: Mapping[str, Mapping[str, Any]],
     source: str,
+    info: tuple[Mapping[str, TensorInfo], Mapping[str, TensorInfo]] | None = None,
 ) -> tuple[list[LayerPlan], list[str]]:
     """Find the converted layers and how each claims to have been converted.
 
     Explicit flags win, then the file's provenance, then discovery: the order
     whose permutation maps one weight onto the other exactly. Returns the plans
     and the notes that say where each fact came from; flags that disagree with
-    the files come back as plans that the checks will fail.
+    the files come back as plans that the checks will fail. ``info`` (shapes
+    and dtypes of both sides) spares reading tensors that are still on disk.
     """
-    info, info_after = describe(original), describe(converted)
+    info, info_after = info or (describe(original), describe(converted))
     pairs = converted_pairs(info, info_after)
     if requests:
         names = [resolve_name(r.name, info, source) for r in requests]

@@ -110,3 +110,48 @@ def test_a_folder_without_an_index_is_refused(invoke, tmp_path: Path) -> None:
     (tmp_path / "weights").mkdir()
     result = invoke("inspect", tmp_path / "weights", exit=2)
     assert "is a directory" in result.stderr and "index.json" in result.stderr
+
+
+def _convert(invoke, layer_file: Path) -> Path:
+    out = layer_file.with_name("out.safetensors")
+    invoke("convert", layer_file, "-o", out, "--layer", "fc", "--patch", "3x4x5", "-q")
+    return out
+
+
+def test_verify_of_two_files_reads_only_the_layers(invoke, layer_file, monkeypatch) -> None:
+    out = _convert(invoke, layer_file)
+    asked: list[str] = []
+    real = fcconv.streaming.read_tensors
+
+    def recording(path, names):
+        asked.extend(names)
+        return real(path, names)
+
+    monkeypatch.setattr(fcconv.streaming, "read_tensors", recording)
+    invoke("verify", layer_file, out)
+    assert "backbone.weight" not in asked
+    assert {"head.fc.weight", "head.fc.bias"} <= set(asked)
+
+
+def test_verify_finds_a_changed_untouched_byte_on_disk(invoke, layer_file) -> None:
+    out = _convert(invoke, layer_file)
+    tensors, metadata = _read(out)
+    tampered = tensors["backbone.weight"].clone()
+    tampered[1, 0, 2, 1] = -tampered[1, 0, 2, 1]
+    save_file({**tensors, "backbone.weight": tampered}, str(out), metadata=metadata)
+    result = invoke("verify", layer_file, out, "--json", exit=1)
+    (difference,) = json.loads(result.stdout)["differences"]
+    assert difference == "backbone.weight differs: 1 element(s), first at [1, 0, 2, 1]"
+
+
+def test_verify_on_disk_reports_dtype_and_missing_tensors(invoke, layer_file) -> None:
+    out = _convert(invoke, layer_file)
+    tensors, metadata = _read(out)
+    changed = {**tensors, "backbone.weight": tensors["backbone.weight"].double()}
+    changed["extra"] = torch.zeros(2)
+    save_file(changed, str(out), metadata=metadata)
+    differences = json.loads(invoke("verify", layer_file, out, "--json", exit=1).stdout)[
+        "differences"
+    ]
+    assert "backbone.weight differs: dtype float32 → float64" in differences
+    assert "extra is new in the converted checkpoint" in differences
