@@ -509,9 +509,6 @@ def converted_pairs(
     return pairs
 
 
-def kernel_patch(converted: Mapping[str, torch.Tensor], weight_key: str) -> Patch:
-    """The patch a converted kernel reads, from its shape."""
-    return patch_of_kernel(tuple(converted[weight_key].shape))
 
 
 def plan_verification(
@@ -622,12 +619,12 @@ def _claimed_order(
 __all__ = [
     "FunctionalCheck",
     "LayerCheck",
+    "VerificationFailed",
     "VerifyResult",
     "bitwise_equal",
     "check_layer",
     "closest_order",
     "converted_pairs",
-    "describe",
     "functional_check",
     "matching_orders",
     "plan_verification",
