@@ -220,6 +220,19 @@ def _fresh(tensor: torch.Tensor) -> torch.Tensor:
     return out.copy_(tensor)
 
 
+def unravel_index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The row-major index of element number ``flat`` in a tensor of ``shape``.
+
+    >>> unravel_index(7, (2, 4))
+    (1, 3)
+    """
+    index = []
+    for size in reversed(shape):
+        flat, rest = divmod(flat, size)
+        index.append(rest)
+    return tuple(reversed(index))
+
+
 def patch_of_kernel(kernel_shape: tuple[int, ...]) -> Patch:
     """The patch a conv kernel of shape ``[O, C, kh, kw]`` reads."""
     _, channels, height, width = kernel_shape

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fcconv.checkpoint import PROVENANCE_KEY, SAFETENSORS, STDIO, Checkpoint, load_checkpoint
 from fcconv.errors import CheckpointError
+from fcconv.geometry import unravel_index
 from fcconv.layers import TensorInfo
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ def byte_differences(before: Source, after: Source, skip: set[str]) -> list[str]
         else:
             count, first = _compare_spans(before.span(key), after.span(key), _itemsize(info))
             if count:
-                where = list(_unravel(first, info.shape))
+                where = list(unravel_index(first, info.shape))
                 differences.append(f"{key} differs: {count} element(s), first at {where}")
     return differences
 
@@ -259,14 +260,6 @@ def _compare_spans(
                 first = done // itemsize + int(differs.argmax())
             count += found
     return count, first
-
-
-def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    index = []
-    for size in reversed(shape):
-        flat, rest = divmod(flat, size)
-        index.append(rest)
-    return tuple(reversed(index))
 
 
 def read_all(source: Source) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from fcconv.geometry import (
     make_grid,
     patch_of_kernel,
     resolve_patch,
+    unravel_index,
 )
 from fcconv.layers import (
     AUTO,
@@ -436,16 +437,8 @@ def _tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     if a.shape != b.shape:
         return f"shape {tuple(a.shape)} → {tuple(b.shape)}"
     count, first = _first_mismatch(a, b)
-    index = list(_unravel(first, tuple(a.shape)))
+    index = list(unravel_index(first, tuple(a.shape)))
     return f"{count} element(s), first at {index}"
-
-
-def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    index = []
-    for size in reversed(shape):
-        flat, rest = divmod(flat, size)
-        index.append(rest)
-    return tuple(reversed(index))
 
 
 def verify_conversion(
@@ -507,8 +500,6 @@ def converted_pairs(
         ):
             pairs.append(key)
     return pairs
-
-
 
 
 def plan_verification(
