@@ -1,16 +1,106 @@
-"""The user-error hierarchy.
+"""The user-error hierarchy: exceptions with fields, rendered only at the edge.
 
 Everything raised from here is the user's to fix: the CLI prints it as one
-line and exits 2. Anything else that escapes is a bug and keeps its traceback.
+line and exits 2. Anything else that escapes is a bug (the CLI says so, also
+with exit 2, and shows the traceback with ``--debug``).
+
+A message names the *parameters* the user can change as placeholders such as
+``{order}`` or ``{force}``. ``str(error)`` renders them in library terms
+(``order=``, ``force=True``); the CLI renders the same error with its flag
+names (``--order``, ``--force``). No code ever parses a message's text: what
+a caller needs to branch on is a field or a subclass.
+
+>>> error = SpecError("no clear order; choose one with {order}", layer="fc")
+>>> str(error)
+'no clear order; choose one with order='
+>>> error.render(CLI_NAMES)
+'no clear order; choose one with --order'
+>>> error.layer
+'fc'
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
+PARAMETERS = (
+    "arch",
+    "channels",
+    "check_size",
+    "force",
+    "format",
+    "input_size",
+    "layers",
+    "link",
+    "no_verify",
+    "order",
+    "output",
+    "patch",
+    "stride",
+    "trust_pickle",
+)
+"""The parameters a message may name as ``{placeholder}``."""
+
+LIBRARY_NAMES: Mapping[str, str] = {
+    "arch": "arch=",
+    "channels": "in_channels=",
+    "check_size": "larger_size=",
+    "force": "force=True",
+    "format": "format=",
+    "input_size": "input_size=",
+    "layers": "layers=",
+    "link": "link=True",
+    "no_verify": "verify=False",
+    "order": "order=",
+    "output": "output path",
+    "patch": "patch=",
+    "stride": "stride=",
+    "trust_pickle": "trust_pickle=True",
+}
+"""How :class:`FcconvError` names parameters for Python callers."""
+
+CLI_NAMES: Mapping[str, str] = {
+    "arch": "--arch",
+    "channels": "--channels",
+    "check_size": "--check-size",
+    "force": "--force",
+    "format": "--format",
+    "input_size": "--input",
+    "layers": "--layer",
+    "link": "--link",
+    "no_verify": "--no-verify",
+    "order": "--order",
+    "output": "-o",
+    "patch": "--patch",
+    "stride": "--stride",
+    "trust_pickle": "--trust-pickle",
+}
+"""How the command line names the same parameters."""
+
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PARAMETERS) + r")\}")
+
 
 class FcconvError(Exception):
-    """A problem with the user's input that the user can fix; exit code 2."""
+    """A problem with the user's input that the user can fix; exit code 2.
+
+    Attributes:
+        template: the message, with parameters as ``{placeholders}``.
+        path: the file or folder concerned, when there is one.
+        layer: the layer (module name) concerned, when there is one.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, *, path: str | None = None, layer: str | None = None):
+        self.template = message
+        self.path = None if path is None else str(path)
+        self.layer = layer
+        super().__init__(self.render(LIBRARY_NAMES))
+
+    def render(self, names: Mapping[str, str]) -> str:
+        """The message with each ``{parameter}`` spelt as ``names`` says."""
+        return _PLACEHOLDER.sub(lambda match: names[match.group(1)], self.template)
 
 
 class SpecError(FcconvError):
@@ -21,9 +111,49 @@ class LayerError(FcconvError):
     """An unknown, ambiguous or unsuitable layer name."""
 
 
+class OrderUndecidedError(SpecError):
+    """``order="auto"`` found no clear winner; ``evidence`` holds the ranking."""
+
+    def __init__(self, message: str, *, evidence: object, layer: str | None = None):
+        super().__init__(message, layer=layer)
+        self.evidence = evidence
+
+
 class CheckpointError(FcconvError):
     """A checkpoint that cannot be read or written safely."""
 
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that would need arbitrary unpickling to load."""
+
+
+class OutputError(CheckpointError):
+    """An output path that may not be written: an input, a device, someone else's folder."""
+
+
+class ConvolutionalizeError(LayerError):
+    """A model whose head fcconv cannot rewrite as convolutions."""
+
+
+class UntraceableModelError(ConvolutionalizeError):
+    """A model that neither ``torch.fx`` nor ``torch.export`` can trace."""
+
+
+class ArchitectureError(FcconvError):
+    """An ``arch`` (``package.module:callable``) that cannot be imported or called."""
+
+
+class UserCodeError(FcconvError):
+    """User code (``arch``, a model's ``forward``) failed; ``where`` is its ``file:line``."""
+
+    def __init__(self, message: str, *, where: str | None = None, path: str | None = None):
+        super().__init__(message, path=path)
+        self.where = where
+
+
+class MissingExtraError(FcconvError):
+    """An optional dependency is not installed; ``extra`` names the pip extra."""
+
+    def __init__(self, message: str, *, extra: str):
+        super().__init__(message)
+        self.extra = extra

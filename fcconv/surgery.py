@@ -1,4 +1,9 @@
-"""Module-level surgery: build the ``nn.Conv2d`` twin of an ``nn.Linear`` and swap it in."""
+"""Module-level surgery: the conv twins of a head's layers, and swapping modules by name.
+
+The one place modules are built: ``fcconv convert`` rearranges weights with
+:mod:`fcconv.geometry`, and whole-model convolutionalization builds its conv
+and BatchNorm twins here.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ def linear_to_conv(
     """The ``nn.Conv2d`` that applies ``linear`` to every ``patch``-sized window.
 
     The kernel is ``linear``'s weight rearranged (no arithmetic); dtype,
-    device and ``requires_grad`` are kept.
+    device, ``requires_grad`` and the training flag are kept. The conv is
+    built on the meta device, so no random initialisation runs and the
+    global RNG is left as it was.
 
     Example:
         >>> conv = linear_to_conv(nn.Linear(4000, 64), "20x20x10")
@@ -47,23 +54,55 @@ def linear_to_conv(
         raise LayerError(f"expected an nn.Linear, got {type(linear).__name__}")
     resolved = _patch(patch, linear.in_features)
     stride = stride or (resolved.height, resolved.width)
+    weight = linear.weight
     conv = nn.Conv2d(
         resolved.channels,
         linear.out_features,
         kernel_size=(resolved.height, resolved.width),
         stride=stride,
+        padding=0,
         bias=linear.bias is not None,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
+        device="meta",
+        dtype=weight.dtype,
+    ).to_empty(device=weight.device)
     with torch.no_grad():
-        conv.weight.copy_(linear_weight_to_conv(linear.weight, resolved, order))
+        conv.weight.copy_(linear_weight_to_conv(weight.detach(), resolved, order))
         if linear.bias is not None:
-            conv.bias.copy_(linear.bias)
-    conv.weight.requires_grad_(linear.weight.requires_grad)
-    if linear.bias is not None:
-        conv.bias.requires_grad_(linear.bias.requires_grad)
+            conv.bias.copy_(linear.bias.detach())
+    _keep_flags(linear, conv)
     return conv
+
+
+def batchnorm1d_to_2d(bn: nn.BatchNorm1d) -> nn.BatchNorm2d:
+    """The ``nn.BatchNorm2d`` with ``bn``'s parameters and running statistics.
+
+    In eval mode it normalises every cell of a ``[B, C, H, W]`` map exactly as
+    ``bn`` normalises ``[B, C]``; in training mode it would also average over
+    the cells.
+    """
+    state = bn.state_dict()
+    floating = [t for t in state.values() if t.is_floating_point()]
+    twin = nn.BatchNorm2d(
+        bn.num_features,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        device="meta",
+        dtype=floating[0].dtype if floating else None,
+    )
+    device = next((t.device for t in state.values()), torch.device("cpu"))
+    twin = twin.to_empty(device=device)
+    twin.load_state_dict(state)
+    _keep_flags(bn, twin)
+    return twin
+
+
+def _keep_flags(before: nn.Module, after: nn.Module) -> None:
+    """Give ``after`` the ``requires_grad`` of each parameter and the mode of ``before``."""
+    for name, parameter in before.named_parameters():
+        getattr(after, name).requires_grad_(parameter.requires_grad)
+    after.train(before.training)
 
 
 def conv_to_linear(conv: nn.Conv2d, order: str = DEFAULT_ORDER) -> nn.Linear:
@@ -73,13 +112,14 @@ def conv_to_linear(conv: nn.Conv2d, order: str = DEFAULT_ORDER) -> nn.Linear:
         patch.features,
         conv.out_channels,
         bias=conv.bias is not None,
-        device=conv.weight.device,
+        device="meta",
         dtype=conv.weight.dtype,
-    )
+    ).to_empty(device=conv.weight.device)
     with torch.no_grad():
-        linear.weight.copy_(conv_weight_to_linear(conv.weight, order))
+        linear.weight.copy_(conv_weight_to_linear(conv.weight.detach(), order))
         if conv.bias is not None:
-            linear.bias.copy_(conv.bias)
+            linear.bias.copy_(conv.bias.detach())
+    _keep_flags(conv, linear)
     return linear
 
 
