@@ -141,7 +141,7 @@ def run(command: list[str]) -> tuple[float, float]:
 
 def check_output(src: Path, dst: Path, rows: int, order: str) -> None:
     """The rewritten weight, checked on a few rows against a plain numpy permutation."""
-    from fcconv.streaming import read_header
+    from fcconv.io.safetensors import read_header
 
     before, after = read_header(src), read_header(dst)
     assert after.tensors[TARGET].shape == (rows, PATCH[2], PATCH[0], PATCH[1])
@@ -183,7 +183,7 @@ VERIFY_ONLY = """
 import sys, time
 from safetensors import safe_open
 from fcconv.geometry import Patch, linear_weight_to_conv
-from fcconv.layers import LayerPlan
+from fcconv.plan import LayerPlan
 from fcconv.verify import check_layer
 with safe_open(sys.argv[1], "pt") as f:
     weight, bias = f.get_tensor(sys.argv[2] + ".weight"), f.get_tensor(sys.argv[2] + ".bias")

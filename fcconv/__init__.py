@@ -1,6 +1,15 @@
-"""fcconv: rewrite Linear layers as the strided Conv2d that computes the same thing.
+"""fcconv: rewrite Linear layers as the strided convolutions that compute the same thing.
 
-The Python API mirrors the command line:
+Every job the command line does is a function here, returning a result that
+is truthy on success, has ``.to_dict()`` (the ``--json`` document) and
+``.exit_code``:
+
+- :func:`inspect_checkpoint`, :func:`convert_checkpoint`,
+  :func:`verify_checkpoints`: checkpoint files (``.pt``, ``.safetensors``,
+  sharded folders);
+- :func:`convolutionalize_file`: a whole model file to a ``.pt2`` program;
+- :func:`convolutionalize`, :func:`verify_dense`: the same on an ``nn.Module``;
+- :func:`linear_weight_to_conv`, :func:`linear_to_conv`: tensors and modules.
 
 >>> import torch
 >>> from fcconv import Patch, linear_weight_to_conv
@@ -9,6 +18,9 @@ The Python API mirrors the command line:
 (64, 10, 20, 20)
 """
 
+from importlib import metadata as _metadata
+
+from fcconv.errors import FcconvError
 from fcconv.geometry import (
     ORDERS,
     Patch,
@@ -20,16 +32,27 @@ from fcconv.geometry import (
     parse_stride,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("fcconv")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+    __version__ = "0+unknown"
 
-# Torch-heavy entry points load on first use, so `fcconv --help` starts fast.
+# Entry points that need torch (or a lot of code) load on first use, so
+# `fcconv --help` starts fast.
 _LAZY = {
+    "inspect_checkpoint": "fcconv.api",
+    "convert_checkpoint": "fcconv.api",
+    "verify_checkpoints": "fcconv.api",
+    "convolutionalize_file": "fcconv.api",
+    "InspectResult": "fcconv.api",
+    "ConvertResult": "fcconv.api",
+    "ConvolutionalizeResult": "fcconv.api",
     "linear_to_conv": "fcconv.surgery",
     "conv_to_linear": "fcconv.surgery",
     "replace_module": "fcconv.surgery",
-    "load_checkpoint": "fcconv.checkpoint",
-    "save_checkpoint": "fcconv.checkpoint",
-    "verify_conversion": "fcconv.verify",
+    "load_checkpoint": "fcconv.io.checkpoint",
+    "save_checkpoint": "fcconv.io.checkpoint",
+    "VerifyResult": "fcconv.verify",
     "functional_check": "fcconv.verify",
     "convolutionalize": "fcconv.fcn",
     "verify_dense": "fcconv.fcn",
@@ -47,13 +70,21 @@ def __getattr__(name: str):
 
 __all__ = [
     "ORDERS",
+    "ConvertResult",
+    "ConvolutionalizeResult",
+    "FcconvError",
+    "InspectResult",
     "Patch",
     "PatchSpec",
+    "VerifyResult",
     "__version__",
     "conv_to_linear",
-    "convolutionalize",
     "conv_weight_to_linear",
+    "convert_checkpoint",
+    "convolutionalize",
+    "convolutionalize_file",
     "functional_check",
+    "inspect_checkpoint",
     "linear_to_conv",
     "linear_weight_to_conv",
     "load_checkpoint",
@@ -63,6 +94,6 @@ __all__ = [
     "rank_orders",
     "replace_module",
     "save_checkpoint",
-    "verify_conversion",
+    "verify_checkpoints",
     "verify_dense",
 ]

@@ -171,6 +171,22 @@ class OrderEvidence:
         order = parse_order(order)
         return self.clear and order not in self.families[0]
 
+    def ranking_text(self) -> str:
+        """``chw 0.419, wch 0.100, …; margin 0.319 = 21.9σ of noise`` in one line."""
+        scores = ", ".join(f"{order} {score:.3f}" for order, score in self.ranking) or "no scores"
+        sigmas = self.margin_sigmas
+        if self.margin is None or sigmas is None:
+            return scores
+        return f"{scores}; margin {self.margin:.3f} = {sigmas:.1f}σ of noise"
+
+    def disagreement(self, name: str, order: str) -> str:
+        """``the weights of fc favour order hwc (0.362) over chw (-0.006)``."""
+        best = self.families[0][0]
+        return (
+            f"the weights of {name} favour order {'/'.join(self.families[0])} "
+            f"({self.score(best):.3f}) over {order} ({self.score(order):.3f})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The same facts as plain JSON-ready values."""
         sigmas = self.margin_sigmas
@@ -352,7 +368,7 @@ def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
     if patch.height * patch.width == 2:
         reason = (
             f"no evidence: a {patch} patch has two positions per channel, so every "
-            "pair of its columns is a neighbour pair; choose with --order"
+            "pair of its columns is a neighbour pair"
         )
         return verdict(families, reason, candidates=undecided)
 
@@ -378,7 +394,7 @@ def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
     real = torch.zeros(len(representatives), 3, patch.channels, dtype=dtype)
     for block in blocks():
         if not bool(torch.isfinite(block).all()):
-            reason = "no evidence: the weight holds NaN or infinite values; choose with --order"
+            reason = "no evidence: the weight holds NaN or infinite values"
             return verdict(families, reason, candidates=undecided)
         # gathering the columns in index-map order lays each kernel out contiguously
         for f, columns in enumerate(maps):
@@ -390,7 +406,7 @@ def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
         for block in blocks():
             null[s] += _sums(block[:, columns].reshape(len(block), *shape))
     if not bool(real[:, 2].any()):
-        reason = "no evidence: the weight is constant within every channel; choose with --order"
+        reason = "no evidence: the weight is constant within every channel"
         return verdict(families, reason, candidates=undecided)
 
     family_scores = [_score(sums, patch) for sums in real]
@@ -426,7 +442,7 @@ def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
                 f"{margin:.3f}, {_sigmas(margin, noise)} sigma of the noise (clear: "
                 f"{MIN_MARGIN} and {MIN_SIGMAS:.0f} sigma)"
             )
-        reason = f"no clear evidence: {what}; choose with --order"
+        reason = f"no clear evidence: {what}"
         return found(reason, margin=margin, candidates=in_question)
     if len(best) > 1:
         return found(_tie(patch, best), margin=margin, candidates=best, clear=True)
@@ -447,7 +463,7 @@ def _tie(patch: Patch, candidates: tuple[str, ...]) -> str:
         how = "read a square patch as transposes of each other"
     else:
         how = "give every column the same neighbours"
-    return f"{names} {how}; the weights cannot tell them apart, choose with --order"
+    return f"{names} {how}; the weights cannot tell them apart"
 
 
 def _verdict(

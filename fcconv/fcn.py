@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fcconv.atomic import atomic_output, check_output_path
 from fcconv.errors import (
     CheckpointError,
     FcconvError,
@@ -52,6 +51,7 @@ from fcconv.errors import (
     UnsafeCheckpointError,
 )
 from fcconv.geometry import Patch, conv2d_line, linear_weight_to_conv
+from fcconv.io.atomic import atomic_output, check_output_path
 
 __all__ = [
     "ArchitectureError",
@@ -1700,7 +1700,7 @@ def load_model(
         ArchitectureError: ``arch`` cannot be imported, called, or built.
         CheckpointError: unreadable file, or weights that do not fit ``arch``.
     """
-    from fcconv.checkpoint import load_state_dict
+    from fcconv.io.checkpoint import load_state_dict
 
     with _readable_path(source) as path:
         if arch is not None:

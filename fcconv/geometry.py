@@ -303,7 +303,7 @@ def make_grid(size: tuple[int, int], patch: Patch, stride: tuple[int, int] | Non
     if height < patch.height or width < patch.width:
         raise SpecError(
             f"input {height}x{width} is smaller than one {patch.height}x{patch.width} "
-            "patch; give an --input at least as large as the patch"
+            "patch; give an {input_size} at least as large as the patch"
         )
     return Grid(height, width, patch, stride)
 

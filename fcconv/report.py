@@ -1,19 +1,52 @@
-"""Results rendered for people (rich, on stderr) and for scripts (JSON, on stdout)."""
+"""Results rendered for people (rich, on stderr) and for scripts (JSON, on stdout).
+
+Text that comes from files (tensor and layer names, paths, metadata) is
+printed as text: never parsed as rich markup, and with control characters
+(terminal escapes) shown as ``\\x1b``-style escapes instead of reaching the
+terminal.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from fcconv.geometry import Grid, make_grid
+from fcconv.geometry import Grid, default_input, make_grid
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
-    from fcconv.layers import LayerPlan, LinearEntry
+    from fcconv.api import ConvertResult, ConvolutionalizeResult, InspectResult
+    from fcconv.plan import LayerPlan
     from fcconv.verify import LayerCheck, VerifyResult
+
+
+def printable(text: object) -> str:
+    r"""``text`` with every control or unprintable character written as an escape.
+
+    >>> printable("fc\x1b[31m\n")
+    'fc\\x1b[31m\\n'
+    """
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text)
+    )
+
+
+def _text(*parts: object | tuple[object, str]) -> Text:
+    """A rich ``Text`` from plain parts or ``(part, style)`` pairs; no markup is parsed."""
+    from rich.text import Text
+
+    text = Text()
+    for part in parts:
+        if isinstance(part, tuple):
+            text.append(printable(part[0]), style=part[1])
+        else:
+            text.append(printable(part))
+    return text
 
 
 def stderr_console() -> Console:
@@ -34,10 +67,30 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
+def _shape(shape: Iterable[int]) -> str:
+    return "×".join(map(str, shape))
+
+
+def _size(pair: Any) -> str:
+    return "?" if pair is None else f"{pair[0]}x{pair[1]}"
+
+
+def _table(title: Text, rows: Iterable[tuple[object, object]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in rows:
+        table.add_row(_text(label), _text(value))
+    return table
+
+
+# ------------------------------------------------------------------ geometry
+
+
 def geometry_lines(plan: LayerPlan, input_size: tuple[int, int] | None) -> list[str]:
     """Input → output grid, the receptive field of one cell, and what is left uncovered."""
-    from fcconv.geometry import default_input
-
     size = input_size or default_input(plan.patch, plan.stride)
     grid = make_grid(size, plan.patch, plan.stride)
     return [_grid_line(plan, grid), _field_line(grid), *grid.warnings()]
@@ -59,77 +112,66 @@ def _field_line(grid: Grid) -> str:
     )
 
 
-def geometry_dict(plan: LayerPlan, input_size: tuple[int, int] | None) -> dict[str, Any]:
-    """The same geometry facts as :func:`geometry_lines`, for JSON."""
-    from fcconv.geometry import default_input
-
-    size = input_size or default_input(plan.patch, plan.stride)
-    grid = make_grid(size, plan.patch, plan.stride)
-    return {
-        "input": [grid.height, grid.width, plan.patch.channels],
-        "output_map": [grid.rows, grid.cols, plan.out_features],
-        "receptive_field": [plan.patch.height, plan.patch.width],
-        "uncovered_rows": grid.uncovered_rows,
-        "uncovered_cols": grid.uncovered_cols,
-        "warnings": grid.warnings(),
-    }
-
-
-def plan_dict(plan: LayerPlan, input_size: tuple[int, int] | None) -> dict[str, Any]:
-    """One converted layer, for JSON."""
-    return {
-        **plan.to_dict(),
-        "geometry": geometry_dict(plan, input_size),
-    }
+# ------------------------------------------------------------------- convert
 
 
 def render_plans(
     console: Console, plans: list[LayerPlan], input_size: tuple[int, int] | None
 ) -> None:
     """What each layer became and the module that loads it."""
-    from fcconv.layers import layer_inputs
+    from fcconv.plan import layer_inputs
 
     for plan, size in zip(plans, layer_inputs(plans, input_size), strict=True):
         console.print(
-            f"[bold]{plan.name}[/]: Linear {plan.linear_shape[0]}←{plan.linear_shape[1]} → "
-            f"conv {'×'.join(map(str, plan.conv_shape))}, patch {plan.patch}, "
-            f"order {plan.order}, stride {plan.stride[0]}x{plan.stride[1]}"
+            _text(
+                (plan.name, "bold"),
+                f": Linear {plan.linear_shape[0]}←{plan.linear_shape[1]} → conv "
+                f"{_shape(plan.conv_shape)}, patch {plan.patch}, order {plan.order}, "
+                f"stride {plan.stride[0]}x{plan.stride[1]}",
+            )
         )
-        console.print(f"  build it with: {plan.conv2d_line()}", markup=False)
+        console.print(_text(f"  build it with: {plan.conv2d_line()}"))
         for line in geometry_lines(plan, size):
-            style = "yellow" if "uncovered" in line else None
-            console.print(f"  {line}", style=style, markup=False)
+            console.print(_text((f"  {line}", "yellow" if "uncovered" in line else "")))
+
+
+def render_convert(console: Console, result: ConvertResult) -> None:
+    """The plans, the checks, and what was written (or why not)."""
+    if not result.written:
+        if result.verification is not None:
+            render_verification(console, result.verification)
+        console.print(_text(("not written", "red"), ": the conversion failed verification"))
+        return
+    render_plans(console, result.plans, result.input_size)
+    if result.verification is not None:
+        render_verification(console, result.verification)
+    where = "stdout" if result.output == "-" else result.output
+    console.print(_text(f"wrote {where} ({result.format}, {result.mode})"))
+
+
+# -------------------------------------------------------------------- verify
 
 
 def render_verification(console: Console, result: VerifyResult) -> None:
     """One small table per layer (fits any terminal), then the verdict in words."""
-    from rich.table import Table
-
     for check in result.layers:
-        verdict = "[green]pass[/]" if check else "[red]FAIL[/]"
-        table = Table(
-            title=f"{check.plan.name}: {verdict}", title_justify="left", show_header=False
-        )
-        table.add_column(style="bold")
-        table.add_column()
-        for label, value in _check_rows(check):
-            table.add_row(label, value)
-        console.print(table)
-        for line in [
-            *check.notes,
-            *(check.functional.notes if check.functional is not None else []),
-        ]:
-            console.print(f"note: {line}", markup=False)
+        verdict = ("pass", "green") if check else ("FAIL", "red")
+        console.print(_table(_text(f"{check.plan.name}: ", verdict), _check_rows(check)))
+        functional_notes = check.functional.notes if check.functional is not None else []
+        for line in [*check.notes, *functional_notes]:
+            console.print(_text(f"note: {line}"))
         for problem in check.problems:
-            console.print(f"[red]difference[/]: {problem}", highlight=False)
+            console.print(_text(("difference", "red"), f": {problem}"))
     for note in result.notes:
-        console.print(f"note: {note}", markup=False)
+        console.print(_text(f"note: {note}"))
     for difference in result.differences:
-        console.print(f"[red]difference[/]: {difference}")
+        console.print(_text(("difference", "red"), f": {difference}"))
     if result:
-        console.print("[green]equivalent[/]: every layer is an exact permutation and matches")
+        console.print(
+            _text(("equivalent", "green"), ": every layer is an exact permutation and matches")
+        )
     else:
-        console.print("[red]NOT equivalent[/]: see the differences above")
+        console.print(_text(("NOT equivalent", "red"), ": see the differences above"))
 
 
 def _check_rows(check: LayerCheck) -> list[tuple[str, str]]:
@@ -159,38 +201,166 @@ def _check_rows(check: LayerCheck) -> list[tuple[str, str]]:
     ]
 
 
-def _shape(shape: Iterable[int]) -> str:
-    return "×".join(map(str, shape))
+# ------------------------------------------------------------------- inspect
 
 
-def render_inspect(
-    console: Console,
-    source: str,
-    fmt: str,
-    entries: list[LinearEntry],
-    fits: Mapping[str, list[str]],
-    converted: list[dict[str, Any]],
-) -> None:
-    """The Linear-shaped entries of a checkpoint and the patches that fit each."""
+def render_inspect(console: Console, result: InspectResult) -> None:
+    """The Linear-shaped entries of a checkpoint, the patches that fit, the order evidence."""
     from rich.table import Table
 
-    table = Table(title=f"{source} ({fmt}): Linear-shaped entries", title_justify="left")
+    table = Table(
+        title=_text(f"{result.source} ({result.format}): Linear-shaped entries"),
+        title_justify="left",
+    )
     for column in ("name", "out × in", "dtype", "bias", "patches that fit (HxWxC)"):
         table.add_column(column)
-    for entry in entries:
+    for entry in result.entries:
         table.add_row(
-            entry.name,
-            f"{entry.out_features} × {entry.in_features}",
-            entry.dtype,
-            "yes" if entry.bias_key else "no",
-            ", ".join(fits[entry.name]) or "—",
+            _text(entry.name),
+            _text(f"{entry.out_features} × {entry.in_features}"),
+            _text(entry.dtype),
+            _text("yes" if entry.bias_key else "no"),
+            _text(", ".join(result.fits[entry.name]) or "—"),
         )
     console.print(table)
-    if not entries:
-        console.print("no Linear-shaped entries (2-D weights) in this checkpoint")
-    for layer in converted:
+    if not result.entries:
+        console.print(_text("no Linear-shaped entries (2-D weights) in this checkpoint"))
+    for layer in result.converted:
+        details = f", patch {layer['patch']}, order {layer['order']}" if "order" in layer else ""
         console.print(
-            f"converted: {layer['layer']} conv {'×'.join(map(str, layer['conv_shape']))}"
-            + (f", patch {layer['patch']}, order {layer['order']}" if "order" in layer else ""),
-            markup=False,
+            _text(f"converted: {layer['layer']} conv {_shape(layer['conv_shape'])}{details}")
         )
+    for name, evidence in result.evidence.items():
+        verdict = f"order {evidence.winner}" if evidence.winner else "undecided"
+        console.print(_text(f"{name} (patch {evidence.patch}): {verdict}: {evidence.reason}"))
+        console.print(_text(f"  ranking: {evidence.ranking_text()}"))
+
+
+# ---------------------------------------------------------- convolutionalize
+
+
+def _range(bounds: tuple[int | None, int | None]) -> str:
+    low, high = bounds
+    if low == high:
+        return str(low)
+    return f"{low}…{high if high is not None else '∞'}"
+
+
+def render_convolutionalize(console: Console, result: ConvolutionalizeResult) -> None:
+    """The model's facts, its head before and after, the verification, what was written."""
+    from rich.table import Table
+
+    conversion, check, exported = result.conversion, result.verification, result.export
+    patch = conversion.patch
+    facts = [
+        ("model", conversion.model_name),
+        ("native input", f"{_size(conversion.input_size)} × {conversion.in_channels} channels"),
+        (
+            "feature map / patch",
+            f"{patch.channels} × {patch.height} × {patch.width} (HxWxC {patch})",
+        ),
+        ("order", f"{conversion.order} (from {conversion.order_from})"),
+        (
+            "stride",
+            f"{_size(conversion.stride)} feature-map cells = windows "
+            f"{_size(conversion.window_stride)} input pixels apart, each "
+            f"{_size(conversion.input_size)}",
+        ),
+    ]
+    console.print(_table(_text(f"fcconv convolutionalize {result.model}"), facts))
+
+    layers = Table(title="layers")
+    for column in ("name", "was", "now"):
+        layers.add_column(column)
+    for change in conversion.changes:
+        layers.add_row(_text(change.name), _text(change.was), _text(change.now))
+    console.print(layers)
+    lines = [(c.name, c.conv2d) for c in conversion.changes if c.conv2d]
+    if lines:
+        console.print(_text("the modules that load the converted weights:"))
+        for name, line in lines:
+            console.print(_text(f"  {name}: {line}"))
+
+    rows = [
+        (
+            "native size",
+            "?"
+            if check.native_max_abs_diff is None
+            else f"{_size(check.native_size)}: max |Δ| {check.native_max_abs_diff:.3g}",
+        ),
+        (
+            "dense map",
+            "?"
+            if check.dense_max_abs_diff is None
+            else f"{_size(check.larger_size)} → {_size(check.map_size)} map: max |Δ| "
+            f"{check.dense_max_abs_diff:.3g} vs the original head on each window",
+        ),
+        ("tolerance", f"{check.tolerance:.3g}"),
+    ]
+    if check.crop_note:
+        rows.append(("whole model on crops", check.crop_note))
+    verdict = "equivalent" if check else "DIFFERENT: " + "; ".join(check.problems)
+    rows.append(("result", verdict))
+    console.print(_table(_text("verification (float64)"), rows))
+
+    for note in conversion.notes:
+        console.print(_text(f"note: {note}"))
+    if exported is not None:
+        ranges = ", ".join(f"{k} {_range(v)}" for k, v in exported.ranges.items())
+        kind = "dynamic" if exported.dynamic else "static"
+        console.print(_text(f"wrote {exported.path} ({kind} shapes: {ranges})"))
+        if exported.note:
+            console.print(_text(f"note: {exported.note}"))
+    else:
+        console.print(_text("nothing written: the converted model failed verification"))
+    if result.state_dict is not None:
+        console.print(
+            _text(f"wrote {result.state_dict} (state dict for the conv layers listed above)")
+        )
+
+
+# ------------------------------------------------------------------ progress
+
+
+@contextlib.contextmanager
+def progress_bar(
+    description: str, *, enabled: bool | None = None
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr as a ``progress(done, total)`` callback, or None.
+
+    Enabled by default only when stderr is a terminal, so pipes and logs stay clean.
+
+    Example:
+        >>> with progress_bar("converting", enabled=False) as progress:
+        ...     progress is None
+        True
+    """
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fcconv import dtypes
 from fcconv.errors import LayerError
 from fcconv.geometry import (
     ORDERS,
@@ -30,7 +31,7 @@ from fcconv.geometry import (
     resolve_patch,
     unravel_index,
 )
-from fcconv.layers import (
+from fcconv.plan import (
     AUTO,
     LayerPlan,
     LayerRequest,
@@ -231,7 +232,7 @@ def _weight_mismatch(
 
 
 def _dtype(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
+    return dtypes.name_of(tensor.dtype)
 
 
 def functional_check(
@@ -365,6 +366,7 @@ def check_layer(
 ) -> LayerCheck:
     """The exact check, then the functional check, for one layer."""
     problems = exact_problems(plan, original, converted)
+    exact = not problems
     kernel = converted[plan.weight_key]
     functional = None
     if _runnable(plan, original, converted):
@@ -391,7 +393,7 @@ def check_layer(
                 f"the floating-point bound ({functional.bound_ratio:.3g}× 2·γ_N); it "
                 f"would have needed rtol {functional.needed_rtol:.3g}"
             )
-    return LayerCheck(plan, exact=not problems, problems=problems, functional=functional)
+    return LayerCheck(plan, exact=exact, problems=problems, functional=functional)
 
 
 def _runnable(
@@ -452,7 +454,7 @@ def verify_conversion(
     """All layer checks plus the untouched-tensor comparison.
 
     ``differences`` replaces the in-memory comparison of untouched tensors
-    (e.g. with :func:`fcconv.sources.byte_differences` for files on disk).
+    (e.g. with :func:`fcconv.io.sources.byte_differences` for files on disk).
     """
     sizes = layer_inputs(plans, input_size)
     checks = [
@@ -584,7 +586,7 @@ def _claimed_order(
     record: Mapping[str, Any],
 ) -> tuple[str, str]:
     if order and order != AUTO:
-        return order, f"{name}: order {order} from --order"
+        return order, f"{name}: order {order} as given"
     if record.get("order") in ORDERS:
         return record["order"], f"{name}: order {record['order']} from the file's metadata"
     matches = matching_orders(weight, kernel)

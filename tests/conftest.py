@@ -1,6 +1,16 @@
-"""Fixtures shared by the CLI-level tests: the shipped samples and an in-process runner."""
+"""Fixtures shared by the CLI-level tests: the shipped samples and an in-process runner.
+
+Tests run torch with one thread (and so do the fcconv processes they start):
+the checks work on small tensors, where a second thread only adds
+synchronisation, and CI machines have few, busy cores.
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import traceback
 from collections.abc import Callable
@@ -10,6 +20,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

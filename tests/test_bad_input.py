@@ -513,12 +513,12 @@ def test_output_is_a_directory(work, invoke, monkeypatch) -> None:
 
 def test_unwritable_output_folder(work, invoke, monkeypatch) -> None:
     """As root nothing is unwritable: simulate EACCES where the temporary file is created."""
-    import fcconv.atomic
+    import fcconv.io.atomic
 
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(fcconv.atomic.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(fcconv.io.atomic.tempfile, "mkstemp", refuse)
     before = snapshot(work)
     result = run_in(work, invoke, monkeypatch, *CONVERT, "-o", "out.pt")
     assert_refused(result, work, before, "out.pt", "permission denied", "folder you can write")
@@ -526,13 +526,13 @@ def test_unwritable_output_folder(work, invoke, monkeypatch) -> None:
 
 def test_disk_full_while_writing_leaves_nothing(work, invoke, monkeypatch) -> None:
     """A write that fails half-way: no partial output, no temporary file, one line."""
-    import fcconv.checkpoint
+    import fcconv.io.checkpoint
 
     def half_then_full(checkpoint, fmt, handle):
         handle.write(b"partial checkpoint bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fcconv.checkpoint, "_write", half_then_full)
+    monkeypatch.setattr(fcconv.io.checkpoint, "_write", half_then_full)
     before = snapshot(work)
     result = run_in(work, invoke, monkeypatch, *CONVERT, "-o", "out.pt")
     assert_refused(result, work, before, "out.pt", "no space left", "free some space")

@@ -311,18 +311,18 @@ def test_existing_output_kept_without_force_replaced_with_force(invoke, tmp_path
 
 
 def test_failed_write_with_force_keeps_the_old_output(invoke, tmp_path, monkeypatch) -> None:
-    import fcconv.checkpoint
+    import fcconv.io.checkpoint
 
     torch.save(mixed_state(), tmp_path / "m.pt")
     out = tmp_path / "out.pt"
     out.write_bytes(b"older result")
-    real_write = fcconv.checkpoint._write
+    real_write = fcconv.io.checkpoint._write
 
     def write_then_fail(checkpoint, fmt, handle):
         real_write(checkpoint, fmt, handle)  # the whole file, then the disk fills
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(fcconv.checkpoint, "_write", write_then_fail)
+    monkeypatch.setattr(fcconv.io.checkpoint, "_write", write_then_fail)
     result = invoke("convert", tmp_path / "m.pt", "-o", out, *CONVERT, "--force", exit=2)
     assert "No space left on device" in result.stderr
     assert out.read_bytes() == b"older result"
@@ -330,7 +330,7 @@ def test_failed_write_with_force_keeps_the_old_output(invoke, tmp_path, monkeypa
 
 
 def test_atomic_output_never_shows_a_partial_file(tmp_path) -> None:
-    from fcconv.atomic import atomic_output
+    from fcconv.io.atomic import atomic_output
 
     target = tmp_path / "t.bin"
     target.write_bytes(b"before")

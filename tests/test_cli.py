@@ -378,16 +378,16 @@ def test_convert_no_verify_writes_without_checks(invoke, seed_pt, tmp_path) -> N
 def test_convert_exits_1_and_writes_nothing_when_verification_fails(
     invoke, seed_pt, tmp_path, monkeypatch
 ) -> None:
-    from fcconv import layers
+    from fcconv import plan
 
-    real = layers.linear_weight_to_conv
+    real = plan.linear_weight_to_conv
 
     def off_by_one_element(weight, patch, order):
         kernel = real(weight, patch, order).clone()
         kernel[3, 2, 1, 0] += 1.0
         return kernel
 
-    monkeypatch.setattr(layers, "linear_weight_to_conv", off_by_one_element)
+    monkeypatch.setattr(plan, "linear_weight_to_conv", off_by_one_element)
     out = tmp_path / "o.pt"
     human = invoke("convert", seed_pt, "-o", out, "--layer", "fc", "--patch", "20x20x10", exit=1)
     assert not out.exists()

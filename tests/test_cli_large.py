@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_sharded import INDEX, PATCH, make_sharded
 
-import fcconv.streaming
+import fcconv.io.safetensors
+import fcconv.io.streaming
 from fcconv.geometry import Patch, linear_weight_to_conv
 
 
@@ -62,12 +63,12 @@ def test_safetensors_to_safetensors_streams_and_verifies(invoke, layer_file, ord
 def test_streamed_output_that_fails_verification_is_not_written(
     invoke, layer_file, monkeypatch
 ) -> None:
-    real = fcconv.streaming.stream_convert
+    real = fcconv.io.streaming.stream_convert
 
     def wrong_order(src, dst, layers, *args, **kwargs):
         return real(src, dst, {k: (p, "hwc") for k, (p, _) in layers.items()}, *args, **kwargs)
 
-    monkeypatch.setattr(fcconv.streaming, "stream_convert", wrong_order)
+    monkeypatch.setattr(fcconv.io.streaming, "stream_convert", wrong_order)
     out = layer_file.with_name("out.safetensors")
     result = invoke("convert", layer_file, "-o", out, "--layer", "fc", "--patch", "3x4x5", exit=1)
     assert "not written" in result.stderr and "head.fc.weight" in result.stderr
@@ -121,13 +122,13 @@ def _convert(invoke, layer_file: Path) -> Path:
 def test_verify_of_two_files_reads_only_the_layers(invoke, layer_file, monkeypatch) -> None:
     out = _convert(invoke, layer_file)
     asked: list[str] = []
-    real = fcconv.streaming.read_tensors
+    real = fcconv.io.safetensors.read_tensors
 
     def recording(path, names):
         asked.extend(names)
         return real(path, names)
 
-    monkeypatch.setattr(fcconv.streaming, "read_tensors", recording)
+    monkeypatch.setattr(fcconv.io.safetensors, "read_tensors", recording)
     invoke("verify", layer_file, out)
     assert "backbone.weight" not in asked
     assert {"head.fc.weight", "head.fc.bias"} <= set(asked)

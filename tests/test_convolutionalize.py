@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from fcconv.errors import FcconvError, LayerError, SpecError, UnsafeCheckpointError
+from fcconv.errors import CLI_NAMES, FcconvError, LayerError, SpecError, UnsafeCheckpointError
 from fcconv.fcn import (
     ArchitectureError,
     ConvolutionalizeError,
@@ -39,7 +39,7 @@ from fcconv.fcn import (
 from fcconv.geometry import conv_weight_to_linear
 
 lib = importlib.import_module("fcconv.fcn")
-cli_module = importlib.import_module("fcconv.cli_convolutionalize")
+cli_module = importlib.import_module("fcconv.cli")
 
 
 def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -615,10 +615,12 @@ def test_cli_user_errors(tmp_path: Path, archs: str) -> None:
     existing = tmp_path / "exists.pt2"
     existing.write_bytes(b"keep me")
     result = invoke(pickled, "--input", "32x32", "-o", existing, "--trust-pickle")
-    assert isinstance(result.exception, FcconvError) and "--force" in str(result.exception)
+    assert isinstance(result.exception, FcconvError) and "--force" in result.exception.render(
+        CLI_NAMES
+    )
     assert existing.read_bytes() == b"keep me"
     result = invoke(pickled, "--input", "32x32", "-o", "-", "--trust-pickle")
-    assert result.exit_code == 2  # click.UsageError
+    assert isinstance(result.exception, SpecError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.pt2", "model.pt"]
 
 

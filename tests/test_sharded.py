@@ -1,4 +1,4 @@
-"""Tests for fcconv.sharded: index validation, the sharded round trip, and its faults.
+"""Tests for fcconv.io.sharded: index validation, the sharded round trip, and its faults.
 
 A small checkpoint is split over three shards with safetensors' own writer and
 indexed the way transformers does it. Converted tensors are checked bit for
@@ -24,17 +24,17 @@ from reference import bitwise_equal
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fcconv.errors import CheckpointError, LayerError
+from fcconv.errors import CLI_NAMES, CheckpointError, FcconvError, LayerError
 from fcconv.geometry import Patch, linear_weight_to_conv
-from fcconv.sharded import (
+from fcconv.io.atomic import default_output
+from fcconv.io.safetensors import read_header
+from fcconv.io.sharded import (
     convert_sharded,
-    default_output,
     find_index,
     is_sharded,
     load_index,
     read_sharded_tensors,
 )
-from fcconv.streaming import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH = Patch(2, 3, 5)  # kh=2, kw=3, C=5: N=30
@@ -83,7 +83,8 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 
 def assert_one_line(raised: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(raised.value)
+    value = raised.value  # as the command line prints it
+    message = value.render(CLI_NAMES) if isinstance(value, FcconvError) else str(value)
     assert "\n" not in message, message
     for fragment in fragments:
         assert fragment in message, message
@@ -194,8 +195,8 @@ def test_read_sharded_tensors_and_helpers(tmp_path: Path) -> None:
     assert is_sharded(src) and is_sharded(src / INDEX)
     assert not is_sharded(src / "model-00001-of-00003.safetensors")
     assert find_index(src) == src / INDEX
-    assert default_output(src) == (tmp_path / "model.conv").resolve()
-    assert default_output(src / INDEX) == (tmp_path / "model.conv").resolve()
+    assert Path(default_output(src)) == (tmp_path / "model.conv").resolve()
+    assert Path(default_output(src / INDEX)) == (tmp_path / "model.conv").resolve()
 
 
 # ---------------------------------------------------------------- refusals
@@ -244,7 +245,7 @@ def test_folder_without_or_with_several_indexes(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(CheckpointError) as raised:
         load_index(empty)
-    assert_one_line(raised, "holds no *.safetensors.index.json")
+    assert_one_line(raised, "with no *.safetensors.index.json")
     src = make_sharded(tmp_path / "model")
     (src / "other.safetensors.index.json").write_text((src / INDEX).read_text())
     with pytest.raises(CheckpointError) as raised:
@@ -418,7 +419,7 @@ KILLED = textwrap.dedent(
     """
     import sys, time
     from fcconv.geometry import Patch
-    from fcconv.sharded import convert_sharded
+    from fcconv.io.sharded import convert_sharded
 
     def progress(done, total):
         print("writing", flush=True)

@@ -1,4 +1,4 @@
-"""Tests for fcconv.streaming: header validation, the streaming rewrite, and its faults.
+"""Tests for fcconv.io.safetensors and fcconv.io.streaming: header checks, rewrite, faults.
 
 Every converted tensor is checked bit for bit against
 ``fcconv.geometry.linear_weight_to_conv`` (tested on its own in
@@ -28,17 +28,12 @@ from reference import bitwise_equal
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from fcconv import atomic
-from fcconv.errors import CheckpointError, LayerError, SpecError
+from fcconv.dtypes import by_code
+from fcconv.errors import CLI_NAMES, CheckpointError, FcconvError, LayerError, SpecError
 from fcconv.geometry import ORDERS, Patch, linear_weight_to_conv
-from fcconv.streaming import (
-    DTYPE_BITS,
-    converted_header,
-    copy_file,
-    read_header,
-    read_tensors,
-    stream_convert,
-)
+from fcconv.io import atomic
+from fcconv.io.safetensors import read_header, read_tensors
+from fcconv.io.streaming import converted_header, copy_file, stream_convert
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH = Patch(3, 5, 4)  # kh=3, kw=5, C=4: N=60, no two axes alike
@@ -93,7 +88,8 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(error.value)
+    value = error.value  # as the command line prints it
+    message = value.render(CLI_NAMES) if isinstance(value, FcconvError) else str(value)
     assert "\n" not in message, message
     for fragment in fragments:
         assert fragment in message, message
@@ -317,7 +313,7 @@ def test_read_tensors_reads_only_what_is_named(tmp_path: Path) -> None:
 
 def test_streaming_does_not_import_torch() -> None:
     code = (
-        "import sys, fcconv.streaming, fcconv.sharded\n"
+        "import sys, fcconv.io.streaming, fcconv.io.sharded\n"
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -348,7 +344,7 @@ def test_unconvertible_layers_are_refused_before_writing(
 
 @pytest.mark.parametrize("dtype", ["I64", "I32", "U8", "BOOL", "C64"])
 def test_non_float_weights_are_refused(tmp_path: Path, dtype: str) -> None:
-    bits = DTYPE_BITS[dtype]
+    bits = by_code(dtype).bits
     size = 2 * PATCH.features * bits // 8
     header = {"w": {"dtype": dtype, "shape": [2, PATCH.features], "data_offsets": [0, size]}}
     src = raw_file(tmp_path / "in.safetensors", header, bytes(size))
@@ -525,7 +521,7 @@ CHILD = textwrap.dedent(
     import os, resource, signal, sys, time
     from fcconv.errors import FcconvError
     from fcconv.geometry import Patch
-    from fcconv.streaming import stream_convert
+    from fcconv.io.streaming import stream_convert
 
     src, dst, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     if mode == "fsize":

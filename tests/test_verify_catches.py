@@ -170,7 +170,7 @@ def test_swapped_order_flag(invoke, original) -> None:
     # the first Linear column read differently: column 1 is tap (0, 0, 1) under chw,
     # a tap that hwc stores at column 2
     assert f"conv [0, 0, 0, 1] = Linear [0, {column('chw', 0, 0, 1)}]" in problems(document)
-    assert "fc: order chw from --order" in document["notes"]
+    assert "fc: order chw as given" in document["notes"]
 
 
 def test_provenance_that_lies_about_the_order(invoke, original) -> None:

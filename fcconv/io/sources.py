@@ -15,29 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fcconv.checkpoint import PROVENANCE_KEY, SAFETENSORS, STDIO, Checkpoint, load_checkpoint
-from fcconv.errors import CheckpointError
+from fcconv import dtypes
 from fcconv.geometry import unravel_index
-from fcconv.layers import TensorInfo
+from fcconv.io.atomic import STDIO
+from fcconv.io.checkpoint import SAFETENSORS, Checkpoint, load_checkpoint
+from fcconv.io.provenance import PROVENANCE_KEY, layer_records
+from fcconv.plan import TensorInfo
 
 if TYPE_CHECKING:
     import torch
 
 SHARDED = "sharded"
-
-# safetensors dtype codes → torch's names (what layers.TensorInfo speaks).
-_DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
 
 
 @dataclass
@@ -68,9 +56,9 @@ class Source:
             return torch.cat([block[row : row + 1] for row in rows])
 
     @property
-    def provenance(self) -> dict[str, Any]:
-        """fcconv's record of converted layers (``{"layers": {...}}``), or ``{}``."""
-        return _provenance(self.metadata)
+    def records(self) -> dict[str, dict[str, Any]]:
+        """fcconv's provenance: layer name → what it recorded of that conversion."""
+        return layer_records(self.metadata)
 
     @property
     def on_disk(self) -> bool:
@@ -78,31 +66,20 @@ class Source:
         return self.loaded is None
 
 
-def _provenance(metadata: Mapping[str, str] | None) -> dict[str, Any]:
-    try:
-        record = json.loads((metadata or {}).get(PROVENANCE_KEY) or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def _info(entries: Mapping[str, Any]) -> dict[str, TensorInfo]:
-    return {
-        name: TensorInfo(tuple(entry.shape), _DTYPE_NAMES.get(entry.dtype, entry.dtype.lower()))
-        for name, entry in entries.items()
-    }
+    return {name: entry.info for name, entry in entries.items()}
 
 
 def open_source(path: str, *, trust_pickle: bool = False, lazy: bool = True) -> Source:
     """Describe ``path``: from headers when it is safetensors or sharded and ``lazy``."""
-    from fcconv.sharded import is_sharded
+    from fcconv.io.sharded import is_sharded
 
     if path != STDIO and is_sharded(path):
         return _sharded_source(path)
     if lazy and path != STDIO and _is_safetensors_file(Path(path)):
         return _safetensors_source(path)
     loaded = load_checkpoint(path, trust_pickle=trust_pickle)
-    from fcconv.layers import describe
+    from fcconv.plan import describe
 
     return Source(
         path=path,
@@ -123,7 +100,7 @@ def _is_safetensors_file(file: Path) -> bool:
 
 
 def _safetensors_source(path: str) -> Source:
-    from fcconv.streaming import read_header, read_tensors
+    from fcconv.io.safetensors import read_header, read_tensors
 
     header = read_header(path)
     return Source(
@@ -138,21 +115,13 @@ def _safetensors_source(path: str) -> Source:
 
 
 def _sharded_source(path: str) -> Source:
-    from fcconv.sharded import load_index, read_sharded_tensors
+    from fcconv.io.sharded import load_index, read_sharded_tensors
 
-    try:
-        checkpoint = load_index(path)
-    except CheckpointError as error:
-        if Path(path).is_dir() and "holds no" in str(error):
-            raise CheckpointError(
-                f"{path} is a directory with no *.safetensors.index.json; give a checkpoint "
-                "file (.pt, .pth, .bin, .ckpt, .safetensors) or a sharded checkpoint's folder"
-            ) from None
-        raise
+    checkpoint = load_index(path)
     metadata: dict[str, str] = {}
     layers: dict[str, Any] = {}
     for header in checkpoint.shards.values():
-        layers.update(_provenance(header.metadata).get("layers", {}))
+        layers.update(layer_records(header.metadata))
     if layers:
         metadata[PROVENANCE_KEY] = json.dumps({"layers": layers})
     return Source(
@@ -232,12 +201,8 @@ _CHUNK = 16 << 20
 
 
 def _itemsize(info: TensorInfo) -> int:
-    import torch
-
-    try:
-        return torch.empty(0, dtype=getattr(torch, info.dtype)).element_size()
-    except (AttributeError, TypeError):
-        return 1
+    known = dtypes.by_name(info.dtype)
+    return known.itemsize if known is not None else 1
 
 
 def _compare_spans(

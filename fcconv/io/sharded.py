@@ -4,7 +4,7 @@ The index's ``weight_map`` says which shard file holds each tensor; it is the
 only source of truth (shards are never globbed). :func:`load_index` checks it
 against every shard's header, and :func:`convert_sharded` writes a new folder
 in which the shards holding a converted layer are rewritten by
-:func:`fcconv.streaming.stream_convert`, the others copied in the kernel (or
+:func:`fcconv.io.streaming.stream_convert`, the others copied in the kernel (or
 hard-linked), and the index copied unchanged: tensor names and byte counts
 do not change, so neither does anything the index records.
 
@@ -23,19 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from fcconv.atomic import TEMP_SUFFIX, describe_os_error, fsync_folder
 from fcconv.errors import CheckpointError, LayerError
 from fcconv.geometry import Patch
-from fcconv.streaming import (
+from fcconv.io.atomic import TEMP_SUFFIX, describe_os_error, fsync_folder
+from fcconv.io.safetensors import HeaderEntry, SafetensorsHeader, read_header, read_tensors
+from fcconv.io.streaming import (
     DEFAULT_BLOCK_BYTES,
     ProgressCallback,
-    SafetensorsHeader,
-    TensorInfo,
     converted_header,
     copy_file,
-    read_header,
-    read_tensors,
-    stream_convert,
+    write_converted,
 )
 
 if TYPE_CHECKING:
@@ -73,7 +70,7 @@ class ShardedCheckpoint:
         return self.index_path.parent
 
     @property
-    def tensors(self) -> dict[str, TensorInfo]:
+    def tensors(self) -> dict[str, HeaderEntry]:
         """Every tensor's header entry, in index order."""
         return {name: self.shards[shard].tensors[name] for name, shard in self.weight_map.items()}
 
@@ -103,19 +100,13 @@ def find_index(path: str | Path) -> Path:
     found = sorted(p for p in path.iterdir() if p.name.endswith(INDEX_SUFFIX) and p.is_file())
     if not found:
         raise CheckpointError(
-            f"{path} holds no *{INDEX_SUFFIX}; give a sharded checkpoint's folder or its index file"
+            f"{path} is a directory with no *{INDEX_SUFFIX}; give a checkpoint file (.pt, "
+            ".pth, .bin, .ckpt, .safetensors) or a sharded checkpoint's folder"
         )
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise CheckpointError(f"{path} holds several indexes ({names}); give the one you mean")
     return found[0]
-
-
-def default_output(path: str | Path) -> Path:
-    """``models/vgg16`` (or its index) → ``models/vgg16.conv``, beside the input folder."""
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    folder = folder.resolve()
-    return folder.with_name(f"{folder.name}.conv")
 
 
 def load_index(path: str | Path) -> ShardedCheckpoint:
@@ -236,17 +227,18 @@ def check_output_folder(target: Path, force: bool, source_folder: Path) -> None:
     if resolved == source or source.is_relative_to(resolved):
         raise CheckpointError(
             f"output {target} is or holds the input folder {source_folder}; fcconv never "
-            "overwrites its input, choose another -o"
+            "overwrites its input, choose another {output}"
         )
     if target.exists() and not target.is_dir():
-        raise CheckpointError(f"output {target} is a file; give a folder name with -o")
+        raise CheckpointError(f"output {target} is a file; give a folder name as {{output}}")
     if target.exists() and not force:
         raise CheckpointError(
-            f"output {target} already exists; pass --force to replace it or choose another -o"
+            f"output {target} already exists; pass {{force}} to replace it or choose "
+            "another {output}"
         )
     if not target.parent.is_dir():
         raise CheckpointError(
-            f"output folder {target.parent} does not exist; create it or choose another -o"
+            f"output folder {target.parent} does not exist; create it or choose another {{output}}"
         )
 
 
@@ -269,14 +261,14 @@ def convert_sharded(
         dst: the output folder, created whole or not at all. Only the index and
             the shards it names are written there (no config or tokenizer files).
         layers: weight tensor name to ``(patch, order)``, as for
-            :func:`fcconv.streaming.stream_convert`.
+            :func:`fcconv.io.streaming.stream_convert`.
         metadata: for each rewritten shard, entries merged into its
             ``__metadata__``, or a function ``(header, shard_layers)`` returning
             the whole ``__metadata__``; None keeps each shard's own.
         force: replace an existing output folder.
         link: hard-link the untouched shards instead of copying them. They
             then share their bytes with the input: editing one edits both.
-        block_bytes: as for :func:`fcconv.streaming.stream_convert`.
+        block_bytes: as for :func:`fcconv.io.streaming.stream_convert`.
         progress: called as ``progress(bytes_done, bytes_total)`` over all files.
         check: called with the complete output, still in its temporary folder,
             before it is renamed into place (read it with
@@ -327,15 +319,13 @@ def convert_sharded(
             output = building / shard
             output.parent.mkdir(parents=True, exist_ok=True)
             if shard in by_shard:
-                _rewrite(
-                    header,
+                write_converted(
+                    header.path,
                     output,
                     by_shard[shard],
                     shard_metadata[shard],
-                    building,
-                    target,
-                    block_bytes,
-                    advance,
+                    block_bytes=block_bytes,
+                    progress=advance,
                 )
             elif link:
                 _link(header.path, output, target)
@@ -358,32 +348,13 @@ def convert_sharded(
     return load_index(target / checkpoint.index_path.name)
 
 
-def _rewrite(
-    header: SafetensorsHeader,
-    output: Path,
-    layers: Mapping[str, tuple[Patch, str]],
-    metadata: Mapping[str, str] | None,
-    building: Path,
-    target: Path,
-    block_bytes: int,
-    progress: ProgressCallback,
-) -> None:
-    try:
-        stream_convert(
-            header.path, output, layers, metadata, block_bytes=block_bytes, progress=progress
-        )
-    except CheckpointError as error:
-        # Name the folder the user asked for, not the temporary one being built.
-        raise CheckpointError(str(error).replace(str(building), str(target))) from error
-
-
 def _link(source: Path, output: Path, target: Path) -> None:
     try:
         os.link(source, output)
     except OSError as error:
         reason = error.strerror or str(error)
         raise CheckpointError(
-            f"could not hard-link {source} into {target}: {reason}; drop --link to copy it"
+            f"could not hard-link {source} into {target}: {reason}; drop {{link}} to copy it"
         ) from error
 
 

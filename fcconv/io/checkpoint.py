@@ -9,7 +9,6 @@ weights, and safetensors metadata.
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import re
 import struct
@@ -20,18 +19,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from fcconv.atomic import atomic_output, check_output_path
 from fcconv.errors import CheckpointError, UnsafeCheckpointError
+from fcconv.io.atomic import STDIO, atomic_output, check_output_path
 
 if TYPE_CHECKING:
     import torch
 
-STDIO = "-"
 SAFETENSORS = "safetensors"
 TORCH = "torch"
 FORMATS = (SAFETENSORS, TORCH)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-PROVENANCE_KEY = "fcconv"
 
 # What torch.load raises on bytes that are not a well-formed checkpoint. Truncated
 # and bit-flipped files, fuzzed, reach the unpickler in all of these ways.
@@ -85,18 +82,6 @@ class Checkpoint:
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> Checkpoint:
         """The same checkpoint with a new tensor mapping (same container and metadata)."""
         return replace(self, tensors=tensors)
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        """fcconv's provenance record (``{"layers": {...}}``), or ``{}`` if absent."""
-        text = (self.metadata or {}).get(PROVENANCE_KEY)
-        if not text:
-            return {}
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError:
-            return {}
-        return record if isinstance(record, dict) else {}
 
     def payload(self) -> Any:
         """The object to pickle: the container with the new mapping put back in place."""
@@ -229,7 +214,7 @@ def _unsafe_message(source: str, detail: str) -> str:
     what = f" (it references {found.group(1)})" if found else ""
     return (
         f"{source} needs arbitrary unpickling to load{what}, which can run code; "
-        "refused. If you trust where it came from, rerun with --trust-pickle"
+        "refused. If you trust where it came from, rerun with {trust_pickle}"
     )
 
 
@@ -291,7 +276,7 @@ def find_state_dict(loaded: Any, source: str = "checkpoint") -> tuple[Any, ...]:
 
 
 def _load_safetensors_file(file: Path) -> Checkpoint:
-    from fcconv.streaming import read_header, read_tensors
+    from fcconv.io.safetensors import read_header, read_tensors
 
     header = read_header(file)  # validated; tensors in the order of their bytes
     tensors = read_tensors(file, list(header.tensors))
@@ -302,7 +287,7 @@ def _load_safetensors_bytes(data: bytes, source: str) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from fcconv.streaming import header_from_bytes
+    from fcconv.io.safetensors import header_from_bytes
 
     header = header_from_bytes(data, source)
     try:
@@ -326,32 +311,6 @@ def format_for(path: str | Path, override: str | None, fallback: str) -> str:
     if suffix in TORCH_SUFFIXES:
         return TORCH
     return fallback
-
-
-def default_output(path: str | Path) -> str:
-    """``model.pt`` → ``model.conv.pt`` beside the input; stdin → stdout."""
-    if str(path) == STDIO:
-        return STDIO
-    source = Path(path)
-    return str(source.with_name(f"{source.stem}.conv{source.suffix}"))
-
-
-def with_provenance(
-    metadata: Mapping[str, str] | None, layers: Mapping[str, Mapping[str, Any]]
-) -> dict[str, str]:
-    """Merge fcconv's record of converted layers into safetensors metadata."""
-    merged = dict(metadata or {})
-    previous: dict[str, Any] = {}
-    if PROVENANCE_KEY in merged:
-        try:
-            previous = json.loads(merged[PROVENANCE_KEY]).get("layers", {})
-        except (json.JSONDecodeError, AttributeError):
-            previous = {}
-    from fcconv import __version__
-
-    record = {"version": __version__, "layers": {**previous, **layers}}
-    merged[PROVENANCE_KEY] = json.dumps(record, sort_keys=True)
-    return merged
 
 
 def serialize(checkpoint: Checkpoint, fmt: str) -> bytes:

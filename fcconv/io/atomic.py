@@ -16,6 +16,27 @@ from pathlib import Path
 from fcconv.errors import CheckpointError
 
 TEMP_SUFFIX = ".fcconv-tmp"
+STDIO = "-"
+"""The path that means stdin (for an input) or stdout (for an output)."""
+
+
+def default_output(path: str | Path) -> str:
+    """Where a conversion of ``path`` goes when no output is given: beside the input.
+
+    ``model.pt`` → ``model.conv.pt``; a sharded checkpoint's folder (or its
+    ``*.index.json``) ``models/vgg16`` → the folder ``models/vgg16.conv``;
+    stdin → stdout.
+
+    >>> default_output("models/model.safetensors")
+    'models/model.conv.safetensors'
+    """
+    if str(path) == STDIO:
+        return STDIO
+    source = Path(path)
+    if source.is_dir() or source.name.endswith(".index.json"):
+        folder = (source if source.is_dir() else source.parent).resolve()
+        return str(folder.with_name(f"{folder.name}.conv"))
+    return str(source.with_name(f"{source.stem}.conv{source.suffix}"))
 
 
 def check_output_path(target: Path, force: bool, sources: tuple[Path, ...] = ()) -> None:
@@ -24,23 +45,26 @@ def check_output_path(target: Path, force: bool, sources: tuple[Path, ...] = ())
         if _same_file(source, target):
             raise CheckpointError(
                 f"output {target} is the input file; fcconv never overwrites its "
-                "input, choose another -o"
+                "input, choose another {output}"
             )
     if target.is_dir():
-        raise CheckpointError(f"output {target} is a directory; give a file name with -o")
+        raise CheckpointError(f"output {target} is a directory; give a file name as {{output}}")
     if target.exists() and not force:
         raise CheckpointError(
-            f"output {target} already exists; pass --force to replace it or choose another -o"
+            f"output {target} already exists; pass {{force}} to replace it or choose "
+            "another {output}"
         )
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         problem = "is a file, not a folder" if folder.exists() else "does not exist"
-        fix = "choose another -o" if folder.exists() else "create it or choose another -o"
+        fix = (
+            "choose another {output}" if folder.exists() else "create it or choose another {output}"
+        )
         raise CheckpointError(f"output folder {folder} {problem}; {fix}")
     if not os.access(folder, os.W_OK):
         raise CheckpointError(
             f"cannot write to folder {folder}: permission denied; choose a folder you "
-            "can write to with -o"
+            "can write to as {output}"
         )
 
 
@@ -55,9 +79,9 @@ def describe_os_error(error: OSError, target: Path) -> str:
     """A one-line explanation of a failed write, ending with what to do."""
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        advice = "free some space or choose another -o"
+        advice = "free some space or choose another {output}"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        advice = "choose a folder you can write to with -o"
+        advice = "choose a folder you can write to as {output}"
     else:
         advice = "check the output path"
     return f"could not write {target}: {reason}; {advice}"

@@ -21,329 +21,42 @@ arithmetic, so every dtype is moved as unsigned integers of the same width
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
-import math
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fcconv.atomic import atomic_output, check_output_path
+from fcconv import dtypes
 from fcconv.errors import CheckpointError, LayerError, SpecError
 from fcconv.geometry import AXES, Patch, parse_order
-
-if TYPE_CHECKING:
-    import torch
+from fcconv.io.atomic import atomic_output, check_output_path
+from fcconv.io.safetensors import (
+    HeaderEntry,
+    SafetensorsHeader,
+    check_metadata,
+    encode_header,
+    layout_header,
+    read_error,
+    read_header,
+)
 
 MiB = 1 << 20
 DEFAULT_BLOCK_BYTES = 64 * MiB
 """Rows of a permuted tensor read at once; the rewrite holds two such buffers."""
 
-MAX_HEADER_BYTES = 100_000_000
-"""The largest header safetensors itself accepts."""
-
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-}
-"""Every dtype safetensors knows, with its width in bits (F4 and F6 are packed)."""
-
-CONVERTIBLE_DTYPES = frozenset(
-    {"F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
-)
-"""Real floating-point dtypes of whole bytes: the Linear weights fcconv converts."""
-
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` as the output is written."""
-
-_DAMAGED = "the file is damaged or not safetensors; re-download or re-export it"
-_TRUNCATED = "the file is truncated or its header is wrong; re-download or re-export it"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor's header entry; ``begin``/``end`` are relative to the data section."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    """Header keys besides dtype, shape and data_offsets, written back unchanged."""
-
-    @property
-    def nbytes(self) -> int:
-        """Length of the tensor's byte range."""
-        return self.end - self.begin
-
-    @property
-    def numel(self) -> int:
-        """Number of elements, ``prod(shape)``."""
-        return math.prod(self.shape)
-
-    def entry(self, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
-        """The JSON header entry, optionally with another shape of the same size."""
-        return {
-            "dtype": self.dtype,
-            "shape": list(self.shape if shape is None else shape),
-            "data_offsets": [self.begin, self.end],
-            **self.extra,
-        }
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    """A validated safetensors header: what lies where in the file."""
-
-    path: Path
-    header_bytes: int
-    """``N``, the JSON header's length including any padding."""
-    metadata: dict[str, str] | None
-    """``__metadata__``, or None when the file has none."""
-    tensors: dict[str, TensorInfo]
-    """Every tensor, in the order of its bytes in the file."""
-    data_bytes: int
-
-    @property
-    def data_start(self) -> int:
-        """File offset of the data section: ``8 + N``."""
-        return 8 + self.header_bytes
-
-    @property
-    def file_bytes(self) -> int:
-        """Total file size the header implies (and :func:`read_header` checked)."""
-        return self.data_start + self.data_bytes
-
-
-# ------------------------------------------------------------------- reading
-
-
-def _bad(path: Path, problem: str, advice: str = _DAMAGED) -> CheckpointError:
-    return CheckpointError(f"{path} has a corrupt safetensors header: {problem}; {advice}")
-
-
-def _read_error(path: Path, error: OSError) -> CheckpointError:
-    if isinstance(error, FileNotFoundError):
-        return CheckpointError(f"{path} does not exist; check the path")
-    if isinstance(error, IsADirectoryError):
-        return CheckpointError(f"{path} is a folder, not a safetensors file; name the file")
-    reason = error.strerror or str(error)
-    return CheckpointError(f"could not read {path}: {reason}; check the path and its permissions")
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _is_count(value: Any) -> bool:
-    return type(value) is int and value >= 0
-
-
-def read_header(path: str | Path) -> SafetensorsHeader:
-    """Read and validate the header of a ``.safetensors`` file without reading its data.
-
-    Checks everything safetensors itself checks, and a little more: the header
-    length fits the file, the header is a JSON object (without duplicate keys)
-    whose ``__metadata__`` maps strings to strings, every dtype is known, every
-    byte range is exactly ``prod(shape)`` elements of its dtype, and the ranges
-    tile the data section without gap or overlap up to the end of the file.
-
-    Raises:
-        CheckpointError: one line naming the file and the problem, ending with
-            what to do.
-
-    Example:
-        >>> header = read_header("model.safetensors")  # doctest: +SKIP
-        >>> header.tensors["classifier.0.weight"].shape  # doctest: +SKIP
-        (4096, 25088)
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise _bad(path, f"only {size} bytes long, shorter than the 8-byte header length")
-            length = int.from_bytes(prefix, "little")
-            if length > size - 8:
-                raise _bad(
-                    path,
-                    f"header length {length} runs past the end of the {size}-byte file",
-                    _TRUNCATED,
-                )
-            if length > MAX_HEADER_BYTES:
-                raise _bad(path, f"header length {length} exceeds safetensors' 100 MB limit")
-            raw = handle.read(length)
-    except OSError as error:
-        raise _read_error(path, error) from None
-    if len(raw) != length:
-        raise _bad(path, "the file changed size while being read", _TRUNCATED)
-    return _parse_header(path, raw, size - 8 - length)
-
-
-def header_from_bytes(data: bytes, source: str) -> SafetensorsHeader:
-    """Validate the header of a safetensors file held in memory (read from stdin)."""
-    path = Path(source)
-    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if length < 0 or length > len(data) - 8:
-        raise _bad(path, f"header length {length} runs past the end of {len(data)} bytes")
-    return _parse_header(path, data[8 : 8 + length], len(data) - 8 - length)
-
-
-def _parse_header(path: Path, raw: bytes, data_bytes: int) -> SafetensorsHeader:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise _bad(path, f"header is not UTF-8 text (byte {error.start})") from None
-    if not text.lstrip().startswith("{"):
-        raise _bad(path, "header does not start with a JSON object")
-    try:
-        document = json.loads(text, object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as error:
-        raise _bad(path, f"header names {error.args[0]!r} twice") from None
-    except ValueError as error:
-        problem = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
-        where = f" at byte {error.pos}" if isinstance(error, json.JSONDecodeError) else ""
-        raise _bad(path, f"header is not valid JSON ({problem}{where})") from None
-    if not isinstance(document, dict):
-        raise _bad(path, "header is not a JSON object")
-
-    metadata = document.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
-    ):
-        raise _bad(path, "__metadata__ is not a mapping of strings to strings")
-
-    tensors = [_parse_entry(path, name, entry) for name, entry in document.items()]
-    tensors.sort(key=lambda info: (info.begin, info.end))
-    position = 0
-    for info in tensors:
-        if info.end > data_bytes:
-            raise _bad(
-                path,
-                f"tensor {info.name!r} ends at byte {info.end} of a {data_bytes}-byte data section",
-                _TRUNCATED,
-            )
-        if info.begin != position:
-            problem = "overlaps the previous tensor" if info.begin < position else "leaves a gap"
-            raise _bad(
-                path,
-                f"tensor {info.name!r} starts at byte {info.begin} where the previous one ends "
-                f"at {position} ({problem})",
-            )
-        position = info.end
-    if position != data_bytes:
-        raise _bad(
-            path,
-            f"the tensors cover {position} bytes but the data section holds {data_bytes}",
-            _TRUNCATED,
-        )
-    return SafetensorsHeader(
-        path=path,
-        header_bytes=len(raw),
-        metadata=dict(metadata) if metadata is not None else None,
-        tensors={info.name: info for info in tensors},
-        data_bytes=data_bytes,
-    )
-
-
-def _parse_entry(path: Path, name: str, entry: Any) -> TensorInfo:
-    if not isinstance(entry, dict):
-        raise _bad(path, f"entry {name!r} is not a tensor description")
-    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
-    if missing:
-        raise _bad(path, f"tensor {name!r} has no {', '.join(missing)}")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
-        raise _bad(path, f"tensor {name!r} has malformed shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_count(n) for n in offsets)
-        or offsets[1] < offsets[0]
-    ):
-        raise _bad(path, f"tensor {name!r} has malformed data_offsets {offsets!r}")
-    bits = math.prod(shape) * DTYPE_BITS[dtype]
-    begin, end = offsets
-    if bits % 8 or bits // 8 != end - begin:
-        raise _bad(
-            path,
-            f"tensor {name!r} of shape {shape} and dtype {dtype} needs {bits / 8:g} bytes but "
-            f"its data_offsets span {end - begin}",
-        )
-    extra = {k: v for k, v in entry.items() if k not in ("dtype", "shape", "data_offsets")}
-    return TensorInfo(name, dtype, tuple(shape), begin, end, extra)
-
-
-def read_tensors(path: str | Path, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Read only the named tensors of a ``.safetensors`` file, for verification.
-
-    Raises:
-        LayerError: a name the file does not hold.
-        CheckpointError: the file is not valid safetensors.
-    """
-    header = read_header(path)
-    missing = [name for name in names if name not in header.tensors]
-    if missing:
-        raise LayerError(
-            f"{header.path} has no tensor {', '.join(map(repr, missing))}; run fcconv inspect "
-            f"{header.path} to list its tensors"
-        )
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(header.path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in names}
-    except (SafetensorError, OSError, ValueError, TypeError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"could not read tensors of {header.path} ({detail[:160]}); {_DAMAGED}"
-        ) from None
-
 
 # ------------------------------------------------------------------- writing
 
 
 @dataclass(frozen=True)
 class _Target:
-    info: TensorInfo
+    info: HeaderEntry
     patch: Patch
     order: str
 
@@ -381,31 +94,13 @@ def _targets(
                 f"patch {patch} has {patch.features} elements but {name} has in_features "
                 f"{info.shape[1]}; give a patch whose H·W·C is {info.shape[1]}"
             )
-        if info.dtype not in CONVERTIBLE_DTYPES:
+        if not dtypes.by_code(info.dtype).convertible:
             raise LayerError(
                 f"{name} in {header.path} is {info.dtype}, not a floating-point weight; fcconv "
                 "converts floating-point Linear weights only"
             )
         targets[name] = _Target(info, patch, order)
     return targets
-
-
-def _encode_header(metadata: Mapping[str, str] | None, entries: dict[str, Any]) -> bytes:
-    document: dict[str, Any] = {}
-    if metadata:
-        document["__metadata__"] = dict(metadata)
-    document.update(entries)
-    try:
-        return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate in a name: only the escaped form is UTF-8
-        return json.dumps(document, separators=(",", ":")).encode("ascii")
-
-
-def _layout_header(encoded: bytes, old_length: int) -> bytes:
-    """Pad the header with spaces: to the old length if it fits, else to a multiple of 8."""
-    if len(encoded) <= old_length:
-        return encoded + b" " * (old_length - len(encoded))
-    return encoded + b" " * (-len(encoded) % 8)
 
 
 def converted_header(
@@ -426,20 +121,14 @@ def _new_header(
     metadata: Mapping[str, str] | None,
 ) -> bytes:
     if metadata is not None:
-        _check_metadata(metadata)
+        check_metadata(metadata)
     entries = {
         name: info.entry(targets[name].kernel_shape if name in targets else None)
         for name, info in header.tensors.items()
     }
-    encoded = _encode_header(header.metadata if metadata is None else metadata, entries)
-    padded = _layout_header(encoded, header.header_bytes)
+    encoded = encode_header(header.metadata if metadata is None else metadata, entries)
+    padded = layout_header(encoded, header.header_bytes)
     return len(padded).to_bytes(8, "little") + padded
-
-
-def _check_metadata(metadata: Mapping[str, str]) -> None:
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"safetensors metadata maps strings to strings, not {key!r}: {value!r}")
 
 
 def stream_convert(
@@ -490,9 +179,51 @@ def stream_convert(
     targets = _targets(header, layers)
     new_header = _new_header(header, targets, metadata)
     check_output_path(dst, force, (src,))
+    with atomic_output(dst) as temporary:
+        _write_converted(header, targets, new_header, temporary, progress, block_bytes)
+        if check is not None:
+            check(temporary)
+
+
+def write_converted(
+    src: str | Path,
+    dst: str | Path,
+    layers: Mapping[str, tuple[Patch, str]],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """What :func:`stream_convert` writes, into the new file ``dst``, not atomically.
+
+    For callers that build their output somewhere temporary (as
+    :func:`fcconv.io.sharded.convert_sharded` does). ``dst`` must not exist;
+    it is fsynced. ``OSError`` from writing propagates for the caller to
+    describe.
+    """
+    header = read_header(src)
+    targets = _targets(header, layers)
+    new_header = _new_header(header, targets, metadata)
+    descriptor = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    os.close(descriptor)
+    _write_converted(header, targets, new_header, Path(dst), progress, block_bytes)
+    with open(dst, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _write_converted(
+    header: SafetensorsHeader,
+    targets: Mapping[str, _Target],
+    new_header: bytes,
+    path: Path,
+    progress: ProgressCallback | None,
+    block_bytes: int,
+) -> None:
+    """Write header and data into the existing empty file ``path``."""
     # Only tensors whose bytes move pass through memory; every other byte range,
     # chw targets included, is copied in the kernel. The data section's layout is
     # the same in both files, so offsets within it carry over unchanged.
+    src = header.path
     moved = sorted((t for t in targets.values() if t.moves_bytes), key=lambda t: t.info.begin)
     old_start, new_start = header.data_start, len(new_header)
     copies, position = [], 0
@@ -501,28 +232,25 @@ def stream_convert(
         if end > position:
             copies.append((old_start + position, new_start + position, end - position))
         position = target.info.end if target else end
-    with atomic_output(dst) as temporary:
+    try:
+        source = os.open(src, os.O_RDONLY)
+    except OSError as error:
+        raise read_error(src, error) from None
+    try:
+        # No O_TRUNC: the file is new and empty, and truncating makes ext4
+        # (auto_da_alloc) flush the whole file synchronously on close.
+        output = os.open(path, os.O_WRONLY)
         try:
-            source = os.open(src, os.O_RDONLY)
-        except OSError as error:
-            raise _read_error(src, error) from None
-        try:
-            # No O_TRUNC: atomic_output's file is new and empty, and truncating makes
-            # ext4 (auto_da_alloc) flush the whole file synchronously on close.
-            output = os.open(temporary, os.O_WRONLY)
-            try:
-                total = new_start + header.data_bytes
-                writer = _Writer(source, output, src, total, progress, block_bytes)
-                writer.write(new_header, 0)
-                writer.run(copies, [(old_start, new_start, t) for t in moved])
-                if os.fstat(output).st_size != total:
-                    raise AssertionError("stream_convert wrote a file of the wrong size")
-            finally:
-                os.close(output)
+            total = new_start + header.data_bytes
+            writer = _Writer(source, output, src, total, progress, block_bytes)
+            writer.write(new_header, 0)
+            writer.run(copies, [(old_start, new_start, t) for t in moved])
+            if os.fstat(output).st_size != total:
+                raise AssertionError("stream_convert wrote a file of the wrong size")
         finally:
-            os.close(source)
-        if check is not None:
-            check(temporary)
+            os.close(output)
+    finally:
+        os.close(source)
 
 
 def copy_file(
@@ -535,7 +263,7 @@ def copy_file(
     """Copy ``src`` to the new file ``dst`` in the kernel and fsync it.
 
     Not atomic by itself: for callers that build their output somewhere
-    temporary (as :func:`fcconv.sharded.convert_sharded` does). ``dst`` must
+    temporary (as :func:`fcconv.io.sharded.convert_sharded` does). ``dst`` must
     not exist. ``OSError`` propagates for the caller to describe.
     """
     source = os.open(src, os.O_RDONLY)
@@ -696,7 +424,7 @@ class _Writer:
             try:
                 count = os.preadv(self.source, [view[got:]], offset + got)
             except OSError as error:
-                raise _read_error(self.src, error) from None
+                raise read_error(self.src, error) from None
             if count == 0:
                 raise self._changed()
             got += count
@@ -742,7 +470,7 @@ class _Writer:
         try:
             data = os.pread(self.source, min(length, 8 * MiB), src_offset)
         except OSError as error:
-            raise _read_error(self.src, error) from None
+            raise read_error(self.src, error) from None
         if data:
             view = memoryview(data)
             written = 0
@@ -756,7 +484,7 @@ class _Writer:
 
         info, patch, order = target.info, target.patch, target.order
         rows, features = info.shape
-        itemsize = DTYPE_BITS[info.dtype] // 8
+        itemsize = dtypes.by_code(info.dtype).itemsize
         element = np.dtype(f"<u{itemsize}")  # the bits, never their value
         row_bytes = features * itemsize
         block_rows = max(1, min(rows, self.block_bytes // row_bytes))
@@ -775,50 +503,3 @@ class _Writer:
             np.copyto(out, grouped.transpose(axes))
             self.write(memoryview(kernel).cast("B")[:length], dst_offset + offset)
             pending = self._flush(pending, dst_offset + offset + length)
-
-
-# ------------------------------------------------------------------ progress
-
-
-@contextlib.contextmanager
-def progress_bar(
-    description: str, *, enabled: bool | None = None
-) -> Iterator[ProgressCallback | None]:
-    """A rich progress bar on stderr as a :data:`ProgressCallback`, or None when disabled.
-
-    Enabled by default only when stderr is a terminal, so pipes and logs stay clean.
-
-    Example:
-        >>> with progress_bar("converting", enabled=False) as progress:
-        ...     progress is None
-        True
-    """
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update

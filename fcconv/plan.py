@@ -1,4 +1,4 @@
-"""Which tensors of a state dict are which layer, and the plan to convert them.
+"""Which tensors of a checkpoint are which layer, and the plan to convert them.
 
 Works on tensor *descriptions* (shape and dtype), so the same planning serves
 tensors in memory and tensors still on disk.
@@ -11,12 +11,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fcconv import dtypes
 from fcconv.errors import LayerError, SpecError
 from fcconv.geometry import (
     Patch,
     PatchSpec,
     conv2d_line,
+    default_input,
     linear_weight_to_conv,
+    make_grid,
     parse_order,
     parse_patch,
     resolve_patch,
@@ -26,7 +29,6 @@ if TYPE_CHECKING:
     import torch
 
 AUTO = "auto"
-FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,14 @@ class TensorInfo:
 
     @property
     def floating(self) -> bool:
-        return self.dtype in FLOAT_DTYPES
+        """Whether it can be a Linear weight fcconv converts (a real float type)."""
+        return dtypes.is_convertible(self.dtype)
 
 
 def describe(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
     """Shapes and dtypes of in-memory tensors, in their order."""
     return {
-        name: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-        for name, t in tensors.items()
+        name: TensorInfo(tuple(t.shape), dtypes.name_of(t.dtype)) for name, t in tensors.items()
     }
 
 
@@ -144,7 +146,7 @@ class LayerRequest:
         """Parse ``fc`` or ``fc6=7x7x512``."""
         name, _, patch = text.partition("=")
         if not name.strip():
-            raise SpecError(f"malformed --layer {text!r}: expected NAME or NAME=HxWxC")
+            raise SpecError(f"malformed {{layers}} {text!r}: expected NAME or NAME=HxWxC")
         return cls(name.strip(), parse_patch(patch) if patch else None)
 
 
@@ -194,6 +196,19 @@ class LayerPlan:
             "conv2d": self.conv2d_line(),
         }
 
+    def geometry(self, input_size: tuple[int, int] | None) -> dict[str, Any]:
+        """Input → output map, the receptive field, and what the windows leave out."""
+        size = input_size or default_input(self.patch, self.stride)
+        grid = make_grid(size, self.patch, self.stride)
+        return {
+            "input": [grid.height, grid.width, self.patch.channels],
+            "output_map": [grid.rows, grid.cols, self.out_features],
+            "receptive_field": [self.patch.height, self.patch.width],
+            "uncovered_rows": grid.uncovered_rows,
+            "uncovered_cols": grid.uncovered_cols,
+            "warnings": grid.warnings(),
+        }
+
     def provenance(self) -> dict[str, Any]:
         """The record kept in safetensors metadata."""
         return {
@@ -224,13 +239,13 @@ def plan_layers(
     for request in requests:
         name = resolve_name(request.name, info, source)
         if any(plan.name == name for plan in plans):
-            raise LayerError(f"layer {name} is named twice; give each --layer once")
+            raise LayerError(f"layer {name} is named twice; give each {{layers}} once")
         entry = _linear_entry(name, info, source)
         spec = request.patch or default_patch
         if spec is None:
             raise SpecError(
                 f"no patch for layer {name} (in_features {entry.in_features}); give "
-                f"--patch HxWxC or --layer {request.name}=HxWxC"
+                f"{{patch}} HxWxC or {{layers}} {request.name}=HxWxC"
             )
         patch = resolve_patch(spec, entry.in_features, name)
         plans.append(
@@ -246,7 +261,7 @@ def plan_layers(
             )
         )
     if not plans:
-        raise SpecError("no layer to convert; name one with --layer NAME[=HxWxC]")
+        raise SpecError("no layer to convert; name one with {layers} NAME[=HxWxC]")
     return plans
 
 
@@ -291,8 +306,6 @@ def layer_inputs(
     sees that layer's output map, not the original input; every other layer
     gets ``size`` itself (``None``: each layer's default 2×2 grid of windows).
     """
-    from fcconv.geometry import default_input, make_grid
-
     inputs: list[tuple[int, int] | None] = []
     for index, plan in enumerate(plans):
         previous = plans[index - 1] if index else None

@@ -1,0 +1,27 @@
+"""The library API: every job the command line does, for Python callers.
+
+Each job returns a result that is truthy on success, has ``.to_dict()``
+(exactly the document ``--json`` prints) and ``.exit_code``; problems the
+caller can fix raise :class:`~fcconv.errors.FcconvError` subclasses.
+"""
+
+from fcconv.api.checkpoints import (
+    ConvertResult,
+    InspectResult,
+    convert_checkpoint,
+    inspect_checkpoint,
+    order_evidence,
+    verify_checkpoints,
+)
+from fcconv.api.models import ConvolutionalizeResult, convolutionalize_file
+
+__all__ = [
+    "ConvertResult",
+    "ConvolutionalizeResult",
+    "InspectResult",
+    "convert_checkpoint",
+    "convolutionalize_file",
+    "inspect_checkpoint",
+    "order_evidence",
+    "verify_checkpoints",
+]

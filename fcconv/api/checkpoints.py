@@ -1,0 +1,562 @@
+"""The checkpoint jobs, each a whole command: inspect, convert and verify checkpoint files.
+
+Every job takes paths and options in library terms (strings as on the
+command line, or parsed values) and returns a result that is truthy on
+success, has ``.to_dict()`` (exactly the document ``fcconv … --json``
+prints) and ``.exit_code`` (0 done / equivalent, 1 verification found a
+difference). A problem the caller can fix raises an
+:class:`~fcconv.errors.FcconvError` subclass, with fields, before any file
+is written.
+
+>>> import fcconv
+>>> result = fcconv.convert_checkpoint(  # doctest: +SKIP
+...     "model.pt", "model.conv.pt", layers=["fc"], patch="20x20x10", input_size="100x60"
+... )
+>>> bool(result), result.to_dict()["layers"][0]["conv_shape"]  # doctest: +SKIP
+(True, [64, 10, 20, 20])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fcconv.errors import OrderUndecidedError, OutputError, SpecError
+from fcconv.geometry import (
+    DEFAULT_ORDER,
+    PatchSpec,
+    candidate_patches,
+    make_grid,
+    parse_patch,
+    parse_size,
+    parse_stride,
+    resolve_patch,
+)
+from fcconv.io.atomic import STDIO, check_output_path, default_output
+from fcconv.io.checkpoint import SAFETENSORS, format_for, save_checkpoint
+from fcconv.io.provenance import with_provenance
+from fcconv.io.sources import SHARDED, Source, open_source
+from fcconv.plan import (
+    AUTO,
+    LayerPlan,
+    LayerRequest,
+    LinearEntry,
+    layer_inputs,
+    linear_entries,
+    param_key,
+    parse_order_option,
+    plan_layers,
+)
+
+if TYPE_CHECKING:
+    from fcconv.evidence import OrderEvidence
+    from fcconv.verify import VerifyResult
+
+Progress = Callable[[int, int], None]
+"""``progress(bytes_done, bytes_total)``, called as an output is written."""
+
+Size = str | Sequence[int] | None
+
+
+# ------------------------------------------------------------------- options
+
+
+def _patch(value: str | PatchSpec | None) -> PatchSpec | None:
+    if value is None or isinstance(value, PatchSpec):
+        return value
+    if hasattr(value, "channels") and hasattr(value, "height"):  # a resolved Patch
+        return PatchSpec(value.height, value.width, value.channels)
+    return parse_patch(value)
+
+
+def pair(value: Size, parse: Callable[[str], tuple[int, int]]) -> tuple[int, int] | None:
+    """A size or stride given as ``"HxW"`` or a sequence of two ints, parsed and checked."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse(value)
+    return parse("x".join(str(int(v)) for v in value))
+
+
+def _requests(layers: Sequence[str | LayerRequest]) -> list[LayerRequest]:
+    if isinstance(layers, str):
+        layers = [layers]
+    return [r if isinstance(r, LayerRequest) else LayerRequest.parse(r) for r in layers]
+
+
+# ------------------------------------------------------------------- inspect
+
+
+@dataclass
+class InspectResult:
+    """The Linear-shaped entries of a checkpoint, the patches that fit, what is converted."""
+
+    source: str
+    format: str
+    entries: list[LinearEntry]
+    fits: dict[str, list[str]]
+    converted: list[dict[str, Any]]
+    evidence: dict[str, OrderEvidence] = field(default_factory=dict)
+    exit_code: int = 0
+
+    def __bool__(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "layers": [
+                {
+                    "name": e.name,
+                    "weight": e.weight_key,
+                    "bias": e.bias_key,
+                    "out_features": e.out_features,
+                    "in_features": e.in_features,
+                    "dtype": e.dtype,
+                    "patches": self.fits[e.name],
+                }
+                for e in self.entries
+            ],
+            "converted": self.converted,
+            "order_evidence": {name: ev.to_dict() for name, ev in self.evidence.items()},
+        }
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    *,
+    channels: int | None = None,
+    feature_map: str | PatchSpec | None = None,
+    patch: str | PatchSpec | None = None,
+    trust_pickle: bool = False,
+) -> InspectResult:
+    """List the Linear-shaped entries of a checkpoint and the patches that fit each.
+
+    Args:
+        path: a checkpoint file, ``-`` for stdin, or a sharded checkpoint's folder.
+        channels: the patch's channels C, if known: every ``kh × kw`` that fits is listed.
+        feature_map: ``HxWxC`` of the feature map the layer reads, if known.
+        patch: rank the six flatten orders by the weights' evidence for this patch.
+        trust_pickle: allow arbitrary unpickling (only for files you trust).
+
+    A safetensors file or shard folder is described from its headers alone.
+    """
+    limit = _patch(feature_map)
+    if limit is not None:
+        channels = limit.channels or channels
+    source = open_source(str(path), trust_pickle=trust_pickle, lazy=True)
+    entries = linear_entries(source.info)
+    fits = {
+        entry.name: [
+            str(p)
+            for p in candidate_patches(entry.in_features, channels, limit=32 if limit else 6)
+            if limit is None or (p.height <= limit.height and p.width <= limit.width)
+        ][:6]
+        for entry in entries
+    }
+    converted = [
+        {"layer": name, "conv_shape": list(weight.shape), **record}
+        for name, record in source.records.items()
+        if (weight := source.info.get(param_key(name, "weight"))) is not None
+        and len(weight.shape) == 4
+    ]
+    spec = _patch(patch)
+    evidence = _evidence_for_patch(source, entries, spec) if spec is not None else {}
+    return InspectResult(source.path, source.format, entries, fits, converted, evidence)
+
+
+def _evidence_for_patch(
+    source: Source, entries: list[LinearEntry], spec: PatchSpec
+) -> dict[str, OrderEvidence]:
+    found = {}
+    for entry in entries:
+        try:
+            fitted = resolve_patch(spec, entry.in_features, entry.name)
+        except SpecError:
+            continue
+        plan = LayerPlan(
+            entry.name, entry.weight_key, entry.bias_key, entry.out_features, fitted,
+            DEFAULT_ORDER, (fitted.height, fitted.width), entry.dtype,
+        )  # fmt: skip
+        found[entry.name] = order_evidence(source, plan)
+    if not found:
+        raise SpecError(f"patch {spec} fits no Linear-shaped entry; see the patches that fit")
+    return found
+
+
+def order_evidence(source: Source, plan: LayerPlan) -> OrderEvidence:
+    """How the weights rank the six flatten orders for ``plan``'s patch (rows read only)."""
+    from fcconv.evidence import rank_orders, sample_rows
+
+    rows = sample_rows(plan.out_features, plan.patch.features).tolist()
+    return rank_orders(source.read_rows(plan.weight_key, rows), plan.patch)
+
+
+# ------------------------------------------------------------------- convert
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert_checkpoint` did: the plans, the checks, and whether it wrote.
+
+    Truthy when the output was written; ``exit_code`` 1 when verification
+    found a difference (and nothing was written).
+    """
+
+    source: str
+    output: str
+    plans: list[LayerPlan]
+    input_size: tuple[int, int] | None
+    verification: VerifyResult | None
+    written: bool
+    format: str | None = None
+    mode: str | None = None
+    evidence: dict[str, OrderEvidence] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.written
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.written else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        sizes = layer_inputs(self.plans, self.input_size)
+        layers = []
+        for plan, size in zip(self.plans, sizes, strict=True):
+            evidence = self.evidence.get(plan.name)
+            layers.append(
+                {
+                    **plan.to_dict(),
+                    "geometry": plan.geometry(size),
+                    "order_evidence": evidence.to_dict() if evidence is not None else None,
+                }
+            )
+        return {
+            "source": self.source,
+            "output": self.output,
+            "layers": layers,
+            "verification": (
+                self.verification.to_dict() if self.verification is not None else None
+            ),
+            "written": self.written,
+            "format": self.format,
+            "mode": self.mode,
+            "notes": self.notes,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class _Job:
+    """One conversion as asked, parsed, and what it has learnt so far."""
+
+    source: Source
+    output: str
+    requests: list[LayerRequest]
+    patch: PatchSpec | None
+    order: str | None
+    stride: tuple[int, int] | None
+    size: tuple[int, int] | None
+    verify: bool
+    force: bool
+    evidence: dict[str, OrderEvidence] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def result(self, plans: list[LayerPlan], verification: Any, **written: Any) -> ConvertResult:
+        return ConvertResult(
+            self.source.path, self.output, plans, self.size, verification,
+            written=bool(written), evidence=self.evidence, notes=self.notes,
+            warnings=self.warnings, **written,
+        )  # fmt: skip
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path | None = None,
+    *,
+    layers: Sequence[str | LayerRequest],
+    patch: str | PatchSpec | None = None,
+    order: str | None = None,
+    stride: Size = None,
+    input_size: Size = None,
+    verify: bool = True,
+    force: bool = False,
+    format: str | None = None,
+    link: bool = False,
+    trust_pickle: bool = False,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Convert Linear layers of a checkpoint into conv weights and write a new checkpoint.
+
+    Args:
+        src: a ``.pt``/``.pth``/``.bin``/``.ckpt`` or ``.safetensors`` file,
+            ``-`` for stdin, or a sharded checkpoint's folder (or its index).
+        dst: the output; default ``<stem>.conv<suffix>`` beside ``src``;
+            ``-`` for stdout. The input is never overwritten.
+        layers: the layers to convert, as names or ``NAME=PATCH`` strings
+            (``["fc6=7x7x512", "fc7=1x1"]``).
+        patch: the patch (``HxWxC``, or ``HxW`` with C inferred) of every
+            layer named without its own.
+        order: the flatten order (``chw`` default, ``hwc``, …), or ``auto``
+            to read it from the weights.
+        stride: the window stride (default: the patch size).
+        input_size: the input for the geometry and the functional check.
+        verify: check the conversion before writing (a failing one is not written).
+        force: replace an existing output.
+        format: ``torch`` or ``safetensors`` (default: from ``dst``'s extension).
+        link: sharded input: hard-link the untouched shards.
+        trust_pickle: allow arbitrary unpickling (only for files you trust).
+        progress: ``progress(bytes_done, bytes_total)`` while streaming.
+
+    Returns:
+        A :class:`ConvertResult`, truthy when written.
+    """
+    requests = _requests(layers)
+    if not requests:
+        raise SpecError("no layer to convert; name one with {layers} NAME[=HxWxC]")
+    source = open_source(str(src), trust_pickle=trust_pickle, lazy=True)
+    job = _Job(
+        source=source,
+        output=str(dst) if dst is not None else default_output(src),
+        requests=requests,
+        patch=_patch(patch),
+        order=parse_order_option(order) if order is not None else None,
+        stride=pair(stride, parse_stride),
+        size=pair(input_size, parse_size),
+        verify=verify,
+        force=force,
+    )
+    if source.format == SHARDED:
+        return _convert_sharded(job, link, progress)
+    if job.output != STDIO:
+        sources = (Path(source.path),) if source.path != STDIO else ()
+        check_output_path(Path(job.output), force, sources)
+    out_format = format_for(job.output, format, source.format)
+    if source.on_disk and out_format == SAFETENSORS and job.output != STDIO:
+        return _convert_streaming(job, progress)
+    if source.on_disk:
+        job.source = open_source(str(src), trust_pickle=trust_pickle, lazy=False)
+    return _convert_in_memory(job, out_format)
+
+
+def _plan(job: _Job) -> list[LayerPlan]:
+    plans = plan_layers(
+        job.source.info,
+        job.requests,
+        default_patch=job.patch,
+        order=job.order or DEFAULT_ORDER,
+        stride=job.stride,
+        source=job.source.path,
+    )
+    if job.size is not None:  # refuse a too-small input_size before anything is written
+        for plan, size in zip(plans, layer_inputs(plans, job.size), strict=True):
+            make_grid(size, plan.patch, plan.stride)
+    return [_settle_order(plan, job) for plan in plans]
+
+
+def _settle_order(plan: LayerPlan, job: _Job) -> LayerPlan:
+    """Resolve ``auto`` from the weights, and warn when they contradict the order given."""
+    if plan.order != AUTO and not job.verify:
+        return plan  # no checks at all: this one would read the weights
+    evidence = order_evidence(job.source, plan)
+    job.evidence[plan.name] = evidence
+    if plan.order == AUTO:
+        if evidence.winner is None:
+            raise OrderUndecidedError(
+                f"cannot choose the flatten order of {plan.name}: {evidence.reason}; "
+                f"ranking: {evidence.ranking_text()}; choose it with {{order}}",
+                evidence=evidence,
+                layer=plan.name,
+            )
+        job.notes.append(
+            f"{plan.name}: order {evidence.winner} chosen from the weights "
+            f"({evidence.ranking_text()})"
+        )
+        return plan.with_order(evidence.winner)
+    if evidence.favours_other_than(plan.order):
+        job.warnings.append(
+            f"{evidence.disagreement(plan.name, plan.order)}; converting as {plan.order} "
+            "as asked (order auto takes it from the weights)"
+        )
+    return plan
+
+
+def _layer_keys(plans: list[LayerPlan]) -> list[str]:
+    return [p.weight_key for p in plans] + [p.bias_key for p in plans if p.bias_key]
+
+
+def _records(plans: list[LayerPlan]) -> dict[str, dict[str, Any]]:
+    return {plan.name: plan.provenance() for plan in plans}
+
+
+def _convert_in_memory(job: _Job, out_format: str) -> ConvertResult:
+    from fcconv.plan import apply_plans
+    from fcconv.verify import verify_conversion
+
+    loaded = job.source.loaded
+    assert loaded is not None
+    plans = _plan(job)
+    converted = apply_plans(loaded.tensors, plans)
+    verification = None
+    if job.verify:
+        verification = verify_conversion(plans, loaded.tensors, converted, job.size)
+        if not verification:
+            return job.result(plans, verification)
+    new = loaded.with_tensors(converted)
+    if out_format == SAFETENSORS:
+        new.metadata = with_provenance(loaded.metadata, _records(plans))
+    written = save_checkpoint(
+        new, job.output, fmt=out_format, force=job.force, sources=(job.source.path,)
+    )
+    return job.result(plans, verification, format=written, mode="in memory")
+
+
+class _Failed(Exception):
+    """Raised from a streaming writer's check to abort a write that failed verification."""
+
+    def __init__(self, result: VerifyResult) -> None:
+        super().__init__("the conversion failed verification")
+        self.result = result
+
+
+def _streamed(
+    job: _Job, write: Callable[..., None], read_after: Callable[..., Any], label: str
+) -> ConvertResult:
+    """Plan, then let a streaming writer convert, verifying its output before the rename."""
+    from fcconv.verify import verify_conversion
+
+    plans = _plan(job)
+    keys = _layer_keys(plans)
+    results: list[VerifyResult] = []
+
+    def check(built: Any) -> None:
+        result = verify_conversion(plans, job.source.read(keys), read_after(built, keys), job.size)
+        results.append(result)
+        if not result:
+            raise _Failed(result)
+
+    layers = {p.weight_key: (p.patch, p.order) for p in plans}
+    try:
+        write(layers, plans, check if job.verify else None)
+    except _Failed as failure:
+        return job.result(plans, failure.result)
+    return job.result(plans, results[0] if results else None, format=label, mode="streamed")
+
+
+def _convert_streaming(job: _Job, progress: Progress | None) -> ConvertResult:
+    from fcconv.io.safetensors import read_tensors
+    from fcconv.io.streaming import stream_convert
+
+    def write(layers: dict, plans: list[LayerPlan], check: Any) -> None:
+        metadata = with_provenance(job.source.metadata, _records(plans))
+        stream_convert(
+            job.source.path, job.output, layers, metadata,
+            force=job.force, progress=progress, check=check,
+        )  # fmt: skip
+
+    return _streamed(job, write, read_tensors, "safetensors")
+
+
+def _convert_sharded(job: _Job, link: bool, progress: Progress | None) -> ConvertResult:
+    from fcconv.io.sharded import convert_sharded, read_sharded_tensors
+
+    if job.output == STDIO:
+        raise OutputError(
+            f"{job.source.path} is a sharded checkpoint, written as a folder, which cannot "
+            "go to stdout; give a folder name as {output}",
+            path=job.source.path,
+        )
+
+    def write(layers: dict, plans: list[LayerPlan], check: Any) -> None:
+        by_weight = {p.weight_key: p for p in plans}
+
+        def metadata(header: Any, shard_layers: Any) -> dict[str, str]:
+            records = {by_weight[key].name: by_weight[key].provenance() for key in shard_layers}
+            return with_provenance(header.metadata, records)
+
+        convert_sharded(
+            job.source.path, job.output, layers, metadata,
+            force=job.force, link=link, progress=progress, check=check,
+        )  # fmt: skip
+
+    return _streamed(job, write, read_sharded_tensors, "sharded safetensors")
+
+
+# -------------------------------------------------------------------- verify
+
+
+def verify_checkpoints(
+    original: str | Path,
+    converted: str | Path,
+    *,
+    layers: Sequence[str | LayerRequest] = (),
+    patch: str | PatchSpec | None = None,
+    order: str | None = None,
+    stride: Size = None,
+    input_size: Size = None,
+    seed: int = 0,
+    trust_pickle: bool = False,
+) -> VerifyResult:
+    """Check that ``converted`` holds exactly ``original``'s layers as convolutions.
+
+    No layer arguments are needed: the converted layers are found (2-D in the
+    original, 4-D with as many elements in the converted file), their order
+    and stride taken from fcconv's provenance where the file has it, else
+    found from the weights. Arguments given explicitly are checked, not
+    trusted. Two files on disk are compared by their bytes; only the
+    converted layers are loaded.
+
+    Returns:
+        A :class:`~fcconv.verify.VerifyResult`, truthy when equivalent.
+    """
+    from fcconv.io.sources import byte_differences, read_all, tensors_of
+    from fcconv.verify import plan_verification, verify_conversion
+
+    if str(original) == STDIO and str(converted) == STDIO:
+        raise SpecError("only one of the two checkpoints can be - (stdin)")
+    order_option = parse_order_option(order) if order is not None else None
+    before_source = open_source(str(original), trust_pickle=trust_pickle)
+    after_source = open_source(str(converted), trust_pickle=trust_pickle)
+    on_disk = before_source.on_disk and after_source.on_disk
+    before = tensors_of(before_source) if on_disk else read_all(before_source)
+    after = tensors_of(after_source) if on_disk else read_all(after_source)
+    plans, notes = plan_verification(
+        before,
+        after,
+        requests=_requests(layers),
+        default_patch=_patch(patch),
+        order=order_option,
+        stride=pair(stride, parse_stride),
+        provenance=after_source.records,
+        source=str(original),
+        info=(before_source.info, after_source.info),
+    )
+    skip = {plan.weight_key for plan in plans}
+    differences = byte_differences(before_source, after_source, skip) if on_disk else None
+    size = pair(input_size, parse_size)
+    result = verify_conversion(plans, before, after, size, seed, differences)
+    result.notes = notes + _evidence_notes(plans, before)
+    return result
+
+
+def _evidence_notes(plans: list[LayerPlan], tensors: Mapping[str, Any]) -> list[str]:
+    """Where the weights clearly favour another order than the one the files agree on."""
+    from fcconv.evidence import rank_orders
+
+    notes = []
+    for plan in plans:
+        evidence = rank_orders(tensors[plan.weight_key], plan.patch)
+        if evidence.favours_other_than(plan.order):
+            notes.append(
+                f"{evidence.disagreement(plan.name, plan.order)}: the two files agree, "
+                f"but the layer was probably trained on {evidence.families[0][0]}-flattened "
+                "patches"
+            )
+    return notes

@@ -1,0 +1,313 @@
+"""The safetensors format: read and validate a header, read tensors, encode a header.
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes
+of JSON naming every tensor's dtype, shape and byte range, then the data.
+:func:`read_header` checks every declared size against the real file before
+anything depends on it; nothing here imports torch until tensors are read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fcconv import dtypes
+from fcconv.errors import CheckpointError, LayerError
+from fcconv.plan import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_HEADER_BYTES = 100_000_000
+"""The largest header safetensors itself accepts."""
+
+_DAMAGED = "the file is damaged or not safetensors; re-download or re-export it"
+_TRUNCATED = "the file is truncated or its header is wrong; re-download or re-export it"
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor's header entry; ``begin``/``end`` are relative to the data section."""
+
+    name: str
+    dtype: str
+    """safetensors' code (``F32``); :attr:`info` has torch's name."""
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Header keys besides dtype, shape and data_offsets, written back unchanged."""
+
+    @property
+    def nbytes(self) -> int:
+        """Length of the tensor's byte range."""
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        """Number of elements, ``prod(shape)``."""
+        return math.prod(self.shape)
+
+    @property
+    def info(self) -> TensorInfo:
+        """What planning needs: the shape and torch's name of the dtype."""
+        return TensorInfo(self.shape, dtypes.by_code(self.dtype).name)
+
+    def entry(self, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """The JSON header entry, optionally with another shape of the same size."""
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape if shape is None else shape),
+            "data_offsets": [self.begin, self.end],
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated safetensors header: what lies where in the file."""
+
+    path: Path
+    header_bytes: int
+    """``N``, the JSON header's length including any padding."""
+    metadata: dict[str, str] | None
+    """``__metadata__``, or None when the file has none."""
+    tensors: dict[str, HeaderEntry]
+    """Every tensor, in the order of its bytes in the file."""
+    data_bytes: int
+
+    @property
+    def data_start(self) -> int:
+        """File offset of the data section: ``8 + N``."""
+        return 8 + self.header_bytes
+
+    @property
+    def file_bytes(self) -> int:
+        """Total file size the header implies (and :func:`read_header` checked)."""
+        return self.data_start + self.data_bytes
+
+
+# ------------------------------------------------------------------- reading
+
+
+def _bad(path: Path, problem: str, advice: str = _DAMAGED) -> CheckpointError:
+    return CheckpointError(f"{path} has a corrupt safetensors header: {problem}; {advice}")
+
+
+def read_error(path: Path, error: OSError) -> CheckpointError:
+    if isinstance(error, FileNotFoundError):
+        return CheckpointError(f"{path} does not exist; check the path")
+    if isinstance(error, IsADirectoryError):
+        return CheckpointError(f"{path} is a folder, not a safetensors file; name the file")
+    reason = error.strerror or str(error)
+    return CheckpointError(f"could not read {path}: {reason}; check the path and its permissions")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Read and validate the header of a ``.safetensors`` file without reading its data.
+
+    Checks everything safetensors itself checks, and a little more: the header
+    length fits the file, the header is a JSON object (without duplicate keys)
+    whose ``__metadata__`` maps strings to strings, every dtype is known, every
+    byte range is exactly ``prod(shape)`` elements of its dtype, and the ranges
+    tile the data section without gap or overlap up to the end of the file.
+
+    Raises:
+        CheckpointError: one line naming the file and the problem, ending with
+            what to do.
+
+    Example:
+        >>> header = read_header("model.safetensors")  # doctest: +SKIP
+        >>> header.tensors["classifier.0.weight"].shape  # doctest: +SKIP
+        (4096, 25088)
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise _bad(path, f"only {size} bytes long, shorter than the 8-byte header length")
+            length = int.from_bytes(prefix, "little")
+            if length > size - 8:
+                raise _bad(
+                    path,
+                    f"header length {length} runs past the end of the {size}-byte file",
+                    _TRUNCATED,
+                )
+            if length > MAX_HEADER_BYTES:
+                raise _bad(path, f"header length {length} exceeds safetensors' 100 MB limit")
+            raw = handle.read(length)
+    except OSError as error:
+        raise read_error(path, error) from None
+    if len(raw) != length:
+        raise _bad(path, "the file changed size while being read", _TRUNCATED)
+    return _parse_header(path, raw, size - 8 - length)
+
+
+def header_from_bytes(data: bytes, source: str) -> SafetensorsHeader:
+    """Validate the header of a safetensors file held in memory (read from stdin)."""
+    path = Path(source)
+    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if length < 0 or length > len(data) - 8:
+        raise _bad(path, f"header length {length} runs past the end of {len(data)} bytes")
+    return _parse_header(path, data[8 : 8 + length], len(data) - 8 - length)
+
+
+def _parse_header(path: Path, raw: bytes, data_bytes: int) -> SafetensorsHeader:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _bad(path, f"header is not UTF-8 text (byte {error.start})") from None
+    if not text.lstrip().startswith("{"):
+        raise _bad(path, "header does not start with a JSON object")
+    try:
+        document = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as error:
+        raise _bad(path, f"header names {error.args[0]!r} twice") from None
+    except ValueError as error:
+        problem = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+        where = f" at byte {error.pos}" if isinstance(error, json.JSONDecodeError) else ""
+        raise _bad(path, f"header is not valid JSON ({problem}{where})") from None
+    if not isinstance(document, dict):
+        raise _bad(path, "header is not a JSON object")
+
+    metadata = document.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
+    ):
+        raise _bad(path, "__metadata__ is not a mapping of strings to strings")
+
+    tensors = [_parse_entry(path, name, entry) for name, entry in document.items()]
+    tensors.sort(key=lambda info: (info.begin, info.end))
+    position = 0
+    for info in tensors:
+        if info.end > data_bytes:
+            raise _bad(
+                path,
+                f"tensor {info.name!r} ends at byte {info.end} of a {data_bytes}-byte data section",
+                _TRUNCATED,
+            )
+        if info.begin != position:
+            problem = "overlaps the previous tensor" if info.begin < position else "leaves a gap"
+            raise _bad(
+                path,
+                f"tensor {info.name!r} starts at byte {info.begin} where the previous one ends "
+                f"at {position} ({problem})",
+            )
+        position = info.end
+    if position != data_bytes:
+        raise _bad(
+            path,
+            f"the tensors cover {position} bytes but the data section holds {data_bytes}",
+            _TRUNCATED,
+        )
+    return SafetensorsHeader(
+        path=path,
+        header_bytes=len(raw),
+        metadata=dict(metadata) if metadata is not None else None,
+        tensors={info.name: info for info in tensors},
+        data_bytes=data_bytes,
+    )
+
+
+def _parse_entry(path: Path, name: str, entry: Any) -> HeaderEntry:
+    if not isinstance(entry, dict):
+        raise _bad(path, f"entry {name!r} is not a tensor description")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        raise _bad(path, f"tensor {name!r} has no {', '.join(missing)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in dtypes.SAFETENSORS_CODES:
+        raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise _bad(path, f"tensor {name!r} has malformed shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(n) for n in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise _bad(path, f"tensor {name!r} has malformed data_offsets {offsets!r}")
+    bits = math.prod(shape) * dtypes.by_code(dtype).bits
+    begin, end = offsets
+    if bits % 8 or bits // 8 != end - begin:
+        raise _bad(
+            path,
+            f"tensor {name!r} of shape {shape} and dtype {dtype} needs {bits / 8:g} bytes but "
+            f"its data_offsets span {end - begin}",
+        )
+    extra = {k: v for k, v in entry.items() if k not in ("dtype", "shape", "data_offsets")}
+    return HeaderEntry(name, dtype, tuple(shape), begin, end, extra)
+
+
+def read_tensors(path: str | Path, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Read only the named tensors of a ``.safetensors`` file, for verification.
+
+    Raises:
+        LayerError: a name the file does not hold.
+        CheckpointError: the file is not valid safetensors.
+    """
+    header = read_header(path)
+    missing = [name for name in names if name not in header.tensors]
+    if missing:
+        raise LayerError(
+            f"{header.path} has no tensor {', '.join(map(repr, missing))}; run fcconv inspect "
+            f"{header.path} to list its tensors"
+        )
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(header.path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, ValueError, TypeError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"could not read tensors of {header.path} ({detail[:160]}); {_DAMAGED}"
+        ) from None
+
+
+def encode_header(metadata: Mapping[str, str] | None, entries: dict[str, Any]) -> bytes:
+    document: dict[str, Any] = {}
+    if metadata:
+        document["__metadata__"] = dict(metadata)
+    document.update(entries)
+    try:
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate in a name: only the escaped form is UTF-8
+        return json.dumps(document, separators=(",", ":")).encode("ascii")
+
+
+def layout_header(encoded: bytes, old_length: int) -> bytes:
+    """Pad the header with spaces: to the old length if it fits, else to a multiple of 8."""
+    if len(encoded) <= old_length:
+        return encoded + b" " * (old_length - len(encoded))
+    return encoded + b" " * (-len(encoded) % 8)
+
+
+def check_metadata(metadata: Mapping[str, str]) -> None:
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"safetensors metadata maps strings to strings, not {key!r}: {value!r}")
