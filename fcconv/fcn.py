@@ -45,11 +45,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fcconv.atomic import atomic_output, check_output_path
 from fcconv.errors import (
+    ArchitectureError,
     CheckpointError,
-    FcconvError,
+    ConvolutionalizeError,
     LayerError,
     SpecError,
     UnsafeCheckpointError,
+    UntraceableModelError,
 )
 from fcconv.geometry import Patch, conv2d_line, linear_weight_to_conv
 
@@ -72,18 +74,6 @@ __all__ = [
 ]
 
 WEIGHT_ONLY_HINT = "for weight-only conversion use `fcconv convert CKPT --layer NAME`"
-
-
-class ConvolutionalizeError(LayerError):
-    """A model whose head fcconv cannot rewrite as convolutions (exit code 2)."""
-
-
-class UntraceableModelError(ConvolutionalizeError):
-    """A model that ``torch.fx`` cannot trace symbolically."""
-
-
-class ArchitectureError(FcconvError):
-    """An ``--arch package.module:callable`` that cannot be imported or called."""
 
 
 # ----------------------------------------------------------------- layer kinds
