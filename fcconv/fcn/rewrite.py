@@ -10,64 +10,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import torch
-from torch import fx, nn
+from torch import nn
 
 from fcconv.fcn.analyse import _Analysis, _analyze, _size_pair
 from fcconv.fcn.check import _guess, window_stride
 from fcconv.fcn.ops import _module
 from fcconv.fcn.results import Conversion, LayerChange
-from fcconv.geometry import Patch, conv2d_line, linear_weight_to_conv
-
-
-def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, attribute = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, attribute, module)
-
-
-def _conv_like(linear: nn.Linear, patch: Patch, order: str, stride: tuple[int, int]) -> nn.Conv2d:
-    weight = linear.weight
-    # Built on the meta device: no random init to waste time on or to draw from the RNG.
-    conv = nn.Conv2d(
-        patch.channels,
-        linear.out_features,
-        kernel_size=(patch.height, patch.width),
-        stride=stride,
-        padding=0,
-        bias=linear.bias is not None,
-        device="meta",
-        dtype=weight.dtype,
-    ).to_empty(device=weight.device)
-    with torch.no_grad():
-        conv.weight.copy_(linear_weight_to_conv(weight.detach(), patch, order))
-        if linear.bias is not None:
-            conv.bias.copy_(linear.bias.detach())
-    conv.weight.requires_grad_(weight.requires_grad)
-    if linear.bias is not None:
-        conv.bias.requires_grad_(linear.bias.requires_grad)
-    conv.train(linear.training)
-    return conv
-
-
-def _batchnorm2d_like(bn: nn.BatchNorm1d) -> nn.BatchNorm2d:
-    twin = nn.BatchNorm2d(
-        bn.num_features,
-        eps=bn.eps,
-        momentum=bn.momentum,
-        affine=bn.affine,
-        track_running_stats=bn.track_running_stats,
-        device="meta",
-        dtype=(bn.weight if bn.affine else bn.running_mean).dtype
-        if (bn.affine or bn.track_running_stats)
-        else None,
-    )
-    device = next((t.device for t in bn.state_dict().values()), torch.device("cpu"))
-    twin = twin.to_empty(device=device)
-    twin.load_state_dict(bn.state_dict())
-    for name, parameter in bn.named_parameters():
-        getattr(twin, name).requires_grad_(parameter.requires_grad)
-    twin.train(bn.training)
-    return twin
+from fcconv.geometry import Patch, conv2d_line
+from fcconv.surgery import batchnorm1d_to_2d, linear_to_conv, replace_module
 
 
 def _rewrite(an: _Analysis, stride: tuple[int, int]) -> list[LayerChange]:
@@ -88,8 +38,8 @@ def _rewrite(an: _Analysis, stride: tuple[int, int]) -> list[LayerChange]:
             first = index == 0
             kernel = patch if first else Patch(1, 1, module.in_features)
             step = stride if first else (1, 1)
-            conv = _conv_like(module, kernel, an.order if first else "chw", step)
-            _set_submodule(gm, node.target, conv)
+            conv = linear_to_conv(module, kernel, an.order if first else "chw", step)
+            replace_module(gm, node.target, conv, inplace=True)
             line = conv2d_line(kernel, module.out_features, step, module.bias is not None)
             was = f"Linear({module.in_features} → {module.out_features})"
             now = (
@@ -98,13 +48,13 @@ def _rewrite(an: _Analysis, stride: tuple[int, int]) -> list[LayerChange]:
             )
             changes.append(LayerChange(str(node.target), was, now, line))
         elif kind == "batchnorm":
-            twin = _batchnorm2d_like(module)
-            _set_submodule(gm, node.target, twin)
+            twin = batchnorm1d_to_2d(module)
+            replace_module(gm, node.target, twin, inplace=True)
             changes.append(LayerChange(str(node.target), repr(module), repr(twin)))
         elif kind == "softmax":
             if module is not None:
                 twin = type(module)(dim=1)
-                _set_submodule(gm, node.target, twin)
+                replace_module(gm, node.target, twin, inplace=True)
                 changes.append(LayerChange(str(node.target), repr(module), repr(twin)))
             elif len(node.args) > 1:
                 node.update_arg(1, 1)
