@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from fcconv import __version__
-from fcconv.errors import FcconvError, SpecError
+from fcconv.errors import CLI_NAMES, FcconvError, SpecError
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2
 
@@ -31,7 +31,7 @@ class FcconvGroup(click.Group):
         try:
             code = super().main(args, prog_name or "fcconv", standalone_mode=False, **extra)
         except FcconvError as error:
-            code = _fail(str(error), debug)
+            code = _fail(error.render(CLI_NAMES), debug)
         except click.exceptions.NoArgsIsHelpError as error:
             click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
             code = EXIT_TROUBLE

@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from fcconv.errors import FcconvError, LayerError, SpecError, UnsafeCheckpointError
+from fcconv.errors import CLI_NAMES, FcconvError, LayerError, SpecError, UnsafeCheckpointError
 from fcconv.fcn import (
     ArchitectureError,
     ConvolutionalizeError,
@@ -519,19 +519,21 @@ def test_load_model_refuses_pickles_without_trust(tmp_path: Path) -> None:
 
     pickled = tmp_path / "model.pt"
     torch.save(tiny_vgg(), pickled)
-    with pytest.raises(UnsafeCheckpointError, match="--trust-pickle"):
+    with pytest.raises(UnsafeCheckpointError, match="trust_pickle=True") as raised:
         load_model(pickled)
+    assert "pass --trust-pickle if" in raised.value.render(CLI_NAMES)
     loaded = load_model(pickled, trust_pickle=True)
     assert not loaded.training and type(loaded).__name__ == "VGGStyle"
     weights = tmp_path / "weights.pt"
     torch.save(tiny_vgg().state_dict(), weights)
-    with pytest.raises(FcconvError, match="only weights.*--arch"):
+    with pytest.raises(FcconvError, match="only weights.*arch=") as raised:
         load_model(weights)
-    with pytest.raises(ArchitectureError, match="malformed --arch"):
+    assert "give --arch package.module:callable" in raised.value.render(CLI_NAMES)
+    with pytest.raises(ArchitectureError, match="malformed arch="):
         load_model(weights, arch="fcconv.samples_models")
     with pytest.raises(ArchitectureError, match="has no attribute"):
         load_model(weights, arch="fcconv.samples_models:nope")
-    with pytest.raises(FcconvError, match="does not fit --arch"):
+    with pytest.raises(FcconvError, match="does not fit arch="):
         load_model(weights, arch="fcconv.samples_models:keras_style")
     rebuilt = load_model(weights, arch="fcconv.samples_models:tiny_vgg")
     assert all(

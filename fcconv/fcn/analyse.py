@@ -33,7 +33,7 @@ from fcconv.fcn.ops import (
 )
 from fcconv.geometry import Patch
 
-WEIGHT_ONLY_HINT = "for weight-only conversion use `fcconv convert CKPT --layer NAME`"
+WEIGHT_ONLY_HINT = "for weight-only conversion use `fcconv convert CKPT {layers} NAME`"
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _refuse(what: str, layer: str | None = None, patch: str | None = None) -> Co
     hint = WEIGHT_ONLY_HINT
     if layer:
         hint = hint.replace("NAME", layer)
-        hint = hint[:-1] + (f" --patch {patch}`" if patch else "`")
+        hint = hint[:-1] + (f" {{patch}} {patch}`" if patch else "`")
     return ConvolutionalizeError(f"cannot convolutionalize: {what}; {hint}")
 
 
@@ -132,7 +132,7 @@ def _infer_channels(gm: fx.GraphModule) -> int:
             return module.num_features
     raise SpecError(
         "cannot tell how many channels the model's input has (no Conv2d or "
-        "BatchNorm2d found); pass in_channels= (--channels on the command line)"
+        "BatchNorm2d found); pass in_channels= ({channels} on the command line)"
     )
 
 
@@ -145,7 +145,7 @@ def _shape_propagate(gm: fx.GraphModule, example: torch.Tensor, model_name: str)
         cause = error.__cause__ or error
         raise SpecError(
             f"{model_name} does not run on a {shape} input ({_first_line(cause)}); "
-            "give the size it was trained at with --input HxW (and --channels C)"
+            "give the size it was trained at with {input_size} HxW (and {channels} C)"
         ) from None
 
 
@@ -295,7 +295,7 @@ def _analyze_head(
     source, order, order_from = _derive_order(flatten, gm)
     _, channels, height, width = _shape(source)
     patch = Patch(height, width, channels)
-    spec = f"{patch} --order {order}" if order != "chw" else str(patch)
+    spec = f"{patch} {{order}} {order}" if order != "chw" else str(patch)
     if not _plain(_module(gm, linear), (nn.Linear,)):
         raise _refuse(
             f"{_describe(gm, linear)} overrides nn.Linear.forward, so its computation is "

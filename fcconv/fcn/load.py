@@ -26,7 +26,7 @@ def _import_factory(spec: str) -> Any:
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
         raise ArchitectureError(
-            f"malformed --arch {spec!r}: expected package.module:callable "
+            f"malformed {{arch}} {spec!r}: expected package.module:callable "
             "(e.g. fcconv.samples_models:tiny_vgg)"
         )
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -36,18 +36,18 @@ def _import_factory(spec: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ArchitectureError(
-            f"cannot import {module_name!r} for --arch {spec} ({_first_line(error)}); "
+            f"cannot import {module_name!r} for {{arch}} {spec} ({_first_line(error)}); "
             "run from the folder that holds it or install its package"
         ) from None
     factory = module
     for part in attribute.split("."):
         if not hasattr(factory, part):
             raise ArchitectureError(
-                f"module {module_name!r} has no attribute {attribute!r} (--arch {spec})"
+                f"module {module_name!r} has no attribute {attribute!r} ({{arch}} {spec})"
             )
         factory = getattr(factory, part)
     if not callable(factory):
-        raise ArchitectureError(f"--arch {spec} is not callable")
+        raise ArchitectureError(f"{{arch}} {spec} is not callable")
     return factory
 
 
@@ -57,11 +57,13 @@ def _build(spec: str) -> nn.Module:
         model = factory()
     except TypeError as error:
         raise ArchitectureError(
-            f"--arch {spec} cannot be called without arguments ({_first_line(error)}); "
+            f"{{arch}} {spec} cannot be called without arguments ({_first_line(error)}); "
             "wrap it in a function that takes none"
         ) from None
     if not isinstance(model, nn.Module):
-        raise ArchitectureError(f"--arch {spec} returned {type(model).__name__}, not an nn.Module")
+        raise ArchitectureError(
+            f"{{arch}} {spec} returned {type(model).__name__}, not an nn.Module"
+        )
     return model
 
 
@@ -85,7 +87,7 @@ def _load_weights(model: nn.Module, state: dict[str, Any], source: str, spec: st
         if result.unexpected_keys:
             parts.append(f"unexpected {', '.join(result.unexpected_keys[:4])}")
         raise CheckpointError(
-            f"{source} does not fit --arch {spec}: {'; '.join(parts)}; check that the "
+            f"{source} does not fit {{arch}} {spec}: {'; '.join(parts)}; check that the "
             "factory builds the architecture the weights were trained for"
         )
 
@@ -121,12 +123,12 @@ def load_model(
             except UnsafeCheckpointError:
                 raise UnsafeCheckpointError(
                     f"{source} is a pickled model: loading it runs code from the file; "
-                    "pass --trust-pickle if you trust where it came from, or give "
-                    "--arch package.module:callable to build the model and load only "
+                    "pass {trust_pickle} if you trust where it came from, or give "
+                    "{arch} package.module:callable to build the model and load only "
                     "its weights"
                 ) from None
             raise CheckpointError(
-                f"{source} holds only weights, not a model; give --arch "
+                f"{source} holds only weights, not a model; give {{arch}} "
                 "package.module:callable to build the architecture they belong to"
             )
         try:
@@ -135,14 +137,14 @@ def load_model(
             raise CheckpointError(
                 f"{source} refers to code that cannot be imported here "
                 f"({_first_line(error)}); run where the model's classes are importable, "
-                "or save a state dict and use --arch"
+                "or save a state dict and use {arch}"
             ) from None
         except Exception as error:
             raise CheckpointError(f"cannot read {source}: {_first_line(error)}") from None
         if not isinstance(loaded, nn.Module):
             raise CheckpointError(
                 f"{source} holds a {type(loaded).__name__}, not an nn.Module; give "
-                "--arch package.module:callable to build the model for these weights"
+                "{arch} package.module:callable to build the model for these weights"
             )
         return loaded.eval()
 
