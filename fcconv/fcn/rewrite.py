@@ -78,8 +78,9 @@ def _notes_for(an: _Analysis, model: nn.Module) -> list[str]:
         )
     if any(module.training for module in model.modules()):
         notes.append(
-            "the model is in training mode (Dropout and BatchNorm act differently); "
-            "call model.eval() before exporting for inference"
+            "the model was in training mode; the converted model is in eval mode, as "
+            "for inference (Dropout off, BatchNorm on its running statistics); call "
+            ".train() on it to change that"
         )
     return notes
 
@@ -95,6 +96,9 @@ def convolutionalize_detailed(
 ) -> Conversion:
     """Like :func:`convolutionalize`, returning the model with a report of what changed.
 
+    The model in the report is returned in eval mode, as for inference; call
+    ``.train()`` to change it.
+
     Raises:
         UntraceableModelError: ``torch.fx`` cannot trace the model.
         ConvolutionalizeError: the head has a layer without a convolutional
@@ -107,7 +111,7 @@ def convolutionalize_detailed(
     an = _analyze(working, input_size, layers, in_channels)
     notes = _notes_for(an, working)
     changes = _rewrite(an, step)
-    converted = an.gm
+    converted = an.gm.eval()
     converted.meta["fcconv"] = {
         "input_size": list(an.input_size),
         "in_channels": an.in_channels,
@@ -162,11 +166,13 @@ def convolutionalize(
             window at every offset of the feature map).
         in_channels: the input's channels; default: the first conv's.
         inplace: reuse the model's modules instead of copying them; the trunk
-            then shares its parameters with the original.
+            then shares its parameters with the original (and is put in eval
+            mode with the result).
 
     Returns:
         An ``fx.GraphModule`` whose output on a ``[B, C, H, W]`` input is the
-        map ``[B, O, H', W']`` of the original head on every window.
+        map ``[B, O, H', W']`` of the original head on every window, returned
+        in eval mode, as for inference; call ``.train()`` to change it.
 
     Example:
         >>> import torch
