@@ -359,6 +359,23 @@ def test_inplace_shares_the_trunk() -> None:
     assert copied.get_submodule("0") is not model[0]
 
 
+def test_returned_in_eval_mode_even_from_a_model_in_training_mode() -> None:
+    model = seeded(TinyVGG()).train()  # Dropout in the head, live
+    bn_model = seeded(BatchNormHead()).train()
+    conversion = convolutionalize_detailed(bn_model, (7, 7))
+    assert not any(module.training for module in conversion.model.modules())
+    assert all(module.training for module in bn_model.modules())  # the original keeps its flags
+    assert any("training mode" in note and "eval mode" in note for note in conversion.notes)
+    assert conversion.window_stride == (2, 2)
+    dense = convolutionalize(model, (12, 12))
+    assert not dense.training and not any(module.training for module in dense.modules())
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), dense(x), rtol=0, atol=0)  # no live Dropout
+    assert verify_dense(model, dense, (12, 12))
+    assert not convolutionalize(seeded(BatchNormHead()), (7, 7)).training
+
+
 def test_layers_selects_and_validates() -> None:
     model = seeded(TinyVGG())
     assert convolutionalize(model, (12, 12), layers=["classifier.0", "classifier.6"])
@@ -519,19 +536,21 @@ def test_load_model_refuses_pickles_without_trust(tmp_path: Path) -> None:
 
     pickled = tmp_path / "model.pt"
     torch.save(tiny_vgg(), pickled)
-    with pytest.raises(UnsafeCheckpointError, match="--trust-pickle"):
+    with pytest.raises(UnsafeCheckpointError, match="trust_pickle=True") as raised:
         load_model(pickled)
+    assert "pass --trust-pickle if" in raised.value.render(CLI_NAMES)
     loaded = load_model(pickled, trust_pickle=True)
     assert not loaded.training and type(loaded).__name__ == "VGGStyle"
     weights = tmp_path / "weights.pt"
     torch.save(tiny_vgg().state_dict(), weights)
-    with pytest.raises(FcconvError, match="only weights.*--arch"):
+    with pytest.raises(FcconvError, match="only weights.*arch=") as raised:
         load_model(weights)
-    with pytest.raises(ArchitectureError, match="malformed --arch"):
+    assert "give --arch package.module:callable" in raised.value.render(CLI_NAMES)
+    with pytest.raises(ArchitectureError, match="malformed arch="):
         load_model(weights, arch="fcconv.samples_models")
     with pytest.raises(ArchitectureError, match="has no attribute"):
         load_model(weights, arch="fcconv.samples_models:nope")
-    with pytest.raises(FcconvError, match="does not fit --arch"):
+    with pytest.raises(FcconvError, match="does not fit arch="):
         load_model(weights, arch="fcconv.samples_models:keras_style")
     rebuilt = load_model(weights, arch="fcconv.samples_models:tiny_vgg")
     assert all(

@@ -1,0 +1,230 @@
+"""Writing a converted model: a ``torch.export`` program (``.pt2``) or its state dict.
+
+Both are written atomically; an existing file is kept unless ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fcconv.io.atomic import atomic_output, check_output_path
+from fcconv.errors import ConvolutionalizeError
+from fcconv.fcn.analyse import (
+    _eval_mode,
+    _first_line,
+    _infer_channels,
+    _model_dtype_device,
+    _size_pair,
+    _trace,
+)
+from fcconv.fcn.check import _max_abs
+from fcconv.fcn.results import ExportInfo
+
+
+def _backed_size_oblivious() -> contextlib.AbstractContextManager[Any]:
+    """Keep export from specializing sizes that are 1 in no example, e.g. a 1×1 map.
+
+    ``torch.export`` adds ``size != 1`` guards in its contiguity checks when
+    the example's sizes are not 1, which would reject the native size (a 1×1
+    map). The size-oblivious setting is private torch configuration; where it
+    is missing, export runs without it.
+    """
+    try:
+        from torch.fx.experimental import _config as fx_config
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    if not hasattr(fx_config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return fx_config.patch(backed_size_oblivious=True)
+
+
+def _finite(value: Any) -> int | None:
+    """A sympy bound as an int, or None for torch's symbolic infinity."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+    return number if abs(number) < 2**62 else None
+
+
+def _input_ranges(
+    program: torch.export.ExportedProgram,
+) -> dict[str, tuple[int | None, int | None]]:
+    user_input = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.name == user_input)
+    ranges: dict[str, tuple[int | None, int | None]] = {}
+    for label, size in zip(
+        ("batch", "channels", "height", "width"), node.meta["val"].shape, strict=False
+    ):
+        if isinstance(size, torch.SymInt):
+            bounds = program.range_constraints.get(size.node.expr)
+            low = _finite(bounds.lower) if bounds is not None else None
+            high = _finite(bounds.upper) if bounds is not None else None
+            ranges[label] = (max(low or 1, 1), high)
+        else:
+            ranges[label] = (int(size), int(size))
+    return ranges
+
+
+def _probe_shapes(example: torch.Tensor, native: tuple[int, int] | None) -> list[tuple[int, ...]]:
+    """Input shapes an exported program must accept: native (a 1×1 map), odd sizes, batch 1."""
+    batch, channels, height, width = example.shape
+    shapes = [tuple(example.shape), (1, channels, height + 1, width + 3)]
+    if native is not None:
+        shapes += [(1, channels, *native), (batch + 1, channels, native[0] + 1, native[1] + 2)]
+    return list(dict.fromkeys(shapes))
+
+
+def _rejected(
+    program: torch.export.ExportedProgram,
+    model: nn.Module,
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[list[tuple[int, ...]], float]:
+    """The probe shapes the program refuses or gets wrong, and the largest difference."""
+    runnable = program.module()
+    generator = torch.Generator().manual_seed(1)
+    rejected, largest = [], 0.0
+    for shape in shapes:
+        x = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        try:
+            got = runnable(x)
+        except Exception:  # a guard of the program refused this shape
+            rejected.append(shape)
+            continue
+        expected = model(x)
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
+            rejected.append(shape)
+        elif got.numel():
+            largest = max(largest, _max_abs(got, expected))
+    return rejected, largest
+
+
+def save_exported(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_size: Sequence[int] | int,
+    *,
+    in_channels: int | None = None,
+    native_size: Sequence[int] | None = None,
+    batch: int = 2,
+    force: bool = False,
+) -> ExportInfo:
+    """Save ``model`` as a ``torch.export`` program with dynamic batch, height and width.
+
+    The program loads with ``torch.export.load(path).module()`` in a process
+    that has none of the model's code. Export needs an example input
+    (``[batch, C, *example_size]``); the sizes the program accepts are found
+    by export itself from the model's arithmetic (for a VGG-style net: any
+    height and width at least the native size) and returned in
+    :attr:`ExportInfo.ranges`.
+
+    Export may add guards of its own (``size != 1`` for sizes that are not 1
+    in the example, divisibility on some torch versions), so every candidate
+    program is run on probe shapes (the example, the native size with its
+    1×1 map, odd sizes, batch 1) against the model; the first that accepts
+    them all is written, else the one that accepts most, and the note names
+    the shapes it refuses. Candidates: dynamic shapes with size-oblivious
+    reasoning, dynamic shapes without it, and the example's static shape.
+
+    Args:
+        model: the converted model (any ``nn.Module`` taking one NCHW tensor).
+        path: the ``.pt2`` file to write.
+        example_size: ``(H, W)`` of the example input; a size giving a map of
+            at least 2×2 cells is best.
+        in_channels: default: recorded by :func:`convolutionalize`.
+        native_size: the native ``(H, W)``, probed; default: recorded.
+        batch: the example's batch size.
+        force: replace an existing file.
+
+    The file is written atomically: a temporary file beside it, then a
+    rename. An existing file is kept unless ``force``.
+    """
+    target = Path(path)
+    check_output_path(target, force)
+    size = _size_pair(example_size, "example_size")
+    meta = getattr(model, "meta", None)
+    recorded = meta.get("fcconv", {}) if isinstance(meta, dict) else {}
+    channels = in_channels or recorded.get("in_channels")
+    if channels is None:
+        channels = _infer_channels(_trace(model))
+    native = native_size or recorded.get("input_size")
+    native = _size_pair(tuple(native), "native_size") if native else None
+    dtype, device = _model_dtype_device(model)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(batch, channels, *size, generator=generator, dtype=dtype).to(device)
+    shapes = _probe_shapes(example, native)
+    dynamic = torch.export.Dim.DYNAMIC
+    dims = ({0: dynamic, 2: dynamic, 3: dynamic},)
+    candidates = [
+        ("dynamic", _backed_size_oblivious, dims),
+        ("dynamic", contextlib.nullcontext, dims),
+        ("static", contextlib.nullcontext, None),
+    ]
+    best = None
+    errors = []
+    with _eval_mode(model), torch.no_grad():
+        for kind, setting, dynamic_shapes in candidates:
+            try:
+                with setting():
+                    program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
+            except Exception as error:  # this kind of export failed: try the next
+                errors.append(f"{kind} export failed ({_first_line(error)})")
+                continue
+            rejected, largest = _rejected(program, model, shapes, dtype, device)
+            if best is None or len(rejected) < len(best[2]):
+                best = (kind, program, rejected, largest)
+            if not rejected:
+                break
+    if best is None:
+        raise ConvolutionalizeError(
+            f"torch.export cannot export the converted model: {'; '.join(errors)}"
+        )
+    kind, program, rejected, largest = best
+    notes = []
+    if kind == "static":
+        notes.append(f"the program accepts only inputs of shape {tuple(example.shape)}")
+    if rejected:
+        shown = ", ".join("x".join(map(str, shape)) for shape in rejected)
+        notes.append(f"the program refuses or mis-computes probe input(s) {shown}")
+    ranges = _input_ranges(program)
+    with atomic_output(target) as temporary, open(temporary, "wb") as handle:
+        torch.export.save(program, handle)
+    return ExportInfo(
+        path=str(target),
+        dynamic=kind == "dynamic",
+        ranges=ranges,
+        example_shape=tuple(example.shape),
+        roundtrip_max_abs_diff=largest,
+        probed_shapes=[s for s in shapes if s not in rejected],
+        rejected_shapes=rejected,
+        note="; ".join(notes),
+    )
+
+
+def save_state_dict(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False) -> str:
+    """Write the converted model's state dict (``.safetensors`` or torch pickle), atomically.
+
+    Keys keep the original module names (``classifier.0.weight`` is now the
+    4-D conv kernel), so a hand-written conv architecture loads it directly.
+    """
+    target = Path(path)
+    check_output_path(target, force)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_output(target) as temporary:
+        if target.suffix == ".safetensors":
+            from safetensors.torch import save
+
+            # bytes into the prepared file: it keeps the permissions atomic_output gave it
+            temporary.write_bytes(save(state, metadata={"fcconv": "convolutionalize"}))
+        else:
+            torch.save(state, temporary)
+    return str(target)
