@@ -418,19 +418,11 @@ def _convert_in_memory(job: _Job, out_format: str) -> ConvertResult:
     return job.result(plans, verification, format=written, mode="in memory")
 
 
-class _Failed(Exception):
-    """Raised from a streaming writer's check to abort a write that failed verification."""
-
-    def __init__(self, result: VerifyResult) -> None:
-        super().__init__("the conversion failed verification")
-        self.result = result
-
-
 def _streamed(
     job: _Job, write: Callable[..., None], read_after: Callable[..., Any], label: str
 ) -> ConvertResult:
     """Plan, then let a streaming writer convert, verifying its output before the rename."""
-    from fcconv.verify import verify_conversion
+    from fcconv.verify import VerificationFailed, verify_conversion
 
     plans = _plan(job)
     keys = _layer_keys(plans)
@@ -440,12 +432,12 @@ def _streamed(
         result = verify_conversion(plans, job.source.read(keys), read_after(built, keys), job.size)
         results.append(result)
         if not result:
-            raise _Failed(result)
+            raise VerificationFailed(result)
 
     layers = {p.weight_key: (p.patch, p.order) for p in plans}
     try:
         write(layers, plans, check if job.verify else None)
-    except _Failed as failure:
+    except VerificationFailed as failure:
         return job.result(plans, failure.result)
     return job.result(plans, results[0] if results else None, format=label, mode="streamed")
 
@@ -516,8 +508,9 @@ def verify_checkpoints(
     Returns:
         A :class:`~fcconv.verify.VerifyResult`, truthy when equivalent.
     """
+    from fcconv.discovery import plan_verification
     from fcconv.io.sources import byte_differences, read_all, tensors_of
-    from fcconv.verify import plan_verification, verify_conversion
+    from fcconv.verify import verify_conversion
 
     if str(original) == STDIO and str(converted) == STDIO:
         raise SpecError("only one of the two checkpoints can be - (stdin)")

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcconv.io.atomic import atomic_output, check_output_path
 from fcconv.errors import ConvolutionalizeError
 from fcconv.fcn.analyse import (
     _eval_mode,
@@ -26,6 +25,7 @@ from fcconv.fcn.analyse import (
 )
 from fcconv.fcn.check import _max_abs
 from fcconv.fcn.results import ExportInfo
+from fcconv.io.atomic import atomic_output, check_output_path
 
 
 def _backed_size_oblivious() -> contextlib.AbstractContextManager[Any]:

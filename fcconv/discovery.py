@@ -1,0 +1,181 @@
+"""Which layers of two checkpoints are a conversion, and how each claims it was converted.
+
+``verify`` needs no layer arguments: a layer is converted when its weight is
+2-D in the original and 4-D with as many elements in the converted file.
+Its patch comes from the kernel's shape; its order from explicit arguments,
+else from fcconv's provenance record, else from the order whose permutation
+maps one weight onto the other exactly. Every claim is then checked by
+:mod:`fcconv.verify`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fcconv.errors import LayerError
+from fcconv.geometry import (
+    ORDERS,
+    Patch,
+    PatchSpec,
+    coinciding_orders,
+    conv_weight_to_linear,
+    patch_of_kernel,
+    resolve_patch,
+)
+from fcconv.plan import (
+    AUTO,
+    LayerPlan,
+    LayerRequest,
+    TensorInfo,
+    describe,
+    layer_stride,
+    linear_entries,
+    module_name,
+    resolve_name,
+)
+from fcconv.verify import bitwise_equal, first_mismatch
+
+if TYPE_CHECKING:
+    import torch
+
+
+def matching_orders(weight: torch.Tensor, kernel: torch.Tensor) -> list[str]:
+    """The orders under which ``kernel`` flattens back to ``weight`` bit for bit."""
+    if kernel.dim() != 4 or kernel.dtype != weight.dtype or kernel.numel() != weight.numel():
+        return []
+    return [
+        order for order in ORDERS if bitwise_equal(conv_weight_to_linear(kernel, order), weight)
+    ]
+
+
+def closest_order(weight: torch.Tensor, kernel: torch.Tensor) -> str:
+    """The order with the fewest mismatching elements (to point at the difference)."""
+    counts = {
+        order: first_mismatch(weight, conv_weight_to_linear(kernel, order))[0] for order in ORDERS
+    }
+    return min(ORDERS, key=lambda order: counts[order])
+
+
+def converted_pairs(
+    original: Mapping[str, TensorInfo], converted: Mapping[str, TensorInfo]
+) -> list[str]:
+    """Weight keys that are 2-D in the original and 4-D with as many elements after."""
+    pairs = []
+    for key, info in original.items():
+        other = converted.get(key)
+        if (
+            module_name(key) is not None
+            and other is not None
+            and len(info.shape) == 2
+            and len(other.shape) == 4
+            and math.prod(info.shape) == math.prod(other.shape)
+        ):
+            pairs.append(key)
+    return pairs
+
+
+def plan_verification(
+    original: Mapping[str, torch.Tensor],
+    converted: Mapping[str, torch.Tensor],
+    *,
+    requests: list[LayerRequest],
+    default_patch: PatchSpec | None,
+    order: str | None,
+    stride: tuple[int, int] | None,
+    provenance: Mapping[str, Mapping[str, Any]],
+    source: str,
+    info: tuple[Mapping[str, TensorInfo], Mapping[str, TensorInfo]] | None = None,
+) -> tuple[list[LayerPlan], list[str]]:
+    """Find the converted layers and how each claims to have been converted.
+
+    Explicit flags win, then the file's provenance, then discovery: the order
+    whose permutation maps one weight onto the other exactly. Returns the plans
+    and the notes that say where each fact came from; flags that disagree with
+    the files come back as plans that the checks will fail. ``info`` (shapes
+    and dtypes of both sides) spares reading tensors that are still on disk.
+    """
+    info, info_after = info or (describe(original), describe(converted))
+    pairs = converted_pairs(info, info_after)
+    if requests:
+        names = [resolve_name(r.name, info, source) for r in requests]
+    else:
+        names = [module_name(key) for key in pairs]
+    if not names:
+        raise LayerError(
+            f"no converted layer found: no weight of {source} is 2-D there and 4-D "
+            "with as many elements in the converted file; check the two paths"
+        )
+    entries = {entry.name: entry for entry in linear_entries(info)}
+    specs = {r.name: r.patch for r in requests}
+    plans, notes = [], []
+    for requested, name in zip(requests or names, names, strict=True):
+        if name not in entries:
+            raise LayerError(f"{name} is not Linear-shaped in {source}; nothing to verify")
+        entry = entries[name]
+        if entry.weight_key not in pairs:
+            shape = (
+                tuple(converted[entry.weight_key].shape) if entry.weight_key in converted else None
+            )
+            raise LayerError(
+                f"{name} is not converted in the second file ({entry.weight_key} has "
+                f"shape {shape}); check the layer name and the file order"
+            )
+        kernel = converted[entry.weight_key]
+        patch = patch_of_kernel(tuple(kernel.shape))
+        spec = specs.get(getattr(requested, "name", requested)) or default_patch
+        claimed_patch = resolve_patch(spec, entry.in_features, name) if spec else patch
+        record = provenance.get(name, {})
+        layer_order, note = _claimed_order(
+            name, original[entry.weight_key], kernel, patch, order, record
+        )
+        notes.append(note)
+        recorded = tuple(record.get("stride", ())) or None
+        window_stride = layer_stride(patch, stride) if stride else recorded
+        window_stride = window_stride or layer_stride(patch, None)
+        plans.append(
+            LayerPlan(
+                name,
+                entry.weight_key,
+                entry.bias_key,
+                entry.out_features,
+                claimed_patch,
+                layer_order,
+                tuple(window_stride),
+                entry.dtype,
+            )  # fmt: skip
+        )
+    return plans, notes
+
+
+def _claimed_order(
+    name: str,
+    weight: torch.Tensor,
+    kernel: torch.Tensor,
+    patch: Patch,
+    order: str | None,
+    record: Mapping[str, Any],
+) -> tuple[str, str]:
+    if order and order != AUTO:
+        return order, f"{name}: order {order} as given"
+    if record.get("order") in ORDERS:
+        return record["order"], f"{name}: order {record['order']} from the file's metadata"
+    matches = matching_orders(weight, kernel)
+    if not matches:
+        closest = closest_order(weight, kernel)
+        return closest, (
+            f"{name}: no order maps the kernel onto the weight exactly; the closest is {closest}"
+        )
+    same = coinciding_orders(patch, matches[0])
+    if len(matches) == 1:
+        return matches[0], f"{name}: order {matches[0]} found from the weights"
+    if set(matches) <= set(same):
+        return matches[0], (
+            f"{name}: orders {', '.join(matches)} are the same permutation for a "
+            f"{patch} patch; any of them is right"
+        )
+    return matches[0], (
+        f"{name}: orders {', '.join(matches)} all map the kernel onto the weight "
+        f"(its values repeat); checked as {matches[0]}"
+    )
