@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench samples clean
+.PHONY: install demo test test-slow test-all lint format bench samples clean
 
 install: $(STAMP)
 
@@ -21,7 +21,13 @@ demo: install
 	bash scripts/demo.sh
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Tests that take more than a few seconds each (regenerating the trained samples, ...).
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: test test-slow
 
 lint: install
 	$(BIN)/ruff check .

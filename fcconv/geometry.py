@@ -146,7 +146,8 @@ def resolve_patch(spec: PatchSpec, in_features: int, layer: str = "layer") -> Pa
             raise SpecError(
                 f"patch {spec} does not fit {layer}: in_features {in_features} is not "
                 f"a multiple of {spec.height}·{spec.width} = {area}; patches that fit: "
-                f"{_describe(candidate_patches(in_features))}"
+                f"{_describe(candidate_patches(in_features))}",
+                layer=layer,
             )
         return Patch(spec.height, spec.width, in_features // area)
     patch = Patch(spec.height, spec.width, spec.channels)
@@ -154,7 +155,8 @@ def resolve_patch(spec: PatchSpec, in_features: int, layer: str = "layer") -> Pa
         fits = candidate_patches(in_features, spec.channels) or candidate_patches(in_features)
         raise SpecError(
             f"patch {spec} has {patch.features} elements but {layer} has in_features "
-            f"{in_features}; patches that fit: {_describe(fits)}"
+            f"{in_features}; patches that fit: {_describe(fits)}",
+            layer=layer,
         )
     return patch
 
