@@ -1,0 +1,137 @@
+"""The checkpoint commands: ``inspect``, ``convert`` and ``verify``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from fcconv.cli import DEBUG, JSON, TRUST, cli, finish, with_options
+from fcconv.errors import SpecError
+from fcconv.report import printable
+
+LAYER_OPTIONS = with_options(
+    click.option(
+        "--layer",
+        "layers",
+        multiple=True,
+        metavar="NAME[=PATCH]",
+        help="Layer to convert, e.g. fc or fc6=7x7x512 (repeatable).",
+    ),
+    click.option(
+        "--patch", metavar="HxWxC", help="Patch of every --layer without its own (HxW: C inferred)."
+    ),
+    click.option(
+        "--order",
+        metavar="ORDER",
+        help="Flatten order of the patch, slowest axis first: chw (default), hwc, whc, ...",
+    ),
+    click.option("--stride", metavar="SHxSW", help="Window stride (default: the patch size)."),
+    click.option(
+        "--input",
+        "input_size",
+        metavar="HxW",
+        help="Input size for the geometry and the functional check (default: 2×2 windows).",
+    ),
+    JSON,
+    TRUST,
+    DEBUG,
+)
+
+
+@cli.command()
+@click.argument("checkpoint", metavar="CKPT")
+@click.option("--channels", type=click.IntRange(min=1), help="Channels C of the patch, if known.")
+@click.option(
+    "--input",
+    "feature_map",
+    metavar="HxWxC",
+    help="Feature map fed to the layer, if known: limits the patches listed.",
+)
+@click.option(
+    "--patch", metavar="HxWxC", help="Rank the six flatten orders by the weights' evidence."
+)
+@with_options(JSON, TRUST, DEBUG)
+def inspect(checkpoint: str, as_json: bool, **options: Any) -> None:
+    """List the Linear-shaped entries of CKPT and the patches that fit each."""
+    from fcconv import api, report
+
+    finish(api.inspect_checkpoint(checkpoint, **options), as_json, report.render_inspect)
+
+
+@cli.command()
+@click.argument("checkpoint", metavar="CKPT")
+@click.option(
+    "-o",
+    "--output",
+    metavar="OUT",
+    help="Output path (default: <stem>.conv<suffix> beside the input; - = stdout).",
+)
+@LAYER_OPTIONS
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--no-verify", is_flag=True, help="Skip the checks before writing.")
+@click.option(
+    "--format",
+    type=click.Choice(["torch", "safetensors"]),
+    help="Output format (default: from the output's extension, else the input's).",
+)
+@click.option(
+    "--link", is_flag=True, help="Sharded input: hard-link untouched shards instead of copying."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def convert(
+    checkpoint: str,
+    output: str | None,
+    as_json: bool,
+    no_verify: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Convert Linear layers of CKPT into Conv2d weights and write a new checkpoint.
+
+    CKPT is a .pt/.pth/.bin/.ckpt or .safetensors file, - for stdin, or a
+    sharded checkpoint's folder (or its *.safetensors.index.json).
+    """
+    from fcconv import api, report
+
+    if (output or (checkpoint if checkpoint == "-" else None)) == "-":
+        _check_stdout_takes_data(as_json)
+    with report.progress_bar("converting", enabled=False if quiet else None) as progress:
+        result = api.convert_checkpoint(
+            checkpoint, output, verify=not no_verify, progress=progress, **options
+        )
+    for line in result.notes:
+        click.echo(f"fcconv: {printable(line)}", err=True)
+    for line in result.warnings:
+        click.echo(f"fcconv: warning: {printable(line)}", err=True)
+    finish(result, as_json, report.render_convert)
+
+
+def _check_stdout_takes_data(as_json: bool) -> None:
+    if as_json:
+        raise SpecError(
+            "--json puts its report on stdout, so the checkpoint cannot go there too; "
+            "write it to a file with -o"
+        )
+    if sys.stdout.isatty():
+        raise SpecError(
+            "refusing to write a binary checkpoint to the terminal; redirect stdout "
+            "or write to a file with -o"
+        )
+
+
+@cli.command()
+@click.argument("original", metavar="ORIGINAL")
+@click.argument("converted", metavar="CONVERTED")
+@LAYER_OPTIONS
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input.")
+def verify(original: str, converted: str, as_json: bool, **options: Any) -> None:
+    """Check that CONVERTED holds exactly ORIGINAL's layers as convolutions.
+
+    Exit 0 when equivalent, 1 when a difference is found.
+    """
+    from fcconv import api, report
+
+    result = api.verify_checkpoints(original, converted, **options)
+    finish(result, as_json, report.render_verification)

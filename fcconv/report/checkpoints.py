@@ -1,0 +1,165 @@
+"""The checkpoint jobs for people: what each layer became, the checks, the entries."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fcconv.geometry import Grid, default_input, make_grid
+from fcconv.report import num, shape, table, text
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from fcconv.api import ConvertResult, InspectResult
+    from fcconv.plan import LayerPlan
+    from fcconv.verify import LayerCheck, VerifyResult
+
+
+# ------------------------------------------------------------------ geometry
+
+
+def geometry_lines(plan: LayerPlan, input_size: tuple[int, int] | None) -> list[str]:
+    """Input → output grid, the receptive field of one cell, and what is left uncovered."""
+    size = input_size or default_input(plan.patch, plan.stride)
+    grid = make_grid(size, plan.patch, plan.stride)
+    return [_grid_line(plan, grid), _field_line(grid), *grid.warnings()]
+
+
+def _grid_line(plan: LayerPlan, grid: Grid) -> str:
+    return (
+        f"input {grid.height}×{grid.width}×{plan.patch.channels} → output map "
+        f"{grid.rows}×{grid.cols}×{plan.out_features} ({grid.rows * grid.cols} windows)"
+    )
+
+
+def _field_line(grid: Grid) -> str:
+    sh, sw = grid.stride
+    kh, kw = grid.patch.height, grid.patch.width
+    return (
+        f"cell (p, q) sees input rows {sh}p … {sh}p+{kh - 1}, "
+        f"columns {sw}q … {sw}q+{kw - 1} (a {kh}×{kw} receptive field)"
+    )
+
+
+# ------------------------------------------------------------------- convert
+
+
+def render_plans(
+    console: Console, plans: list[LayerPlan], input_size: tuple[int, int] | None
+) -> None:
+    """What each layer became and the module that loads it."""
+    from fcconv.plan import layer_inputs
+
+    for plan, size in zip(plans, layer_inputs(plans, input_size), strict=True):
+        console.print(
+            text(
+                (plan.name, "bold"),
+                f": Linear {plan.linear_shape[0]}←{plan.linear_shape[1]} → conv "
+                f"{shape(plan.conv_shape)}, patch {plan.patch}, order {plan.order}, "
+                f"stride {plan.stride[0]}x{plan.stride[1]}",
+            )
+        )
+        console.print(text(f"  build it with: {plan.conv2d_line()}"))
+        for line in geometry_lines(plan, size):
+            console.print(text((f"  {line}", "yellow" if "uncovered" in line else "")))
+
+
+def render_convert(console: Console, result: ConvertResult) -> None:
+    """The plans, the checks, and what was written (or why not)."""
+    if not result.written:
+        if result.verification is not None:
+            render_verification(console, result.verification)
+        console.print(text(("not written", "red"), ": the conversion failed verification"))
+        return
+    render_plans(console, result.plans, result.input_size)
+    if result.verification is not None:
+        render_verification(console, result.verification)
+    where = "stdout" if result.output == "-" else result.output
+    console.print(text(f"wrote {where} ({result.format}, {result.mode})"))
+
+
+# -------------------------------------------------------------------- verify
+
+
+def render_verification(console: Console, result: VerifyResult) -> None:
+    """One small table per layer (fits any terminal), then the verdict in words."""
+    for check in result.layers:
+        verdict = ("pass", "green") if check else ("FAIL", "red")
+        console.print(table(text(f"{check.plan.name}: ", verdict), _check_rows(check)))
+        functional_notes = check.functional.notes if check.functional is not None else []
+        for line in [*check.notes, *functional_notes]:
+            console.print(text(f"note: {line}"))
+        for problem in check.problems:
+            console.print(text(("difference", "red"), f": {problem}"))
+    for note in result.notes:
+        console.print(text(f"note: {note}"))
+    for difference in result.differences:
+        console.print(text(("difference", "red"), f": {difference}"))
+    if result:
+        console.print(
+            text(("equivalent", "green"), ": every layer is an exact permutation and matches")
+        )
+    else:
+        console.print(text(("NOT equivalent", "red"), ": see the differences above"))
+
+
+def _check_rows(check: LayerCheck) -> list[tuple[str, str]]:
+    plan, functional = check.plan, check.functional
+    rows = [
+        ("linear → conv", f"{shape(plan.linear_shape)} → {shape(plan.conv_shape)}"),
+        (
+            "patch · order · stride",
+            f"{plan.patch} · {plan.order} · {plan.stride[0]}x{plan.stride[1]}",
+        ),
+        ("exact (bit for bit)", "yes" if check.exact else "no"),
+        ("build it with", plan.conv2d_line()),
+    ]
+    if functional is None:
+        return rows
+    height, width = functional.input_size
+    grid_rows, grid_cols = functional.output_grid
+    return [
+        *rows,
+        ("input → output map", f"{height}×{width} → {grid_rows}×{grid_cols}×{plan.out_features}"),
+        ("receptive field", _field_line(make_grid(functional.input_size, plan.patch, plan.stride))),
+        (f"max abs error ({functional.dtype})", num(functional.max_abs_error)),
+        ("error / bound 2·γ_N·scale", num(functional.bound_ratio)),
+        ("error / u·scale", num(functional.roundoff_units)),
+        ("rtol that would pass", num(functional.needed_rtol)),
+        ("float64 error / 1e-9·scale", num(functional.float64_ratio)),
+    ]
+
+
+# ------------------------------------------------------------------- inspect
+
+
+def render_inspect(console: Console, result: InspectResult) -> None:
+    """The Linear-shaped entries of a checkpoint, the patches that fit, the order evidence."""
+    from rich.table import Table
+
+    table = Table(
+        title=text(f"{result.source} ({result.format}): Linear-shaped entries"),
+        title_justify="left",
+    )
+    for column in ("name", "out × in", "dtype", "bias", "patches that fit (HxWxC)"):
+        table.add_column(column)
+    for entry in result.entries:
+        table.add_row(
+            text(entry.name),
+            text(f"{entry.out_features} × {entry.in_features}"),
+            text(entry.dtype),
+            text("yes" if entry.bias_key else "no"),
+            text(", ".join(result.fits[entry.name]) or "—"),
+        )
+    console.print(table)
+    if not result.entries:
+        console.print(text("no Linear-shaped entries (2-D weights) in this checkpoint"))
+    for layer in result.converted:
+        details = f", patch {layer['patch']}, order {layer['order']}" if "order" in layer else ""
+        console.print(
+            text(f"converted: {layer['layer']} conv {shape(layer['conv_shape'])}{details}")
+        )
+    for name, evidence in result.evidence.items():
+        verdict = f"order {evidence.winner}" if evidence.winner else "undecided"
+        console.print(text(f"{name} (patch {evidence.patch}): {verdict}: {evidence.reason}"))
+        console.print(text(f"  ranking: {evidence.ranking_text()}"))
