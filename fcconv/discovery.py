@@ -41,19 +41,23 @@ if TYPE_CHECKING:
     import torch
 
 
-def matching_orders(weight: torch.Tensor, kernel: torch.Tensor) -> list[str]:
-    """The orders under which ``kernel`` flattens back to ``weight`` bit for bit."""
+def matching_orders(weight: torch.Tensor, kernel: torch.Tensor, *, flip: bool = False) -> list[str]:
+    """The orders under which ``kernel`` (unflipped first, with ``flip``) flattens back to
+    ``weight`` bit for bit."""
     if kernel.dim() != 4 or kernel.dtype != weight.dtype or kernel.numel() != weight.numel():
         return []
     return [
-        order for order in ORDERS if bitwise_equal(conv_weight_to_linear(kernel, order), weight)
+        order
+        for order in ORDERS
+        if bitwise_equal(conv_weight_to_linear(kernel, order, flip=flip), weight)
     ]
 
 
-def closest_order(weight: torch.Tensor, kernel: torch.Tensor) -> str:
+def closest_order(weight: torch.Tensor, kernel: torch.Tensor, *, flip: bool = False) -> str:
     """The order with the fewest mismatching elements (to point at the difference)."""
     counts = {
-        order: first_mismatch(weight, conv_weight_to_linear(kernel, order))[0] for order in ORDERS
+        order: first_mismatch(weight, conv_weight_to_linear(kernel, order, flip=flip))[0]
+        for order in ORDERS
     }
     return min(ORDERS, key=lambda order: counts[order])
 
@@ -87,11 +91,15 @@ def plan_verification(
     provenance: Mapping[str, Mapping[str, Any]],
     source: str,
     info: tuple[Mapping[str, TensorInfo], Mapping[str, TensorInfo]] | None = None,
+    flip: bool | None = None,
 ) -> tuple[list[LayerPlan], list[str]]:
     """Find the converted layers and how each claims to have been converted.
 
     Explicit flags win, then the file's provenance, then discovery: the order
-    whose permutation maps one weight onto the other exactly. Returns the plans
+    whose permutation maps one weight onto the other exactly. A kernel is
+    flipped (for a framework that convolves) when ``flip`` says so, else when
+    the provenance says so; a kernel that only a flip maps onto the weight is
+    named in a note, and checked unflipped (so it fails). Returns the plans
     and the notes that say where each fact came from; flags that disagree with
     the files come back as plans that the checks will fail. ``info`` (shapes
     and dtypes of both sides) spares reading tensors that are still on disk.
@@ -127,8 +135,9 @@ def plan_verification(
         spec = specs.get(getattr(requested, "name", requested)) or default_patch
         claimed_patch = resolve_patch(spec, entry.in_features, name) if spec else patch
         record = provenance.get(name, {})
+        flipped = flip if flip is not None else bool(record.get("flip"))
         layer_order, note = _claimed_order(
-            name, original[entry.weight_key], kernel, patch, order, record
+            name, original[entry.weight_key], kernel, patch, order, record, flipped
         )
         notes.append(note)
         recorded = tuple(record.get("stride", ())) or None
@@ -144,6 +153,7 @@ def plan_verification(
                 layer_order,
                 tuple(window_stride),
                 entry.dtype,
+                flipped,
             )  # fmt: skip
         )
     return plans, notes
@@ -156,17 +166,18 @@ def _claimed_order(
     patch: Patch,
     order: str | None,
     record: Mapping[str, Any],
+    flip: bool,
 ) -> tuple[str, str]:
+    as_flipped = " (kernel flipped)" if flip else ""
     if order and order != AUTO:
-        return order, f"{name}: order {order} as given"
+        return order, f"{name}: order {order} as given{as_flipped}"
     if record.get("order") in ORDERS:
-        return record["order"], f"{name}: order {record['order']} from the file's metadata"
-    matches = matching_orders(weight, kernel)
-    if not matches:
-        closest = closest_order(weight, kernel)
-        return closest, (
-            f"{name}: no order maps the kernel onto the weight exactly; the closest is {closest}"
+        return record["order"], (
+            f"{name}: order {record['order']}{as_flipped} from the file's metadata"
         )
+    matches = matching_orders(weight, kernel, flip=flip)
+    if not matches:
+        return _unmatched(name, weight, kernel, flip)
     same = coinciding_orders(patch, matches[0])
     if len(matches) == 1:
         return matches[0], f"{name}: order {matches[0]} found from the weights"
@@ -178,4 +189,29 @@ def _claimed_order(
     return matches[0], (
         f"{name}: orders {', '.join(matches)} all map the kernel onto the weight "
         f"(its values repeat); checked as {matches[0]}"
+    )
+
+
+def _unmatched(
+    name: str, weight: torch.Tensor, kernel: torch.Tensor, flip: bool
+) -> tuple[str, str]:
+    """The order to check a kernel that no order maps onto the weight, and why.
+
+    A flip is a permutation too, so it is decided exactly: when the kernel
+    matches only the other way round, the note says so and how to check it.
+    """
+    other = matching_orders(weight, kernel, flip=not flip)
+    if other:
+        if flip:
+            what = f"matches order {other[0]} unflipped: it was not flipped"
+        else:
+            what = (
+                f"matches order {other[0]} with its spatial axes flipped: a kernel for a "
+                "framework that convolves (Theano, textbook convolution); if that is what "
+                "was meant, check it with --flip (flip=True)"
+            )
+        return other[0], f"{name}: the kernel {what}"
+    closest = closest_order(weight, kernel, flip=flip)
+    return closest, (
+        f"{name}: no order maps the kernel onto the weight exactly; the closest is {closest}"
     )

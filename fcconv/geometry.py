@@ -173,12 +173,16 @@ def index_map(patch: Patch, order: str) -> torch.Tensor:
     return columns.permute(*(order.index(axis) for axis in AXES))
 
 
-def linear_weight_to_conv(weight: torch.Tensor, patch: Patch, order: str) -> torch.Tensor:
+def linear_weight_to_conv(
+    weight: torch.Tensor, patch: Patch, order: str, *, flip: bool = False
+) -> torch.Tensor:
     """Rearrange a Linear weight ``[O, N]`` into the conv kernel ``[O, C, kh, kw]``.
 
     The result is a new tensor (never a view of ``weight``) with row-major
     strides, the same dtype and exactly the same element bits; ``weight`` may
-    be non-contiguous.
+    be non-contiguous. ``flip=True`` also reverses the kernel's spatial axes,
+    for a framework that convolves (Theano, textbook convolution) instead of
+    cross-correlating as PyTorch, Keras 3 and ONNX do (see :func:`flip_kernel`).
 
     >>> import torch
     >>> k = linear_weight_to_conv(torch.arange(8.).reshape(1, 8), Patch(2, 2, 2), "hwc")
@@ -194,10 +198,10 @@ def linear_weight_to_conv(weight: torch.Tensor, patch: Patch, order: str) -> tor
     out_features = weight.shape[0]
     grouped = weight.reshape(out_features, *patch.sizes(order))
     kernel = grouped.permute(0, *(1 + order.index(axis) for axis in AXES))
-    return _fresh(kernel)
+    return _fresh(kernel.flip(2, 3) if flip else kernel)
 
 
-def conv_weight_to_linear(kernel: torch.Tensor, order: str) -> torch.Tensor:
+def conv_weight_to_linear(kernel: torch.Tensor, order: str, *, flip: bool = False) -> torch.Tensor:
     """Inverse of :func:`linear_weight_to_conv`: ``[O, C, kh, kw]`` back to ``[O, N]``."""
     order = parse_order(order)
     if kernel.dim() != 4:
@@ -205,8 +209,66 @@ def conv_weight_to_linear(kernel: torch.Tensor, order: str) -> torch.Tensor:
             f"kernel of shape {tuple(kernel.shape)} is not a Conv2d weight "
             "(expected [out, C, kh, kw])"
         )
+    if flip:
+        kernel = kernel.flip(2, 3)
     flat = kernel.permute(0, *(1 + AXES.index(axis) for axis in order))
     return _fresh(flat.reshape(kernel.shape[0], -1))
+
+
+def flip_kernel(kernel: torch.Tensor) -> torch.Tensor:
+    """``K[o, c, kh-1-i, kw-1-j]``: the kernel a convolving framework needs for ``K``.
+
+    A framework that convolves (Theano, textbook convolution) reverses the
+    kernel's spatial axes as it slides it; PyTorch, Keras 3 and ONNX
+    cross-correlate and never do. Running the flipped kernel there computes
+    what ``kernel`` computes here. Flipping twice gives ``kernel`` back.
+
+    >>> import torch
+    >>> flip_kernel(torch.arange(4.).reshape(1, 1, 2, 2))[0, 0].tolist()
+    [[3.0, 2.0], [1.0, 0.0]]
+    """
+    return _fresh(kernel.flip(2, 3))
+
+
+# Keras stores a Dense kernel as [N, O] and a Conv2D kernel as [kh, kw, C, O]:
+# the same elements as PyTorch's Linear weight [O, N] and Conv2d weight
+# [O, C, kh, kw], only in another axis order.
+_KERAS_CONV_FROM_OIHW = (2, 3, 1, 0)
+_OIHW_FROM_KERAS_CONV = (3, 2, 0, 1)
+
+
+def keras_dense_to_linear(kernel: torch.Tensor) -> torch.Tensor:
+    """A Keras Dense kernel ``[N, O]`` as the Linear weight ``[O, N]`` (its transpose)."""
+    _expect_dims(kernel, 2, "Keras Dense kernel [in, out]")
+    return _fresh(kernel.T)
+
+
+def linear_to_keras_dense(weight: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`keras_dense_to_linear`: ``[O, N]`` back to ``[N, O]``."""
+    _expect_dims(weight, 2, "Linear weight [out, in]")
+    return _fresh(weight.T)
+
+
+def keras_conv_to_oihw(kernel: torch.Tensor) -> torch.Tensor:
+    """A Keras Conv2D kernel ``[kh, kw, C, O]`` as PyTorch's ``[O, C, kh, kw]``.
+
+    >>> import torch
+    >>> tuple(keras_conv_to_oihw(torch.zeros(3, 2, 5, 7)).shape)
+    (7, 5, 3, 2)
+    """
+    _expect_dims(kernel, 4, "Keras Conv2D kernel [kh, kw, C, out]")
+    return _fresh(kernel.permute(*_OIHW_FROM_KERAS_CONV))
+
+
+def oihw_to_keras_conv(kernel: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`keras_conv_to_oihw`: ``[O, C, kh, kw]`` to ``[kh, kw, C, O]``."""
+    _expect_dims(kernel, 4, "Conv2d weight [out, C, kh, kw]")
+    return _fresh(kernel.permute(*_KERAS_CONV_FROM_OIHW))
+
+
+def _expect_dims(tensor: torch.Tensor, dims: int, what: str) -> None:
+    if tensor.dim() != dims:
+        raise SpecError(f"a tensor of shape {tuple(tensor.shape)} is not a {what}")
 
 
 def _fresh(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ tensors in memory and tensors still on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -167,6 +168,8 @@ class LayerPlan:
     order: str
     stride: tuple[int, int]
     dtype: str
+    flip: bool = False
+    """The kernel is flipped for a framework that convolves (see ``geometry.flip_kernel``)."""
 
     @property
     def linear_shape(self) -> tuple[int, int]:
@@ -193,6 +196,7 @@ class LayerPlan:
             "order": self.order,
             "stride": list(self.stride),
             "dtype": self.dtype,
+            "flip": self.flip,
             "conv2d": self.conv2d_line(),
         }
 
@@ -210,19 +214,17 @@ class LayerPlan:
         }
 
     def provenance(self) -> dict[str, Any]:
-        """The record kept in safetensors metadata."""
-        return {
+        """The record kept in safetensors metadata (``flip`` only when the kernel is flipped)."""
+        record = {
             "patch": str(self.patch),
             "order": self.order,
             "stride": list(self.stride),
             "linear_shape": list(self.linear_shape),
         }
+        return {**record, "flip": True} if self.flip else record
 
     def with_order(self, order: str) -> LayerPlan:
-        return LayerPlan(
-            self.name, self.weight_key, self.bias_key, self.out_features,
-            self.patch, order, self.stride, self.dtype,
-        )  # fmt: skip
+        return dataclasses.replace(self, order=order)
 
 
 def plan_layers(
@@ -233,8 +235,13 @@ def plan_layers(
     order: str,
     stride: tuple[int, int] | None,
     source: str,
+    flip: bool = False,
 ) -> list[LayerPlan]:
-    """Check each request against the checkpoint and fix its patch, order and stride."""
+    """Check each request against the checkpoint and fix its patch, order and stride.
+
+    ``flip`` flips every kernel for a framework that convolves (1×1 kernels
+    are their own flip).
+    """
     plans: list[LayerPlan] = []
     for request in requests:
         name = resolve_name(request.name, info, source)
@@ -258,6 +265,7 @@ def plan_layers(
                 order=order,
                 stride=layer_stride(patch, stride),
                 dtype=entry.dtype,
+                flip=flip,
             )
         )
     if not plans:
@@ -333,6 +341,6 @@ def apply_plans(
     converted = dict(tensors)
     for plan in plans:
         converted[plan.weight_key] = linear_weight_to_conv(
-            tensors[plan.weight_key], plan.patch, plan.order
+            tensors[plan.weight_key], plan.patch, plan.order, flip=plan.flip
         )
     return converted

@@ -136,10 +136,12 @@ class VerifyResult:
     layers: list[LayerCheck]
     differences: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    runtime: list[Any] = field(default_factory=list)
+    """Checks of the converted model in its own runtime (Keras, onnxruntime), if any."""
 
     @property
     def passed(self) -> bool:
-        return bool(self.layers) and all(self.layers) and not self.differences
+        return bool(self.layers) and all(self.layers) and not self.differences and all(self.runtime)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -156,6 +158,7 @@ class VerifyResult:
             "layers": [layer.to_dict() for layer in self.layers],
             "differences": self.differences,
             "notes": self.notes,
+            "runtime": [check.to_dict() for check in self.runtime],
         }
 
 
@@ -186,7 +189,7 @@ def exact_problems(
             f"{plan.conv_shape} for patch {plan.patch}"
         )
     else:
-        back = conv_weight_to_linear(kernel, plan.order)
+        back = conv_weight_to_linear(kernel, plan.order, flip=plan.flip)
         count, first = first_mismatch(weight, back)
         if count:
             problems.append(_weight_mismatch(plan, weight, back, count, first))
@@ -231,15 +234,21 @@ def functional_check(
     stride: tuple[int, int],
     input_size: tuple[int, int] | None = None,
     seed: int = 0,
+    *,
+    flip: bool = False,
 ) -> FunctionalCheck:
     """Compare the conv with the Linear applied to every window of a random input.
 
     ``weight``/``bias`` are the original Linear's; ``kernel``/``kernel_bias``
-    the converted conv's. The reference never touches ``kernel``.
+    the converted conv's. The reference never touches ``kernel``. With
+    ``flip`` the kernel is run as a framework that convolves runs it (its
+    spatial axes reversed as it slides), which is how a flipped kernel is used.
     """
     import torch
     import torch.nn.functional as F
 
+    if flip:
+        kernel = kernel.flip(2, 3)  # true convolution = cross-correlation with the flip
     size = input_size or default_input(patch, stride)
     grid = make_grid(size, patch, stride)
     generator = torch.Generator().manual_seed(seed)
@@ -366,6 +375,7 @@ def check_layer(
             plan.stride,
             input_size,
             seed,
+            flip=plan.flip,
         )
         if not functional.float64_passed:
             problems.append(

@@ -36,6 +36,7 @@ from fcconv.geometry import (
 )
 from fcconv.io.atomic import STDIO, check_output_path, default_output
 from fcconv.io.checkpoint import SAFETENSORS, format_for, save_checkpoint
+from fcconv.io.keras import KERAS, KERAS_FORMATS
 from fcconv.io.provenance import with_provenance
 from fcconv.io.sources import SHARDED, Source, open_source
 from fcconv.plan import (
@@ -53,6 +54,11 @@ from fcconv.plan import (
 if TYPE_CHECKING:
     from fcconv.evidence import OrderEvidence
     from fcconv.verify import VerifyResult
+
+FLIP_WARNING = (
+    "kernels flipped for a framework that convolves (Theano, textbook convolution); "
+    "PyTorch, Keras 3 and ONNX cross-correlate: there, run weight.flip(2, 3) instead"
+)
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``, called as an output is written."""
@@ -265,6 +271,7 @@ class _Job:
     size: tuple[int, int] | None
     verify: bool
     force: bool
+    flip: bool = False
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -292,6 +299,7 @@ def convert_checkpoint(
     link: bool = False,
     trust_pickle: bool = False,
     progress: Progress | None = None,
+    flip: bool = False,
 ) -> ConvertResult:
     """Convert Linear layers of a checkpoint into conv weights and write a new checkpoint.
 
@@ -314,14 +322,17 @@ def convert_checkpoint(
         link: sharded input: hard-link the untouched shards.
         trust_pickle: allow arbitrary unpickling (only for files you trust).
         progress: ``progress(bytes_done, bytes_total)`` while streaming.
+        flip: flip every kernel's spatial axes, for a framework that
+            convolves (Theano, textbook convolution); recorded in the
+            provenance, which ``verify`` reads.
 
     Returns:
         A :class:`ConvertResult`, truthy when written.
     """
     requests = _requests(layers)
-    if not requests:
-        raise SpecError("no layer to convert; name one with {layers} NAME[=HxWxC]")
     source = open_source(str(src), trust_pickle=trust_pickle, lazy=True)
+    if not requests and source.format not in KERAS_FORMATS:  # a Keras model names its head
+        raise SpecError("no layer to convert; name one with {layers} NAME[=HxWxC]")
     job = _Job(
         source=source,
         output=str(dst) if dst is not None else default_output(src),
@@ -332,14 +343,32 @@ def convert_checkpoint(
         size=pair(input_size, parse_size),
         verify=verify,
         force=force,
+        flip=flip,
     )
+    if flip:
+        job.warnings.append(FLIP_WARNING)
+    if source.format in KERAS_FORMATS:
+        from fcconv.api.keras import convert_keras
+
+        return convert_keras(job, dst, format)
     if source.format == SHARDED:
+        if flip:
+            raise SpecError(
+                "{flip} is not available for sharded checkpoints; convert the shard "
+                "folder without it"
+            )
         return _convert_sharded(job, link, progress)
     if job.output != STDIO:
         sources = (Path(source.path),) if source.path != STDIO else ()
         check_output_path(Path(job.output), force, sources)
     out_format = format_for(job.output, format, source.format)
-    if source.on_disk and out_format == SAFETENSORS and job.output != STDIO:
+    if out_format in KERAS_FORMATS:
+        raise SpecError(
+            f"{source.path} is a PyTorch checkpoint, which fcconv writes as .pt or "
+            ".safetensors only; choose another {output}"
+        )
+    # The streamed rewrite permutes rows; a flipped kernel is made in memory.
+    if source.on_disk and out_format == SAFETENSORS and job.output != STDIO and not flip:
         return _convert_streaming(job, progress)
     if source.on_disk:
         job.source = open_source(str(src), trust_pickle=trust_pickle, lazy=False)
@@ -354,6 +383,7 @@ def _plan(job: _Job) -> list[LayerPlan]:
         order=job.order or DEFAULT_ORDER,
         stride=job.stride,
         source=job.source.path,
+        flip=job.flip,
     )
     if job.size is not None:  # refuse a too-small input_size before anything is written
         for plan, size in zip(plans, layer_inputs(plans, job.size), strict=True):
@@ -495,6 +525,7 @@ def verify_checkpoints(
     input_size: Size = None,
     seed: int = 0,
     trust_pickle: bool = False,
+    flip: bool | None = None,
 ) -> VerifyResult:
     """Check that ``converted`` holds exactly ``original``'s layers as convolutions.
 
@@ -503,7 +534,9 @@ def verify_checkpoints(
     and stride taken from fcconv's provenance where the file has it, else
     found from the weights. Arguments given explicitly are checked, not
     trusted. Two files on disk are compared by their bytes; only the
-    converted layers are loaded.
+    converted layers are loaded. ``flip`` (default: as the provenance says)
+    checks kernels flipped for a framework that convolves. Keras files are
+    compared in PyTorch's layout (a Dense kernel as the Linear weight).
 
     Returns:
         A :class:`~fcconv.verify.VerifyResult`, truthy when equivalent.
@@ -530,12 +563,17 @@ def verify_checkpoints(
         provenance=after_source.records,
         source=str(original),
         info=(before_source.info, after_source.info),
+        flip=flip,
     )
     skip = {plan.weight_key for plan in plans}
     differences = byte_differences(before_source, after_source, skip) if on_disk else None
     size = pair(input_size, parse_size)
     result = verify_conversion(plans, before, after, size, seed, differences)
     result.notes = notes + _evidence_notes(plans, before)
+    if before_source.format == after_source.format == KERAS and result:
+        from fcconv.api.keras import check_in_keras
+
+        result.runtime.append(check_in_keras(str(original), str(converted), plans, seed))
     return result
 
 

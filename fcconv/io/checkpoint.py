@@ -302,14 +302,27 @@ def _load_safetensors_bytes(data: bytes, source: str) -> Checkpoint:
 
 
 def format_for(path: str | Path, override: str | None, fallback: str) -> str:
-    """The output format: ``override``, else from the extension, else ``fallback``."""
+    """The output format: ``override``, else from the extension, else ``fallback``.
+
+    Keras files are named by kind: ``.keras`` (a model), ``.weights.h5`` (Keras 3
+    weights), ``.h5``/``.hdf5`` (a legacy model).
+    """
     if override:
         return override
-    suffix = Path(str(path)).suffix.lower()
+    name = Path(str(path)).name.lower()
+    suffix = Path(name).suffix
     if suffix == ".safetensors":
         return SAFETENSORS
     if suffix in TORCH_SUFFIXES:
         return TORCH
+    from fcconv.io.keras import KERAS, KERAS_H5, KERAS_WEIGHTS
+
+    if suffix == ".keras":
+        return KERAS
+    if name.endswith(".weights.h5"):
+        return KERAS_WEIGHTS
+    if suffix in (".h5", ".hdf5"):
+        return KERAS_H5
     return fallback
 
 

@@ -62,11 +62,14 @@ def _clean(record: Any) -> dict[str, Any]:
     shape = record.get("linear_shape")
     if isinstance(shape, list) and len(shape) == 2 and all(type(s) is int for s in shape):
         clean["linear_shape"] = list(shape)
+    if record.get("flip") is True:
+        clean["flip"] = True
     return clean
 
 
 def layer_records(metadata: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
-    """Layer name → its well-formed record (``patch``, ``order``, ``stride``, ``linear_shape``)."""
+    """Layer name → its well-formed record (``patch``, ``order``, ``stride``, ``linear_shape``,
+    and ``flip`` for a kernel flipped for a convolving framework)."""
     layers = _document(metadata).get("layers")
     if not isinstance(layers, dict):
         return {}

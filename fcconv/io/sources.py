@@ -78,6 +78,8 @@ def open_source(path: str, *, trust_pickle: bool = False, lazy: bool = True) -> 
         return _sharded_source(path)
     if lazy and path != STDIO and _is_safetensors_file(Path(path)):
         return _safetensors_source(path)
+    if path != STDIO and _is_keras_file(Path(path)):
+        return _keras_source(path)
     loaded = load_checkpoint(path, trust_pickle=trust_pickle)
     from fcconv.plan import describe
 
@@ -97,6 +99,33 @@ def _is_safetensors_file(file: Path) -> bool:
     with open(file, "rb") as handle:
         head = handle.read(9)
     return len(head) == 9 and head[8:9] == b"{"
+
+
+def _is_keras_file(file: Path) -> bool:
+    from fcconv.io.keras import HDF5_MAGIC, kind_of
+
+    if not file.is_file():
+        return False
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+    return (head == HDF5_MAGIC or head.startswith(b"PK\x03\x04")) and kind_of(file) is not None
+
+
+def _keras_source(path: str) -> Source:
+    """A Keras file in PyTorch's terms (see :mod:`fcconv.io.keras`), loaded whole."""
+    from fcconv.io.keras import read_keras
+
+    loaded = read_keras(path).checkpoint()
+    from fcconv.plan import describe
+
+    return Source(
+        path=path,
+        format=loaded.format,
+        info=describe(loaded.tensors),
+        metadata=loaded.metadata,
+        read=lambda names: {name: loaded.tensors[name] for name in names},
+        loaded=loaded,
+    )
 
 
 def _safetensors_source(path: str) -> Source:

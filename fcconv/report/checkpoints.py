@@ -95,6 +95,11 @@ def render_verification(console: Console, result: VerifyResult) -> None:
         console.print(text(f"note: {note}"))
     for difference in result.differences:
         console.print(text(("difference", "red"), f": {difference}"))
+    for check in result.runtime:
+        verdict = ("pass", "green") if check else ("FAIL", "red")
+        console.print(text(verdict, f": {check.summary()}"))
+        for problem in check.problems:
+            console.print(text(("difference", "red"), f": {problem}"))
     if result:
         console.print(
             text(("equivalent", "green"), ": every layer is an exact permutation and matches")
