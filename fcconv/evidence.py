@@ -91,6 +91,13 @@ BLOCK_ELEMENTS = 1 << 19
 _SEED = 0
 _FAMILIAR = ("chw", "hwc")
 
+FLIP_UNSEEN = (
+    "a flip of the patch (a kernel for a framework that convolves) cannot be seen here: "
+    "flipping keeps every pair of neighbouring columns, so it scores the same; fcconv "
+    "verify tells a flipped kernel exactly, by its permutation"
+)
+"""What the weights cannot tell about a flip, said wherever the evidence is shown."""
+
 
 @dataclass(frozen=True)
 class OrderEvidence:
@@ -204,6 +211,7 @@ class OrderEvidence:
             "reason": self.reason,
             "rows_used": self.rows_used,
             "thresholds": {"min_margin": MIN_MARGIN, "min_sigmas": MIN_SIGMAS},
+            "flip": FLIP_UNSEEN,
         }
 
 

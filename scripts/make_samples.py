@@ -11,6 +11,8 @@
   make_trained_samples.py) for --order auto.
 - tiny_vgg.safetensors: weights of fcconv.samples_models.tiny_vgg, a small
   VGG-style classifier, for `fcconv convolutionalize --arch`.
+- keras_cnn.keras / keras_cnn.weights.h5 / tiny_cnn.onnx: Keras and ONNX
+  classifiers (see make_format_samples.py).
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ def main(out_dir: Path) -> None:
 
     # Weights for `fcconv convolutionalize --arch fcconv.samples_models:tiny_vgg` (seeded there).
     save_file(tiny_vgg().state_dict(), str(out_dir / "tiny_vgg.safetensors"))
+    from make_format_samples import write_keras_samples, write_onnx_samples
+
+    write_keras_samples(out_dir)
+    write_onnx_samples(out_dir)
     for path in sorted(out_dir.iterdir()):
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
 

@@ -28,6 +28,13 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _keras_at_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keras runs on torch (no TensorFlow here) and writes its keras.json in a temp folder."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    os.environ["KERAS_HOME"] = str(tmp_path_factory.mktemp("keras_home"))
+
+
 @pytest.fixture
 def samples() -> Path:
     """The folder of shipped sample checkpoints (read them, never write there)."""

@@ -118,7 +118,7 @@ def _fill_requests(job: _Job, head: KerasHead | None) -> None:
             f"no layer to convert in {job.source.path}: its config shows no Flatten → Dense "
             "head with a known feature map; name one with {layers} NAME=HxWxC"
         )
-    job.requests = [LayerRequest(head.dense[0], PatchSpec(*_hwc(patch)))]
+    job.requests = [LayerRequest(head.dense[0], job.patch or PatchSpec(*_hwc(patch)))]
     job.requests += [LayerRequest(name, PatchSpec(1, 1)) for name in head.dense[1:]]
 
 

@@ -34,6 +34,12 @@ LAYER_OPTIONS = with_options(
         metavar="HxW",
         help="Input size for the geometry and the functional check (default: 2×2 windows).",
     ),
+    click.option(
+        "--flip",
+        is_flag=True,
+        help="Kernels flipped for a framework that convolves (Theano, textbook convolution); "
+        "verify reads it from the file when not given.",
+    ),
     JSON,
     TRUST,
     DEBUG,
@@ -90,8 +96,10 @@ def convert(
 ) -> None:
     """Convert Linear layers of CKPT into Conv2d weights and write a new checkpoint.
 
-    CKPT is a .pt/.pth/.bin/.ckpt or .safetensors file, - for stdin, or a
-    sharded checkpoint's folder (or its *.safetensors.index.json).
+    CKPT is a .pt/.pth/.bin/.ckpt or .safetensors file, - for stdin, a
+    sharded checkpoint's folder (or its *.safetensors.index.json), or a Keras
+    file (.keras, .weights.h5, .h5: Dense kernels become Conv2D kernels, and a
+    model's head is read off its config when no --layer is given).
     """
     from fcconv import api, report
 
@@ -133,5 +141,6 @@ def verify(original: str, converted: str, as_json: bool, **options: Any) -> None
     """
     from fcconv import api, report
 
-    result = api.verify_checkpoints(original, converted, **options)
+    flip = options.pop("flip") or None  # not given: as the converted file records it
+    result = api.verify_checkpoints(original, converted, flip=flip, **options)
     finish(result, as_json, report.render_verification)

@@ -11,6 +11,7 @@ and the converted model's map must match cell by cell (see
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,10 @@ def _takes_training(layer: Any) -> bool:
 def _numpy(tensor: Any) -> Any:
     from fcconv.extras import require_keras
 
-    return require_keras().ops.convert_to_numpy(tensor)
+    with warnings.catch_warnings():
+        # Keras's torch backend calls np.array(tensor) the way NumPy 2 deprecates
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        return require_keras().ops.convert_to_numpy(tensor)
 
 
 def check_models(

@@ -176,7 +176,8 @@ def find_head(config: dict[str, Any]) -> KerasHead:
                 "cell of a map alone; fcconv carries activations, dropout and "
                 "normalization over the last axis between Dense layers"
             )
-    return KerasHead(layers, start, dense, _patch(layers[start]), order, order_from, sequential)
+    patch = _patch(layers[start]) or _infer_patch(layers[:start])
+    return KerasHead(layers, start, dense, patch, order, order_from, sequential)
 
 
 def _acts_on_last_axis(layer: dict[str, Any]) -> bool:
@@ -201,6 +202,54 @@ def _patch(layer: dict[str, Any]) -> Patch | None:
         return None
     height, width, channels = shape[1:]
     return Patch(height, width, channels)
+
+
+_SHAPE_KEEPING = (*PER_CELL, "InputLayer", "SpatialDropout2D", "ActivityRegularization")
+
+
+def _infer_patch(trunk: list[dict[str, Any]]) -> Patch | None:
+    """The trunk's output map, from the input's shape through convs and pools (legacy
+    configs carry no ``build_config``); None where a layer's arithmetic is unknown."""
+    shape: list[int] | None = None
+    for layer in trunk:
+        cfg, cls = layer.get("config", {}), layer.get("class_name")
+        if cls == "InputLayer":
+            given = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+            shape = list(given[1:]) if isinstance(given, list) and len(given) == 4 else None
+        elif shape is None or cls in _SHAPE_KEEPING:
+            continue
+        elif cls == "Conv2D":
+            shape = _window_shape(shape, cfg, cfg.get("kernel_size"), cfg.get("filters"))
+        elif cls in ("MaxPooling2D", "AveragePooling2D"):
+            shape = _window_shape(shape, cfg, cfg.get("pool_size"), shape[2])
+        else:
+            return None
+        if shape is None:
+            return None
+    if shape is None or not all(isinstance(s, int) and s > 0 for s in shape):
+        return None
+    return Patch(*shape)
+
+
+def _window_shape(
+    shape: list[int], cfg: dict[str, Any], kernel: Any, channels: Any
+) -> list[int] | None:
+    strides = cfg.get("strides") or kernel
+    dilation = cfg.get("dilation_rate", [1, 1])
+    if cfg.get("data_format", "channels_last") != "channels_last" or not isinstance(channels, int):
+        return None
+    try:
+        sizes = []
+        for axis in (0, 1):
+            size, k, s, d = shape[axis], kernel[axis], strides[axis], dilation[axis]
+            span = d * (k - 1) + 1
+            if cfg.get("padding", "valid") == "same":
+                sizes.append(-(-size // s))
+            else:
+                sizes.append((size - span) // s + 1)
+    except (TypeError, IndexError):
+        return None
+    return [*sizes, channels]
 
 
 # --------------------------------------------------------------------- rewrite

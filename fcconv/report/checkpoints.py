@@ -168,3 +168,7 @@ def render_inspect(console: Console, result: InspectResult) -> None:
         verdict = f"order {evidence.winner}" if evidence.winner else "undecided"
         console.print(text(f"{name} (patch {evidence.patch}): {verdict}: {evidence.reason}"))
         console.print(text(f"  ranking: {evidence.ranking_text()}"))
+    if result.evidence:
+        from fcconv.evidence import FLIP_UNSEEN
+
+        console.print(text(f"note: {FLIP_UNSEEN}"))
