@@ -49,7 +49,7 @@ def convolutionalize_file(
     model: str | Path,
     output: str | Path,
     *,
-    input_size: Size,
+    input_size: Size = None,
     arch: str | None = None,
     layers: Sequence[str] | None = None,
     stride: Size = None,
@@ -75,13 +75,29 @@ def convolutionalize_file(
         trust_pickle: allow unpickling ``model`` (runs code from the file).
         force: replace existing outputs.
 
-    Nothing is written unless the dense model passes verification.
+    Nothing is written unless the dense model passes verification. The output's
+    suffix decides its format: ``.pt2`` (a ``torch.export`` program) or
+    ``.onnx`` (an ONNX graph, checked in onnxruntime). An ``.onnx`` model is
+    rewritten as an ONNX graph (:func:`fcconv.api.onnx.convolutionalize_onnx`).
     """
     from fcconv import fcn
 
+    step = pair(stride, parse_stride)
+    if Path(str(model)).suffix.lower() == ".onnx":
+        from fcconv.api.onnx import convolutionalize_onnx
+
+        native_size = pair(input_size, parse_size) if input_size is not None else None
+        return convolutionalize_onnx(  # type: ignore[return-value]
+            model, output, input_size=native_size, stride=step, force=force
+        )
+    suffix = Path(str(output)).suffix.lower()
+    if suffix not in (".pt2", ".onnx"):
+        raise SpecError(
+            f"the output's suffix says what to write: name the {{output}} .pt2 (a "
+            f"torch.export program) or .onnx (an ONNX graph), not {suffix or 'no suffix'}"
+        )
     native = pair(input_size, parse_size)
     assert native is not None
-    step = pair(stride, parse_stride)
     larger = pair(check_size, parse_size)
     if str(output) == STDIO or (state_dict_out is not None and str(state_dict_out) == STDIO):
         raise SpecError("convolutionalize writes files; give a file name as {output}, not -")
@@ -100,7 +116,18 @@ def convolutionalize_file(
     )
     check = fcn.verify_dense(original, conversion.model, native, larger, layers=layers or None)
     result = ConvolutionalizeResult(str(model), conversion, check)
-    if check:
+    if check and suffix == ".onnx":
+        from fcconv.onnx.export import save_onnx
+
+        result.export = save_onnx(
+            conversion.model,
+            target,
+            larger or check.larger_size,
+            in_channels=conversion.in_channels,
+            native_size=conversion.input_size,
+            force=force,
+        )
+    elif check:
         result.export = fcn.save_exported(
             conversion.model,
             target,

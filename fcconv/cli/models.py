@@ -14,6 +14,7 @@ Examples:
       --input 32x32 -o tiny_vgg.pt2
   fcconv convolutionalize model.pt --trust-pickle --input 224x224 -o dense.pt2 \\
       --stride 2x2 --state-dict-out dense.safetensors --json
+  fcconv convolutionalize model.onnx -o dense.onnx
 
 \b
 The .pt2 program loads without your code:
@@ -23,13 +24,18 @@ The .pt2 program loads without your code:
 
 @cli.command("convolutionalize", epilog=CONVOLUTIONALIZE_EPILOG)
 @click.argument("model", metavar="MODEL")
-@click.option("-o", "--output", required=True, help="The .pt2 torch.export program to write.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="The .pt2 torch.export program, or the .onnx graph, to write.",
+)
 @click.option(
     "--input",
     "input_size",
-    required=True,
     metavar="HxW",
-    help="The native input size the classifier was trained at (e.g. 224x224).",
+    help="The native input size the classifier was trained at (e.g. 224x224); an ONNX "
+    "graph with a fixed input size needs none.",
 )
 @click.option(
     "--arch",
@@ -62,15 +68,21 @@ The .pt2 program loads without your code:
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @with_options(TRUST, DEBUG, JSON)
 def convolutionalize(model: str, as_json: bool, layers: tuple[str, ...], **options: Any) -> None:
-    """Make a classifier fully convolutional and save it as a .pt2 program.
+    """Make a classifier fully convolutional and save it as a .pt2 program or .onnx graph.
 
-    MODEL is a pickled nn.Module (only with --trust-pickle) or, with --arch,
-    the weights for the model the factory builds. The flatten before the first
-    Linear (and any permute before it) gives the patch and the order; the
-    Linear layers become convolutions and the result is verified on the native
-    size and on a larger input before anything is written.
+    MODEL is a pickled nn.Module (only with --trust-pickle), with --arch the
+    weights for the model the factory builds, or an .onnx graph (its
+    Flatten/Reshape → Gemm head becomes Conv layers, checked in onnxruntime).
+    The flatten before the first Linear (and any permute before it) gives the
+    patch and the order; the Linear layers become convolutions and the result
+    is verified on the native size and on a larger input before anything is
+    written.
     """
     from fcconv import api, report
 
+    if options["input_size"] is None and not model.lower().endswith(".onnx"):
+        raise click.UsageError("Missing option '--input'.")
     result = api.convolutionalize_file(model, layers=layers or None, **options)
+    if result.to_dict().get("format") == "onnx":
+        finish(result, as_json, report.render_onnx_convolutionalize)
     finish(result, as_json, report.render_convolutionalize)

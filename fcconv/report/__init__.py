@@ -135,6 +135,7 @@ from fcconv.report.checkpoints import (  # noqa: E402
     render_verification,
 )
 from fcconv.report.models import render_convolutionalize  # noqa: E402
+from fcconv.report.onnx import render_onnx_convolutionalize  # noqa: E402
 
 __all__ = [
     "emit_json",
@@ -143,6 +144,7 @@ __all__ = [
     "progress_bar",
     "render_convert",
     "render_convolutionalize",
+    "render_onnx_convolutionalize",
     "render_inspect",
     "render_plans",
     "render_verification",

@@ -1,0 +1,176 @@
+"""The whole-model job for ONNX graphs: ``model.onnx`` in, a dense ``.onnx`` graph out.
+
+The head is read off the graph (:mod:`fcconv.onnx.graph`), rewritten as
+convolutions with dynamic height and width, and the result is run in
+onnxruntime against the original graph's head on every window
+(:mod:`fcconv.onnx.check`) before it is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcconv.errors import CheckpointError, SpecError
+from fcconv.geometry import Patch
+from fcconv.io.atomic import atomic_output, check_output_path
+
+ONNX_SUFFIX = ".onnx"
+
+
+@dataclass
+class OnnxConvolutionalizeResult:
+    """An ONNX classifier made fully convolutional; truthy when verified (and written)."""
+
+    model: str
+    output: str
+    input_size: tuple[int, int]
+    patch: Patch
+    order: str
+    order_from: str
+    stride: tuple[int, int]
+    layers: list[dict[str, Any]]
+    check: Any
+    coordinates: Any = None
+    written: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.check) and self.written
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "command": "convolutionalize",
+            "format": "onnx",
+            "model": self.model,
+            "output": self.output,
+            "ok": bool(self),
+            "input_size": list(self.input_size),
+            "feature_map": str(self.patch),
+            "order": self.order,
+            "order_from": self.order_from,
+            "stride": list(self.stride),
+            "layers": self.layers,
+            "verification": self.check.to_dict(),
+            "coordinates": None if self.coordinates is None else self.coordinates.to_dict(),
+            "written": self.written,
+            "notes": self.notes,
+        }
+
+
+def load_onnx(path: str | Path) -> Any:
+    """An ONNX model, parsed and checked (a protobuf: nothing in it runs)."""
+    from fcconv.onnx.graph import _onnx
+
+    onnx = _onnx()
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"no such file: {file}; check the path")
+    try:
+        model = onnx.load(str(file))
+        onnx.checker.check_model(model)
+    except Exception as error:  # protobuf and checker errors alike: not a usable graph
+        text = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise CheckpointError(
+            f"{file} is not a valid ONNX model ({type(error).__name__}: {text}); re-export it"
+        ) from None
+    return model
+
+
+def _fix_input(model: Any, size: tuple[int, int] | None) -> tuple[int, int]:
+    """The graph's native height and width, fixing symbolic ones to ``size``."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise SpecError("the ONNX graph's input is not a 4-D NCHW image tensor")
+    native = []
+    for axis in (2, 3):
+        known = dims[axis].dim_value if dims[axis].HasField("dim_value") else None
+        given = size[axis - 2] if size is not None else None
+        if known is not None and given is not None and known != given:
+            raise SpecError(
+                f"the ONNX graph's input is {dims[2].dim_value}x{dims[3].dim_value}, not "
+                f"{size[0]}x{size[1]}; give its own size as {{input_size}}"
+            )
+        if known is None:
+            if given is None:
+                raise SpecError(
+                    "the ONNX graph's input height and width are symbolic; give the size "
+                    "the classifier was trained at as {input_size}"
+                )
+            dims[axis].Clear()
+            dims[axis].dim_value = given
+        native.append(known or given)
+    return native[0], native[1]
+
+
+def convolutionalize_onnx(
+    model_path: str | Path,
+    output: str | Path,
+    *,
+    input_size: tuple[int, int] | None,
+    stride: tuple[int, int] | None = None,
+    force: bool = False,
+) -> OnnxConvolutionalizeResult:
+    """Rewrite an ONNX classifier's flatten → Gemm head as convolutions; verify; write.
+
+    Args:
+        model_path: the ``.onnx`` graph.
+        output: the dense ``.onnx`` graph to write.
+        input_size: the native ``(H, W)``; needed when the graph's are symbolic.
+        stride: the first Conv's stride in feature-map cells (default 1x1).
+        force: replace an existing output.
+    """
+    from fcconv.onnx.graph import find_head, rewrite
+
+    target = Path(output)
+    if target.suffix.lower() != ONNX_SUFFIX:
+        raise SpecError(
+            f"an ONNX model is written as an ONNX graph; name the {{output}} {target.stem}.onnx"
+        )
+    check_output_path(target, force, (Path(model_path),))
+    original = load_onnx(model_path)
+    native = _fix_input(original, input_size)
+    head = find_head(original)
+    step = stride or (1, 1)
+    dense = rewrite(original, head, step)
+    check, coordinates = _checked(original, dense, head, step)
+    layers = [
+        {
+            "was": " + ".join(node.op_type for node in linear.nodes),
+            "weight": list(linear.weight.shape),
+            "now": (
+                f"Conv {head.patch.height}x{head.patch.width}, stride {step[0]}x{step[1]}"
+                if index == 0
+                else "Conv 1x1"
+            ),
+        }
+        for index, linear in enumerate(head.linears)
+    ]
+    result = OnnxConvolutionalizeResult(
+        str(model_path), str(target), native, head.patch, head.order, head.order_from, step,
+        layers, check, coordinates,
+    )  # fmt: skip
+    if check:
+        with atomic_output(target) as temporary:
+            temporary.write_bytes(dense.SerializeToString())
+        result.written = True
+    return result
+
+
+def _checked(original: Any, dense: Any, head: Any, stride: tuple[int, int]) -> tuple[Any, Any]:
+    """The onnxruntime check; a graph it cannot run is the user's to fix, in one line."""
+    from fcconv.errors import ConvolutionalizeError
+    from fcconv.onnx.check import check_dense
+
+    try:
+        return check_dense(original, dense, head, stride)
+    except (ValueError, RuntimeError) as error:  # onnxruntime's errors are RuntimeErrors
+        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ConvolutionalizeError(
+            f"onnxruntime cannot run the graphs to verify them ({type(error).__name__}: {text})"
+        ) from None

@@ -1,0 +1,191 @@
+"""A dense ONNX model run in onnxruntime: its map against the original graph's head.
+
+The original graph is cut in two with ``onnx.utils.Extractor``: the trunk
+(input → the map the head flattens) and the head (that map → the output).
+On a larger input the trunk's map is cut into every window, the head runs on
+each, and the dense model's map must match cell by cell (the judge of
+:mod:`fcconv.runtime_check`). Then the coordinate map (where each cell's
+window lies in the input) and, where the trunk allows, the crop account: the
+whole original model run on each cell's crop, and how many cells it equals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fcconv.onnx.graph import OnnxHead, _onnx
+from fcconv.runtime_check import FLOAT32_RTOL, RuntimeCheck, cut_windows, judge
+
+# Ops whose output cell (i, j) reads input cells (s·i …) with stride s, no padding.
+_STRIDED = ("Conv", "MaxPool", "AveragePool")
+_PER_CELL = frozenset(
+    {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Clip", "Dropout", "Identity",
+     "BatchNormalization", "Add", "Mul", "Sub", "Div", "HardSwish", "HardSigmoid", "Gelu",
+     "Softplus", "Erf", "Sqrt", "Pow", "Constant", "Cast"}
+)  # fmt: skip
+
+
+@dataclass
+class Coordinates:
+    """Where cell ``(p, q)`` of the map looks: ``offset + stride·(p, q)``, ``window`` tall."""
+
+    offset: tuple[int, int]
+    stride: tuple[int, int]
+    window: tuple[int, int]
+    crops_compared: int = 0
+    crop_exact: int = 0
+    crop_max_abs_diff: float | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "offset": list(self.offset),
+            "stride": list(self.stride),
+            "window": list(self.window),
+            "crops_compared": self.crops_compared,
+            "crop_exact": self.crop_exact,
+            "crop_max_abs_diff": self.crop_max_abs_diff,
+            "note": self.note,
+        }
+
+
+def session(model: Any) -> Any:
+    """An onnxruntime session on the CPU for a model (or its bytes)."""
+    from fcconv.extras import require
+
+    ort = require("onnxruntime", "onnx", purpose="to run ONNX models")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def run(model_session: Any, x: Any) -> Any:
+    """Run a one-input, one-output session."""
+    name = model_session.get_inputs()[0].name
+    return model_session.run(None, {name: x})[0]
+
+
+def _part(model: Any, inputs: list[str], outputs: list[str], free: tuple[int, ...]) -> Any:
+    """A sub-graph of ``model``, its input's ``free`` axes made symbolic."""
+    onnx = _onnx()
+    inferred = onnx.shape_inference.infer_shapes(model)  # Extractor needs every shape
+    part = onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
+    dims = part.graph.input[0].type.tensor_type.shape.dim
+    for axis in free:
+        dims[axis].Clear()
+        dims[axis].dim_param = f"free{axis}"
+    del part.graph.value_info[:]
+    for output in part.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    return part
+
+
+def input_shape(model: Any) -> tuple[int | None, ...]:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
+def check_dense(
+    original: Any, dense: Any, head: OnnxHead, stride: tuple[int, int], *, seed: int = 0
+) -> tuple[RuntimeCheck, Coordinates | None]:
+    """Run both graphs in onnxruntime and compare the map with the head on every window."""
+    import numpy as np
+    import onnxruntime
+
+    shape = input_shape(original)
+    batch = shape[0] or 2
+    channels, native = shape[1], (shape[2], shape[3])
+    if channels is None or native[0] is None or native[1] is None:
+        raise ValueError("the original graph's input needs fixed channels, height and width")
+    check = RuntimeCheck(f"onnxruntime {onnxruntime.__version__}", native)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, channels, *native)).astype(np.float32)
+    whole, dense_session = session(original), session(dense)
+    native_pair = (run(dense_session, x).reshape(batch, -1), run(whole, x).astype(np.float64))
+    larger = (2 * native[0], 2 * native[1])
+    big = rng.standard_normal((batch, channels, *larger)).astype(np.float32)
+    trunk = session(_part(original, [original.graph.input[0].name], [head.source], (0, 2, 3)))
+    features = run(trunk, big)
+    windows, rows, cols = cut_windows(features, head.patch, stride, channels_last=False)
+    check.larger_size, check.map_size, check.windows = larger, (rows, cols), rows * cols
+    if rows < 1 or cols < 1:
+        check.problems.append(f"the trunk's map at {larger[0]}x{larger[1]} holds no window")
+        return check, None
+    head_session = session(_part(original, [head.source], [original.graph.output[0].name], (0,)))
+    expected = run(head_session, windows).astype(np.float64).reshape(batch, rows, cols, -1)
+    got = run(dense_session, big).transpose(0, 2, 3, 1)
+    judge(check, native_pair, (got, expected))
+    coordinates = _coordinates(original, head, stride, native)
+    if coordinates is not None and check.passed:
+        _crop_account(coordinates, whole, big, got, check.tolerance)
+    return check, coordinates
+
+
+def _coordinates(
+    model: Any, head: OnnxHead, stride: tuple[int, int], native: tuple[int, int]
+) -> Coordinates | None:
+    """The window stride in pixels: the trunk's strides times the first Conv's, where the
+    trunk is a chain of convs, pools and per-cell ops; None elsewhere."""
+    from fcconv.onnx.graph import _Graph
+
+    graph = _Graph(model)
+    total, padded = [1, 1], []
+    name = head.source
+    while name != model.graph.input[0].name:
+        node = graph.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in _STRIDED:
+            steps = list(graph.attribute(node, "strides", [1, 1]))
+            total = [total[0] * steps[0], total[1] * steps[1]]
+            pads = list(graph.attribute(node, "pads", [0, 0, 0, 0]))
+            if any(pads) or graph.attribute(node, "auto_pad", b"NOTSET") not in (
+                b"NOTSET",
+                b"VALID",
+            ):
+                padded.append(node.name or node.output[0])
+        elif node.op_type not in _PER_CELL:
+            return None
+        computed = [n for n in node.input if n and n not in graph.constants]
+        if len(computed) != 1:
+            return None
+        name = computed[0]
+    coordinates = Coordinates((0, 0), (total[0] * stride[0], total[1] * stride[1]), native)
+    if padded:
+        coordinates.note = (
+            f"the trunk pads ({', '.join(padded[:3])}), so a crop sees zeros at its own borders "
+            "where the whole input has pixels: cells near a crop's border differ"
+        )
+    return coordinates
+
+
+def _crop_account(
+    coordinates: Coordinates, whole: Any, big: Any, dense: Any, tolerance: float, limit: int = 16
+) -> None:
+    """Run the original model on each cell's crop; count the cells it equals."""
+    import numpy as np
+
+    (sh, sw), (wh, ww) = coordinates.stride, coordinates.window
+    height, width = big.shape[2:]
+    cells = [
+        (p, q)
+        for p in range(dense.shape[1])
+        for q in range(dense.shape[2])
+        if p * sh + wh <= height and q * sw + ww <= width
+    ][:limit]
+    worst = 0.0
+    for p, q in cells:
+        crop = np.ascontiguousarray(big[:, :, p * sh : p * sh + wh, q * sw : q * sw + ww])
+        difference = float(np.abs(run(whole, crop) - dense[:, p, q]).max())
+        worst = max(worst, difference)
+        coordinates.crop_exact += difference <= tolerance
+    coordinates.crops_compared = len(cells)
+    coordinates.crop_max_abs_diff = worst if cells else None
+    if cells and coordinates.crop_exact == len(cells):
+        coordinates.note = (
+            f"the original model run on each of {len(cells)} crops gives its cell's scores "
+            f"(float32 tolerance {FLOAT32_RTOL:g} relative)"
+        )

@@ -1,0 +1,54 @@
+"""An ONNX graph made fully convolutional, for people: the head before and after, the checks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fcconv.report import size, table, text
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from fcconv.api.onnx import OnnxConvolutionalizeResult
+
+
+def render_onnx_convolutionalize(console: Console, result: OnnxConvolutionalizeResult) -> None:
+    """The graph's facts, its linear layers as they became, the onnxruntime check."""
+    patch, check, where = result.patch, result.check, result.coordinates
+    facts = [
+        ("model", result.model),
+        ("native input", size(result.input_size)),
+        ("feature map / patch", f"{patch.channels} × {patch.height} × {patch.width} ({patch})"),
+        ("order", f"{result.order} (from {result.order_from})"),
+        ("stride", f"{size(result.stride)} feature-map cells"),
+    ]
+    for index, layer in enumerate(result.layers):
+        weight = "×".join(map(str, layer["weight"]))
+        facts.append((f"linear {index + 1}", f"{layer['was']} [{weight}] → {layer['now']}"))
+    console.print(table(text(f"fcconv convolutionalize {result.model}"), facts))
+    rows = [("check", check.summary())]
+    if where is not None:
+        rows.append(
+            (
+                "coordinates",
+                f"cell (p, q) looks at rows {where.offset[0]}+{where.stride[0]}p … and columns "
+                f"{where.offset[1]}+{where.stride[1]}q …, a {size(where.window)} window",
+            )
+        )
+        if where.crops_compared:
+            rows.append(
+                (
+                    "whole model on crops",
+                    f"{where.crop_exact} of {where.crops_compared} cells equal the original "
+                    f"model on their crop (max |Δ| {where.crop_max_abs_diff:.3g})",
+                )
+            )
+        if where.note:
+            rows.append(("note", where.note))
+    for problem in check.problems:
+        rows.append(("difference", problem))
+    console.print(table(text("verification (onnxruntime, float32)"), rows))
+    if result.written:
+        console.print(text(f"wrote {result.output} (ONNX, dynamic batch, height and width)"))
+    else:
+        console.print(text(("nothing written", "red"), ": the dense graph failed verification"))
