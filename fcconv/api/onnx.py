@@ -174,3 +174,77 @@ def _checked(original: Any, dense: Any, head: Any, stride: tuple[int, int]) -> t
         raise ConvolutionalizeError(
             f"onnxruntime cannot run the graphs to verify them ({type(error).__name__}: {text})"
         ) from None
+
+
+@dataclass
+class OnnxVerifyResult:
+    """A dense ONNX graph checked against the original; truthy when equivalent."""
+
+    original: str
+    converted: str
+    patch: Patch
+    order: str
+    stride: tuple[int, int]
+    check: Any
+    coordinates: Any = None
+
+    def __bool__(self) -> bool:
+        return bool(self.check)
+
+    @property
+    def exit_code(self) -> int:
+        """0 equivalent, 1 a difference was found."""
+        return 0 if self else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "onnx",
+            "equivalent": bool(self),
+            "exit_code": self.exit_code,
+            "original": self.original,
+            "converted": self.converted,
+            "feature_map": str(self.patch),
+            "order": self.order,
+            "stride": list(self.stride),
+            "runtime": [self.check.to_dict()],
+            "coordinates": None if self.coordinates is None else self.coordinates.to_dict(),
+        }
+
+
+def _first_conv_stride(dense: Any, source: str) -> tuple[int, int]:
+    """The stride of the Conv that reads the trunk's map in the dense graph (else 1x1)."""
+    from onnx import helper
+
+    for node in dense.graph.node:
+        if node.op_type == "Conv" and node.input and node.input[0] == source:
+            for attribute in node.attribute:
+                if attribute.name == "strides":
+                    strides = helper.get_attribute_value(attribute)
+                    return int(strides[0]), int(strides[1])
+    return (1, 1)
+
+
+def verify_onnx(
+    original: str | Path,
+    converted: str | Path,
+    *,
+    input_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> OnnxVerifyResult:
+    """Check in onnxruntime that ``converted`` maps the original head over every window.
+
+    Works on any dense graph (one fcconv wrote, or one made by hand): the
+    original's head and trunk come from its own graph; the window stride is
+    the first Conv's that reads the trunk's map in ``converted`` unless given.
+    """
+    from fcconv.onnx.graph import find_head
+
+    before, after = load_onnx(original), load_onnx(converted)
+    _fix_input(before, input_size)
+    head = find_head(before)
+    step = stride or _first_conv_stride(after, head.source)
+    check, coordinates = _checked(before, after, head, step)
+    return OnnxVerifyResult(
+        str(original), str(converted), head.patch, head.order, step, check, coordinates
+    )

@@ -137,10 +137,25 @@ def _check_stdout_takes_data(as_json: bool) -> None:
 def verify(original: str, converted: str, as_json: bool, **options: Any) -> None:
     """Check that CONVERTED holds exactly ORIGINAL's layers as convolutions.
 
+    Two .keras models are also run in Keras; two .onnx graphs are compared in
+    onnxruntime (the dense map against the original head on every window).
     Exit 0 when equivalent, 1 when a difference is found.
     """
     from fcconv import api, report
 
+    if original.lower().endswith(".onnx"):
+        from fcconv.api.onnx import verify_onnx
+        from fcconv.geometry import parse_size, parse_stride
+
+        size, stride = options["input_size"], options["stride"]
+        result = verify_onnx(
+            original,
+            converted,
+            input_size=parse_size(size) if size else None,
+            stride=parse_stride(stride) if stride else None,
+            seed=options["seed"],
+        )
+        finish(result, as_json, report.render_onnx_verification)
     flip = options.pop("flip") or None  # not given: as the converted file records it
     result = api.verify_checkpoints(original, converted, flip=flip, **options)
     finish(result, as_json, report.render_verification)

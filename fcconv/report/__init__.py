@@ -135,7 +135,10 @@ from fcconv.report.checkpoints import (  # noqa: E402
     render_verification,
 )
 from fcconv.report.models import render_convolutionalize  # noqa: E402
-from fcconv.report.onnx import render_onnx_convolutionalize  # noqa: E402
+from fcconv.report.onnx import (  # noqa: E402
+    render_onnx_convolutionalize,
+    render_onnx_verification,
+)
 
 __all__ = [
     "emit_json",
@@ -145,6 +148,7 @@ __all__ = [
     "render_convert",
     "render_convolutionalize",
     "render_onnx_convolutionalize",
+    "render_onnx_verification",
     "render_inspect",
     "render_plans",
     "render_verification",

@@ -9,7 +9,7 @@ from fcconv.report import size, table, text
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from fcconv.api.onnx import OnnxConvolutionalizeResult
+    from fcconv.api.onnx import OnnxConvolutionalizeResult, OnnxVerifyResult
 
 
 def render_onnx_convolutionalize(console: Console, result: OnnxConvolutionalizeResult) -> None:
@@ -52,3 +52,15 @@ def render_onnx_convolutionalize(console: Console, result: OnnxConvolutionalizeR
         console.print(text(f"wrote {result.output} (ONNX, dynamic batch, height and width)"))
     else:
         console.print(text(("nothing written", "red"), ": the dense graph failed verification"))
+
+
+def render_onnx_verification(console: Console, result: OnnxVerifyResult) -> None:
+    """The verdict of a dense ONNX graph against its original, in one table."""
+    verdict = ("equivalent", "green") if result else ("NOT equivalent", "red")
+    rows = [
+        ("feature map / patch", f"{result.patch}, order {result.order}"),
+        ("stride", f"{size(result.stride)} feature-map cells"),
+        ("check", result.check.summary()),
+    ]
+    rows += [("difference", problem) for problem in result.check.problems]
+    console.print(table(text(f"{result.converted} vs {result.original}: ", verdict), rows))
