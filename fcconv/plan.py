@@ -19,6 +19,7 @@ from fcconv.geometry import (
     PatchSpec,
     conv2d_line,
     default_input,
+    flip_kernel,
     linear_weight_to_conv,
     make_grid,
     parse_order,
@@ -340,7 +341,6 @@ def apply_plans(
     """
     converted = dict(tensors)
     for plan in plans:
-        converted[plan.weight_key] = linear_weight_to_conv(
-            tensors[plan.weight_key], plan.patch, plan.order, flip=plan.flip
-        )
+        kernel = linear_weight_to_conv(tensors[plan.weight_key], plan.patch, plan.order)
+        converted[plan.weight_key] = flip_kernel(kernel) if plan.flip else kernel
     return converted

@@ -46,3 +46,24 @@ import sys, torch
 model = torch.export.load(sys.argv[1]).module()
 print('class-score map:', tuple(model(torch.randn(1, 3, 64, 48)).shape), '= batch x 10 classes x 5 x 3 windows')
 " "$OUT/tiny_vgg.pt2"
+
+# A Keras 3 model (Conv2D -> MaxPooling2D -> Flatten -> Dense -> Dense): the head is read
+# off its config; the converted .keras model is run in Keras before it is written.
+run "$BIN/fcconv" convert sample_checkpoints/keras_cnn.keras -o "$OUT/keras_cnn.conv.keras"
+run "$BIN/fcconv" verify sample_checkpoints/keras_cnn.keras "$OUT/keras_cnn.conv.keras"
+printf '\n$ python: keras.saving.load_model(%s) on a 50x38 input\n' "$OUT/keras_cnn.conv.keras"
+KERAS_BACKEND=torch KERAS_HOME="$OUT/keras_home" "$BIN/python" -W ignore -c "
+import sys, numpy as np, keras
+model = keras.saving.load_model(sys.argv[1])
+print('class-score map:', tuple(model(np.zeros((1, 50, 38, 3), 'float32')).shape), '= batch x 3 x 3 windows x 10 classes')
+" "$OUT/keras_cnn.conv.keras"
+
+# An ONNX classifier exported from PyTorch: Flatten -> Gemm becomes Conv, verified in onnxruntime.
+run "$BIN/fcconv" convolutionalize sample_checkpoints/tiny_cnn.onnx -o "$OUT/tiny_cnn.dense.onnx"
+printf '\n$ python: onnxruntime on %s with a 40x32 input\n' "$OUT/tiny_cnn.dense.onnx"
+"$BIN/python" -c "
+import sys, numpy as np, onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])
+scores = session.run(None, {'image': np.zeros((1, 3, 40, 32), 'float32')})[0]
+print('class-score map:', scores.shape, '= batch x 5 classes x 13 x 9 windows')
+" "$OUT/tiny_cnn.dense.onnx"

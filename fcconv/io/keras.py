@@ -80,9 +80,12 @@ def kind_of(path: str | Path) -> str | None:
         head = handle.read(8)
     if head == HDF5_MAGIC:
         return _h5_kind(file)
-    if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(file):
-        with zipfile.ZipFile(file) as archive:
-            names = set(archive.namelist())
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                names = set(archive.namelist())
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, IndexError):
+            return None  # a damaged zip is no Keras file; the torch loader says what is wrong
         if CONFIG_MEMBER in names and WEIGHTS_MEMBER in names:
             return KERAS
     return None
