@@ -6,8 +6,10 @@ is truthy on success, has ``.to_dict()`` (the ``--json`` document) and
 
 - :func:`inspect_checkpoint`, :func:`convert_checkpoint`,
   :func:`verify_checkpoints`: checkpoint files (``.pt``, ``.safetensors``,
-  sharded folders);
-- :func:`convolutionalize_file`: a whole model file to a ``.pt2`` program;
+  sharded folders, Keras ``.keras``/``.weights.h5``/``.h5``);
+- :func:`convolutionalize_file`: a whole model file to a ``.pt2`` program or
+  an ``.onnx`` graph; :func:`convolutionalize_onnx`, :func:`verify_onnx`: ONNX
+  graphs, checked in onnxruntime;
 - :func:`convolutionalize`, :func:`verify_dense`: the same on an ``nn.Module``;
 - :func:`linear_weight_to_conv`, :func:`linear_to_conv`: tensors and modules.
 
@@ -44,6 +46,8 @@ _LAZY = {
     "convert_checkpoint": "fcconv.api",
     "verify_checkpoints": "fcconv.api",
     "convolutionalize_file": "fcconv.api",
+    "convolutionalize_onnx": "fcconv.api.onnx",
+    "verify_onnx": "fcconv.api.onnx",
     "InspectResult": "fcconv.api",
     "ConvertResult": "fcconv.api",
     "ConvolutionalizeResult": "fcconv.api",
@@ -83,6 +87,7 @@ __all__ = [
     "convert_checkpoint",
     "convolutionalize",
     "convolutionalize_file",
+    "convolutionalize_onnx",
     "functional_check",
     "inspect_checkpoint",
     "linear_to_conv",
@@ -96,4 +101,5 @@ __all__ = [
     "save_checkpoint",
     "verify_checkpoints",
     "verify_dense",
+    "verify_onnx",
 ]

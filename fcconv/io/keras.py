@@ -236,7 +236,7 @@ def read_keras(path: str | Path) -> KerasFile:
                 if kind == KERAS_WEIGHTS:
                     file.metadata = _root_metadata(handle)
                 _read_keras3(file, handle)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+    except (OSError, KeyError, ValueError, RecursionError, zipfile.BadZipFile) as error:
         raise CheckpointError(
             f"{path} is a truncated or corrupt Keras file ({type(error).__name__}: "
             f"{str(error)[:160]}); re-save the model"
@@ -245,8 +245,18 @@ def read_keras(path: str | Path) -> KerasFile:
     return file
 
 
+MAX_INFLATION = 16
+"""A .keras zip may declare at most this many times its own size (plus 16 MiB) unpacked."""
+
+
 def _read_zip(path: Path) -> tuple[dict, dict, bytes, dict[str, bytes]]:
     with zipfile.ZipFile(path) as archive:
+        declared = sum(info.file_size for info in archive.infolist())
+        if declared > MAX_INFLATION * path.stat().st_size + (16 << 20):
+            raise ValueError(
+                f"its members declare {declared} bytes unpacked, far more than a "
+                f"{path.stat().st_size}-byte model holds"
+            )
         members = {name: archive.read(name) for name in archive.namelist()}
     config = json.loads(members.pop(CONFIG_MEMBER))
     metadata = json.loads(members.pop(METADATA_MEMBER, b"{}"))
