@@ -426,19 +426,26 @@ def _records(plans: list[LayerPlan]) -> dict[str, dict[str, Any]]:
     return {plan.name: plan.provenance() for plan in plans}
 
 
-def _convert_in_memory(job: _Job, out_format: str) -> ConvertResult:
+def apply_and_verify(job: _Job, plans: list[LayerPlan]) -> tuple[dict[str, Any], Any]:
+    """The converted tensors of a loaded source, and their verification (None if skipped)."""
     from fcconv.plan import apply_plans
     from fcconv.verify import verify_conversion
 
     loaded = job.source.loaded
     assert loaded is not None
-    plans = _plan(job)
     converted = apply_plans(loaded.tensors, plans)
-    verification = None
-    if job.verify:
-        verification = verify_conversion(plans, loaded.tensors, converted, job.size)
-        if not verification:
-            return job.result(plans, verification)
+    if not job.verify:
+        return converted, None
+    return converted, verify_conversion(plans, loaded.tensors, converted, job.size)
+
+
+def _convert_in_memory(job: _Job, out_format: str) -> ConvertResult:
+    loaded = job.source.loaded
+    assert loaded is not None
+    plans = _plan(job)
+    converted, verification = apply_and_verify(job, plans)
+    if verification is not None and not verification:
+        return job.result(plans, verification)
     new = loaded.with_tensors(converted)
     if out_format == SAFETENSORS:
         new.metadata = with_provenance(loaded.metadata, _records(plans))

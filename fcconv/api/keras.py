@@ -152,9 +152,8 @@ def _check_model_plans(plans: list[LayerPlan], head: KerasHead) -> None:
 
 def convert_keras(job: _Job, dst: str | Path | None, fmt: str | None) -> ConvertResult:
     """Convert Dense layers of a Keras file (see the module's doc)."""
-    from fcconv.api.checkpoints import _plan, _records
-    from fcconv.plan import apply_plans
-    from fcconv.verify import VerificationFailed, verify_conversion
+    from fcconv.api.checkpoints import _plan, _records, apply_and_verify
+    from fcconv.verify import VerificationFailed
 
     file = read_keras(job.source.path)
     if dst is None:
@@ -170,12 +169,9 @@ def convert_keras(job: _Job, dst: str | Path | None, fmt: str | None) -> Convert
         _check_model_plans(plans, head)
     loaded = job.source.loaded
     assert loaded is not None
-    converted = apply_plans(loaded.tensors, plans)
-    verification = None
-    if job.verify:
-        verification = verify_conversion(plans, loaded.tensors, converted, job.size)
-        if not verification:
-            return job.result(plans, verification)
+    converted, verification = apply_and_verify(job, plans)
+    if verification is not None and not verification:
+        return job.result(plans, verification)
     records = _records(plans)
     if out in (TORCH, SAFETENSORS):
         metadata = with_provenance(loaded.metadata, records) if out == SAFETENSORS else None

@@ -116,19 +116,11 @@ def convolutionalize_file(
     )
     check = fcn.verify_dense(original, conversion.model, native, larger, layers=layers or None)
     result = ConvolutionalizeResult(str(model), conversion, check)
-    if check and suffix == ".onnx":
-        from fcconv.onnx.export import save_onnx
-
-        result.export = save_onnx(
-            conversion.model,
-            target,
-            larger or check.larger_size,
-            in_channels=conversion.in_channels,
-            native_size=conversion.input_size,
-            force=force,
-        )
-    elif check:
-        result.export = fcn.save_exported(
+    if check:
+        save = fcn.save_exported
+        if suffix == ".onnx":
+            from fcconv.onnx.export import save_onnx as save
+        result.export = save(
             conversion.model,
             target,
             larger or check.larger_size,

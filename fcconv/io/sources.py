@@ -80,7 +80,11 @@ def open_source(path: str, *, trust_pickle: bool = False, lazy: bool = True) -> 
         return _safetensors_source(path)
     if path != STDIO and _is_keras_file(Path(path)):
         return _keras_source(path)
-    loaded = load_checkpoint(path, trust_pickle=trust_pickle)
+    return _loaded_source(path, load_checkpoint(path, trust_pickle=trust_pickle))
+
+
+def _loaded_source(path: str, loaded: Checkpoint) -> Source:
+    """A source whose tensors are all in memory."""
     from fcconv.plan import describe
 
     return Source(
@@ -115,17 +119,7 @@ def _keras_source(path: str) -> Source:
     """A Keras file in PyTorch's terms (see :mod:`fcconv.io.keras`), loaded whole."""
     from fcconv.io.keras import read_keras
 
-    loaded = read_keras(path).checkpoint()
-    from fcconv.plan import describe
-
-    return Source(
-        path=path,
-        format=loaded.format,
-        info=describe(loaded.tensors),
-        metadata=loaded.metadata,
-        read=lambda names: {name: loaded.tensors[name] for name in names},
-        loaded=loaded,
-    )
+    return _loaded_source(path, read_keras(path).checkpoint())
 
 
 def _safetensors_source(path: str) -> Source:

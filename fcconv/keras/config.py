@@ -20,6 +20,7 @@ Nothing here imports Keras.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,23 +128,23 @@ def _check_chain(layers: list[dict[str, Any]], sequential: bool) -> None:
             )
 
 
+def _keras_tensors(value: Any) -> Iterator[dict[str, Any]]:
+    """The config of every tensor a layer's ``inbound_nodes`` name, in order."""
+    if isinstance(value, dict):
+        config = value.get("config")
+        if value.get("class_name") == "__keras_tensor__" and isinstance(config, dict):
+            yield config
+            return
+        for item in value.values():
+            yield from _keras_tensors(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _keras_tensors(item)
+
+
 def _inbound_names(layer: dict[str, Any]) -> list[str]:
-    names: list[str] = []
-
-    def visit(value: Any) -> None:
-        if isinstance(value, dict):
-            history = value.get("config", {}).get("keras_history")
-            if value.get("class_name") == "__keras_tensor__" and isinstance(history, list):
-                names.append(str(history[0]))
-                return
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, list):
-            for item in value:
-                visit(item)
-
-    visit(layer.get("inbound_nodes", []))
-    return names
+    histories = (cfg.get("keras_history") for cfg in _keras_tensors(layer.get("inbound_nodes")))
+    return [str(history[0]) for history in histories if isinstance(history, list) and history]
 
 
 def find_head(config: dict[str, Any]) -> KerasHead:
@@ -351,28 +352,15 @@ def _relink(
     layers: list[dict[str, Any]], removed: list[str], feeder: str | None, channels: int | None
 ) -> None:
     """Point every reader of a removed layer at the layer before them; free tensor shapes."""
-
-    def visit(value: Any) -> None:
-        if isinstance(value, dict):
-            cfg = value.get("config")
-            if value.get("class_name") == "__keras_tensor__" and isinstance(cfg, dict):
-                history = cfg.get("keras_history")
-                shape = cfg.get("shape")
-                if isinstance(shape, list) and len(shape) > 1:
-                    cfg["shape"] = [shape[0], None, None, shape[-1]]
-                if isinstance(history, list) and history and history[0] in removed:
-                    history[0] = feeder
-                    history[1:] = [0, 0]
-                    cfg["shape"] = [None, None, None, channels]
-                return
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, list):
-            for item in value:
-                visit(item)
-
     for layer in layers:
-        visit(layer.get("inbound_nodes", []))
+        for cfg in _keras_tensors(layer.get("inbound_nodes", [])):
+            shape, history = cfg.get("shape"), cfg.get("keras_history")
+            if isinstance(shape, list) and len(shape) > 1:
+                cfg["shape"] = [shape[0], None, None, shape[-1]]
+            if isinstance(history, list) and history and history[0] in removed:
+                history[0] = feeder
+                history[1:] = [0, 0]
+                cfg["shape"] = [None, None, None, channels]
 
 
 def layer_classes(config: dict[str, Any]) -> list[tuple[str, str]]:
