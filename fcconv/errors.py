@@ -38,6 +38,7 @@ PARAMETERS = (
     "order",
     "output",
     "patch",
+    "state_dict_out",
     "stride",
     "trust_pickle",
 )
@@ -57,6 +58,7 @@ LIBRARY_NAMES: Mapping[str, str] = {
     "order": "order=",
     "output": "output path",
     "patch": "patch=",
+    "state_dict_out": "state_dict_out=",
     "stride": "stride=",
     "trust_pickle": "trust_pickle=True",
 }
@@ -76,6 +78,7 @@ CLI_NAMES: Mapping[str, str] = {
     "order": "--order",
     "output": "-o",
     "patch": "--patch",
+    "state_dict_out": "--state-dict-out",
     "stride": "--stride",
     "trust_pickle": "--trust-pickle",
 }

@@ -222,3 +222,52 @@ def test_a_legacy_h5_model_converts_and_runs_on_larger_inputs(invoke, tmp_path) 
     invoke("convert", model, "-o", out)
     _crops_match_the_map(model, out, (22, 18), (10, 8))
     invoke("verify", model, out)
+
+
+def test_converted_weights_load_into_the_model_with_conv2d_layers(invoke, samples, tmp_path):
+    import keras
+    from keras import layers
+
+    out = tmp_path / "cnn.conv.weights.h5"
+    invoke(
+        "convert", samples / f"{CNN}.weights.h5", "-o", out, "--layer", "fc6=8x6x6",
+        "--layer", "fc7=1x1", "--stride", "1x1",
+    )  # fmt: skip
+    dense = keras.Sequential(
+        [
+            keras.Input((None, None, 3)),
+            layers.Conv2D(6, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(32, (8, 6), activation="relu"),
+            layers.Conv2D(10, 1),
+        ]
+    )
+    dense.load_weights(out)
+    original = keras.saving.load_model(samples / f"{CNN}.keras")
+    x = np.random.default_rng(5).standard_normal((2, 20, 16, 3)).astype(np.float32)
+    scores = keras.ops.convert_to_numpy(dense(x))
+    assert scores.shape == (2, 2, 2, 10)  # 9x7 map, 8x6 windows at stride 1
+    for p in range(2):
+        for q in range(2):
+            crop = x[:, 2 * p : 2 * p + 18, 2 * q : 2 * q + 14]
+            expected = keras.ops.convert_to_numpy(original(crop))
+            np.testing.assert_allclose(scores[:, p, q], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_library_converts_a_keras_model(samples, tmp_path) -> None:
+    import fcconv
+
+    result = fcconv.convert_checkpoint(samples / f"{CNN}.keras", tmp_path / "c.keras", layers=[])
+    assert result and result.exit_code == 0
+    assert [plan.name for plan in result.plans] == ["fc6", "fc7"]
+    assert result.to_dict()["verification"]["runtime"][0]["passed"]
+    check = fcconv.verify_checkpoints(samples / f"{CNN}.keras", tmp_path / "c.keras")
+    assert check and check.runtime[0].windows == 4
+
+
+def test_order_evidence_says_a_flip_cannot_be_seen(invoke, samples) -> None:
+    result = invoke("inspect", samples / "trained_nhwc.pt", "--patch", "6x4x16", "--json")
+    evidence = json.loads(result.stdout)["order_evidence"]["fc"]
+    assert "cannot be seen" in evidence["flip"]
+    human = invoke("inspect", samples / "trained_nhwc.pt", "--patch", "6x4x16")
+    assert "flip" in " ".join(human.stderr.split())

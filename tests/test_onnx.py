@@ -174,3 +174,20 @@ def test_missing_extra_names_the_install_command(invoke, samples, tmp_path, monk
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if it were not installed
     result = invoke("convolutionalize", samples / SAMPLE, "-o", tmp_path / "d.onnx", exit=2)
     assert "pip install 'fcconv[onnx]'" in result.stderr
+
+
+def test_options_an_onnx_graph_does_not_take_are_refused(invoke, samples, tmp_path) -> None:
+    args = ("--arch", "x:y", "--state-dict-out", tmp_path / "w.pt")
+    result = invoke("convolutionalize", samples / SAMPLE, "-o", tmp_path / "d.onnx", *args, exit=2)
+    assert "--arch" in result.stderr and "--state-dict-out" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_library_returns_results_truthy_on_success(samples, tmp_path) -> None:
+    import fcconv
+
+    dense = tmp_path / "d.onnx"
+    result = fcconv.convolutionalize_onnx(samples / SAMPLE, dense, input_size=None)
+    assert result and result.exit_code == 0 and result.to_dict()["written"]
+    check = fcconv.verify_onnx(samples / SAMPLE, dense)
+    assert check and check.to_dict()["equivalent"]

@@ -86,6 +86,14 @@ def convolutionalize_file(
     if Path(str(model)).suffix.lower() == ".onnx":
         from fcconv.api.onnx import convolutionalize_onnx
 
+        given = {"arch": arch, "layers": layers, "channels": channels}
+        given |= {"check_size": check_size, "state_dict_out": state_dict_out}
+        unused = [name for name, value in given.items() if value]
+        if unused:
+            names = ", ".join(f"{{{name}}}" for name in unused)
+            raise SpecError(
+                f"an ONNX graph carries its own architecture and weights; leave out {names}"
+            )
         native_size = pair(input_size, parse_size) if input_size is not None else None
         return convolutionalize_onnx(  # type: ignore[return-value]
             model, output, input_size=native_size, stride=step, force=force

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fcconv.errors import CheckpointError
+from fcconv.errors import CheckpointError, ConvolutionalizeError
 from fcconv.geometry import Patch
 from fcconv.keras.config import KerasHead
 from fcconv.runtime_check import RuntimeCheck, cut_windows, judge
@@ -86,12 +86,31 @@ def check_models(
         patch: the feature map the head reads (channels-last ``H × W × C``).
         stride: the first Conv2D's stride, in feature-map cells.
     """
-    import numpy as np
-
     from fcconv.extras import require_keras
 
     keras = require_keras()
     original, converted = load(original_path), load(converted_path)
+    try:
+        return _compare(keras, original, converted, head, patch, stride, seed, batch)
+    except (ValueError, TypeError, RuntimeError, IndexError) as error:  # Keras ran, and failed
+        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ConvolutionalizeError(
+            f"Keras cannot run the models to check them ({type(error).__name__}: {text})"
+        ) from None
+
+
+def _compare(
+    keras: Any,
+    original: Any,
+    converted: Any,
+    head: KerasHead,
+    patch: Patch,
+    stride: tuple[int, int],
+    seed: int,
+    batch: int,
+) -> RuntimeCheck:
+    import numpy as np
+
     layers = [layer for layer in original.layers if type(layer).__name__ != "InputLayer"]
     names = [layer.name for layer in layers]
     first = head.layers[head.start]["config"]["name"]
