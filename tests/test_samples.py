@@ -68,13 +68,22 @@ def checkpoint_names() -> list[str]:
     return [name for name in shipped_names() if name not in KERAS_SAMPLES + ONNX_SAMPLES]
 
 
+def _without_object_ids(value: object) -> object:
+    """A Keras config without ``shared_object_id`` (a memory address, new every run)."""
+    if isinstance(value, dict):
+        return {k: _without_object_ids(v) for k, v in value.items() if k != "shared_object_id"}
+    if isinstance(value, list):
+        return [_without_object_ids(v) for v in value]
+    return value
+
+
 @regenerated
 @pytest.mark.parametrize("name", KERAS_SAMPLES)
 def test_keras_samples_agree_by_meaning(made: Path, name: str) -> None:
     from fcconv.io.keras import read_keras
 
     shipped, fresh = read_keras(SAMPLES / name), read_keras(made / name)
-    assert shipped.config == fresh.config
+    assert _without_object_ids(shipped.config) == _without_object_ids(fresh.config)
     before, after = shipped.checkpoint().tensors, fresh.checkpoint().tensors
     assert list(before) == list(after)
     for key, tensor in before.items():
