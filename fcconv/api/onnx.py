@@ -63,6 +63,13 @@ class OnnxConvolutionalizeResult:
         }
 
 
+def onnx_checker() -> Any:
+    """``onnx.checker``, through the extra's one-line error when onnx is missing."""
+    from fcconv.onnx.graph import _onnx
+
+    return _onnx().checker
+
+
 def load_onnx(path: str | Path) -> Any:
     """An ONNX model, parsed and checked (a protobuf: nothing in it runs)."""
     from fcconv.onnx.graph import _onnx
@@ -138,6 +145,7 @@ def convolutionalize_onnx(
     head = find_head(original)
     step = stride or (1, 1)
     dense = rewrite(original, head, step)
+    onnx_checker().check_model(dense, full_check=True)  # a graph any ONNX runtime accepts
     check, coordinates = _checked(original, dense, head, step)
     layers = [
         {

@@ -162,6 +162,17 @@ def find_head(config: dict[str, Any]) -> KerasHead:
             "convert with {layers} NAME=HxWxC and write the weights with {format} torch"
         )
     _check_chain(layers, sequential)
+    trunk_first = [
+        layer
+        for layer in layers[: flat + 1]
+        if layer.get("config", {}).get("data_format") == "channels_first"
+    ]
+    first = trunk_first[0] if trunk_first else None
+    if first is not None:
+        raise ConvolutionalizeError(
+            f"Keras layer {_name(first)!r} is channels_first; fcconv rewrites channels-last "
+            "models (Keras's default); write the weights with {format} torch instead"
+        )
     start, order, order_from = flat, KERAS_ORDER, "Flatten of a channels-last map"
     if flat > 0 and layers[flat - 1].get("class_name") == "Permute":
         start = flat - 1
