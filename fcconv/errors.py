@@ -36,6 +36,7 @@ PARAMETERS = (
     "no_verify",
     "order",
     "output",
+    "outputs",
     "patch",
     "stride",
     "trust_pickle",
@@ -54,6 +55,7 @@ LIBRARY_NAMES: Mapping[str, str] = {
     "no_verify": "verify=False",
     "order": "order=",
     "output": "output path",
+    "outputs": "outputs=",
     "patch": "patch=",
     "stride": "stride=",
     "trust_pickle": "trust_pickle=True",
@@ -72,6 +74,7 @@ CLI_NAMES: Mapping[str, str] = {
     "no_verify": "--no-verify",
     "order": "--order",
     "output": "-o",
+    "outputs": "--keep-output",
     "patch": "--patch",
     "stride": "--stride",
     "trust_pickle": "--trust-pickle",
@@ -139,16 +142,16 @@ class UntraceableModelError(ConvolutionalizeError):
     """A model that neither ``torch.fx`` nor ``torch.export`` can trace."""
 
 
-class ArchitectureError(FcconvError):
-    """An ``arch`` (``package.module:callable``) that cannot be imported or called."""
-
-
 class UserCodeError(FcconvError):
     """User code (``arch``, a model's ``forward``) failed; ``where`` is its ``file:line``."""
 
     def __init__(self, message: str, *, where: str | None = None, path: str | None = None):
         super().__init__(message, path=path)
         self.where = where
+
+
+class ArchitectureError(UserCodeError):
+    """An ``arch`` (``package.module:callable``) that cannot be imported or called."""
 
 
 class MissingExtraError(FcconvError):

@@ -407,6 +407,12 @@ class PatchNd:
         lengths = dict(zip(SPATIAL_AXES[self.ndim], self.sizes, strict=True), c=self.channels)
         return tuple(lengths[axis] for axis in order)
 
+    def to_patch(self) -> Patch:
+        """The 2-D :class:`Patch` of a 2-D patch."""
+        if self.ndim != 2:
+            raise SpecError(f"patch {self} is {self.ndim}-D, not 2-D")
+        return Patch(*self.sizes, self.channels)
+
     def describe(self) -> str:
         """``16 × 4 × 4 (C × H × W)``: the feature map a conv kernel of this patch covers."""
         numbers = " × ".join(str(n) for n in (self.channels, *self.sizes))

@@ -242,11 +242,7 @@ def test_native_and_dense_equality(case: str, stride: int) -> None:
     conversion = convolutionalize_detailed(model, native, stride=stride)
     dense = conversion.model.eval()
     assert conversion.order == order
-    assert (conversion.patch.channels, conversion.patch.height, conversion.patch.width) == (
-        c,
-        kh,
-        kw,
-    )
+    assert (conversion.patch.channels, *conversion.patch.sizes) == (c, kh, kw)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(3, channels, *native, generator=generator)
     with torch.no_grad():
