@@ -11,6 +11,8 @@
   make_trained_samples.py) for --order auto.
 - tiny_vgg.safetensors: weights of fcconv.samples_models.tiny_vgg, a small
   VGG-style classifier, for `fcconv convolutionalize --arch`.
+- detector_stage.safetensors: weights of fcconv.samples_models.detector_stage,
+  a two-headed face-detector stage (random init), for the README's walk-through.
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ def main(out_dir: Path) -> None:
     from make_trained_samples import write_trained_samples
 
     write_trained_samples(out_dir)
-    from fcconv.samples_models import tiny_vgg
+    from fcconv.samples_models import detector_stage, tiny_vgg
 
     # Weights for `fcconv convolutionalize --arch fcconv.samples_models:tiny_vgg` (seeded there).
     save_file(tiny_vgg().state_dict(), str(out_dir / "tiny_vgg.safetensors"))
+    save_file(detector_stage().state_dict(), str(out_dir / "detector_stage.safetensors"))
     for path in sorted(out_dir.iterdir()):
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
 

@@ -165,8 +165,11 @@ def _prune(structure: Any, keep: set[int], counter: list[int]) -> Any:
 _GONE = object()
 
 
-def select_outputs(gm: fx.GraphModule, wanted: Sequence[str]) -> None:
-    """Keep only the ``wanted`` outputs (one: the bare tensor); drop what feeds the others."""
+def select_outputs(gm: fx.GraphModule, wanted: Sequence[str]) -> list[str]:
+    """Keep only the ``wanted`` outputs (one: the bare tensor); drop what feeds the others.
+
+    Returns the kept outputs' names in the order the pruned model returns them.
+    """
     names = [name for name, _ in output_leaves(gm)]
     unknown = [w for w in wanted if w not in names]
     if unknown:
@@ -183,6 +186,7 @@ def select_outputs(gm: fx.GraphModule, wanted: Sequence[str]) -> None:
     else:
         output.args = (_prune(_plain_containers(output.args[0]), keep, [0]),)
     gm.graph.eliminate_dead_code()
+    return [name for name in names if name in wanted]
 
 
 def _plain_containers(structure: Any) -> Any:
@@ -453,15 +457,17 @@ def analyze(
     size = size_tuple(input_size, "input_size")
     traced = trace_model(model, size, in_channels)
     gm = traced.gm
-    names = [name for name, _ in output_leaves(gm)]
+    leaves = output_leaves(gm)
+    names = [name for name, _ in leaves]
     if outputs:
-        select_outputs(gm, list(outputs))
+        kept = select_outputs(gm, list(outputs))
+        leaves = list(zip(kept, [leaf for _, leaf in output_leaves(gm)], strict=True))
     gm.graph.eliminate_dead_code()
     head: dict[fx.Node, str] = {}
     sites: dict[fx.Node, FlattenSite] = {}
     results: list[HeadOutput] = []
     first: set[fx.Node] = set()
-    for name, leaf in output_leaves(gm):
+    for name, leaf in leaves:
         flatten, path = _path_to_flatten(gm, name, leaf)
         site = sites.get(flatten) or sites.setdefault(flatten, _site(gm, flatten))
         head.update(path)

@@ -59,6 +59,11 @@ def _head(an: Analysis, site: Any, trunk: set[fx.Node]) -> fx.GraphModule:
     for node in an.gm.graph.nodes:
         if node in trunk or node.op in ("placeholder", "output"):
             continue
+        if node is site.node:
+            # the flatten as such: a traced view may read the batch size off the model's
+            # input (torch.export), which the batch of windows does not have
+            env[node] = graph.call_function(torch.flatten, (env[node.args[0]], 1))
+            continue
         if node.op != "get_attr" and not all(n in env for n in node.all_input_nodes):
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])

@@ -479,6 +479,9 @@ def _attribute_shape(gm: fx.GraphModule, node: Any) -> tuple[int, ...] | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+_CELL_METHODS = frozenset({"add", "mul", "sub", "div", "to", "type", "clone"})
+
+
 def keeps_cells(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Layers that leave every cell where it is (activations, norms, element-wise math)."""
     if node.op == "call_module":
@@ -496,7 +499,7 @@ def keeps_cells(gm: fx.GraphModule, node: fx.Node) -> bool:
             )
         return node.target in (F.batch_norm, F.instance_norm, F.prelu, operator.neg)
     if node.op == "call_method":
-        return node.target in POINTWISE_METHODS or node.target in ("add", "mul", "sub", "div")
+        return node.target in POINTWISE_METHODS or node.target in _CELL_METHODS
     return False
 
 

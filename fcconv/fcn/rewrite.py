@@ -71,13 +71,13 @@ def _rewrite(an: Analysis, stride: tuple[int, ...]) -> list[LayerChange]:
             replace_module(gm, node.target, twin, inplace=True)
             changes.append(LayerChange(str(node.target), repr(module), repr(twin)))
         elif kind == "softmax":
-            if module is not None:
+            if module is not None and module.dim != 1:
                 twin = type(module)(dim=1)
                 replace_module(gm, node.target, twin, inplace=True)
                 changes.append(LayerChange(str(node.target), repr(module), repr(twin)))
-            elif len(node.args) > 1:
+            elif module is None and len(node.args) > 1:
                 node.update_arg(1, 1)
-            else:
+            elif module is None:
                 node.update_kwarg("dim", 1)
     graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()

@@ -34,6 +34,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from fcconv.errors import SpecError, UntraceableModelError
+from fcconv.fcn.ops import plain
 from fcconv.fcn.usercode import (
     at,
     caller_frame,
@@ -375,11 +376,9 @@ def _lift_targets(exported: fx.GraphModule, model: nn.Module) -> dict[fx.Node, s
             module = model.get_submodule(path)
         except AttributeError:
             continue
-        if len(nodes) != 1 or not path or not isinstance(module, _LIFTABLE):
-            continue
-        base = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
-        if type(module).forward is base.forward and isinstance(nodes[0].args[0], fx.Node):
-            lifted[nodes[0]] = path
+        if len(nodes) == 1 and path and plain(module, _LIFTABLE):
+            if nodes[0].args and isinstance(nodes[0].args[0], fx.Node):
+                lifted[nodes[0]] = path
     return lifted
 
 
