@@ -371,11 +371,7 @@ def _check_single_call_sites(gm: fx.GraphModule, head: dict[fx.Node, str]) -> No
 
 
 def _check_layers(gm: fx.GraphModule, layers: Sequence[str], head_linears: list[fx.Node]) -> None:
-    model_linears = [
-        str(n.target)
-        for n in gm.graph.nodes
-        if n.op == "call_module" and isinstance(module_of(gm, n), nn.Linear)
-    ]
+    model_linears = [name for name, m in gm.named_modules() if isinstance(m, nn.Linear)]
     unknown = [name for name in layers if name not in model_linears]
     if unknown:
         raise LayerError(
