@@ -21,6 +21,7 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
+from fcn_helpers import seeded
 from torch import nn
 
 from fcconv.errors import CLI_NAMES, FcconvError, LayerError, SpecError, UnsafeCheckpointError
@@ -40,20 +41,6 @@ from fcconv.geometry import conv_weight_to_linear
 
 lib = importlib.import_module("fcconv.fcn")
 cli_module = importlib.import_module("fcconv.cli")
-
-
-def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Deterministic weights of a healthy scale, and random BatchNorm statistics."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(torch.randn(shape, generator=generator))
-                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-    return model.eval()
 
 
 class TwoPart(nn.Module):

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fcn_helpers import seeded
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -259,21 +260,8 @@ class Video(nn.Module):
         return self.fc2(torch.relu(self.bn(self.fc(x))))
 
 
-def seeded(model: nn.Module) -> nn.Module:
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_var.copy_(
-                    torch.rand(module.running_var.shape, generator=generator) + 0.5
-                )
-    return model.eval()
-
-
 def test_audio_model_with_f_pad_before_every_conv_gets_conv1d_and_the_warning() -> None:
-    model = seeded(PaddedAudio())
+    model = seeded(PaddedAudio(), scale=0.5)
     conversion = convolutionalize_detailed(model, 32)  # 32 -> 36 -> 32 -> 16 -> 20 -> 16 -> 8
     assert conversion.layout.size == (32,) and conversion.layout.channels == 1
     fc = conversion.model.get_submodule("fc")
@@ -297,7 +285,7 @@ def test_audio_model_with_f_pad_before_every_conv_gets_conv1d_and_the_warning() 
 
 
 def test_pitch_shaped_model_takes_raw_audio_and_its_flag_at_the_default() -> None:
-    model = seeded(PitchShaped())
+    model = seeded(PitchShaped(), scale=0.5)
     conversion = convolutionalize_detailed(model, 128)
     assert conversion.layout.channels is None  # [B, T]: the model adds the channel axis
     assert any("embed=False" in note for note in conversion.notes)
@@ -313,7 +301,7 @@ def test_pitch_shaped_model_takes_raw_audio_and_its_flag_at_the_default() -> Non
 
 
 def test_conv3d_trunk() -> None:
-    model = seeded(Video())
+    model = seeded(Video(), scale=0.5)
     conversion = convolutionalize_detailed(model, (6, 8, 8))
     fc, bn = (conversion.model.get_submodule(n) for n in ("fc", "bn"))
     assert isinstance(fc, nn.Conv3d) and fc.kernel_size == (2, 3, 3)

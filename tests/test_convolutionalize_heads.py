@@ -17,20 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from fcn_helpers import seeded
 from torch import nn
 
 from fcconv.errors import CheckpointError, LayerError
 from fcconv.fcn import convolutionalize, convolutionalize_detailed, load_model, verify_dense
 from fcconv.fcn.load import match_keys
 from fcconv.geometry import conv_weight_to_linear
-
-
-def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model.eval()
 
 
 class Stage(nn.Module):

@@ -20,19 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fcn_helpers import seeded
 from torch import nn
 
 from fcconv.errors import ArchitectureError, UntraceableModelError, UserCodeError
 from fcconv.fcn import convolutionalize, convolutionalize_detailed, load_model, verify_dense
 from fcconv.fcn.load import ArchSpec, parse_arch
-
-
-def seeded(model: nn.Module) -> nn.Module:
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model.eval()
 
 
 class Digits(nn.Module):
@@ -65,19 +58,6 @@ class SizeArithmetic(nn.Module):
             x = x * 1.0
         x = F.pad(x, (0, math.ceil(x.shape[-1] / 100) - 1))  # zero padding, computed
         return self.fc(F.relu(self.conv(x)).view(x.size(0), -1))
-
-
-class ValueBranch(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.fc = nn.Linear(2 * 4 * 4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if x.mean() > 0:
-            x = -x
-        return self.fc(x.flatten(1))
 
 
 class NeedsTwoInputs(nn.Module):
@@ -113,14 +93,6 @@ def test_fx_failure_falls_back_to_torch_export() -> None:
     check = verify_dense(model, conversion.model, (8, 8))
     assert check, check.problems
     assert check.crops.crop_exact == check.crops.cells  # a zero-width pad reads nothing
-
-
-def test_control_flow_on_values_is_refused_at_its_line() -> None:
-    with pytest.raises(UntraceableModelError) as raised:
-        convolutionalize(seeded(ValueBranch()), (6, 6))
-    message = str(raised.value)
-    assert "branches on tensor values at tests/test_convolutionalize_tracing.py:" in message
-    assert "(`if x.mean() > 0:`)" in message and "\n" not in message
 
 
 def test_a_second_input_without_default_is_refused_with_its_definition() -> None:

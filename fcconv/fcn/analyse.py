@@ -25,6 +25,7 @@ from fcconv.fcn.ops import (
     ADAPTIVE_POOL_FUNCTIONS,
     ADAPTIVE_POOL_MODULES,
     SOFTMAX_MODULES,
+    ancestors,
     describe,
     is_flatten,
     is_pointwise,
@@ -226,16 +227,7 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 
 def _flatten_above(node: fx.Node, gm: fx.GraphModule) -> bool:
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        for parent in current.all_input_nodes:
-            if parent not in seen:
-                if is_flatten(parent, gm):
-                    return True
-                seen.add(parent)
-                stack.append(parent)
-    return False
+    return any(is_flatten(parent, gm) for parent in ancestors(node))
 
 
 def _path_to_flatten(gm: fx.GraphModule, name: str, leaf: fx.Node) -> tuple[fx.Node, list]:
@@ -388,23 +380,11 @@ def _check_layers(gm: fx.GraphModule, layers: Sequence[str], head_linears: list[
         )
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        for parent in current.all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
-
-
 def trunk_nodes(an: Analysis) -> set[fx.Node]:
     """Every node the feature maps are computed from, the maps included."""
     nodes: set[fx.Node] = set()
     for site in an.sites:
-        nodes |= _ancestors(site.source) | {site.source}
+        nodes |= ancestors(site.source) | {site.source}
     return nodes
 
 

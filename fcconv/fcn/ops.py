@@ -175,6 +175,27 @@ def _aten(target: Any) -> bool:
     return isinstance(target, torch._ops.OpOverload)
 
 
+def _reach(node: fx.Node, step: Any) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for neighbour in step(stack.pop()):
+            if neighbour not in seen:
+                seen.add(neighbour)
+                stack.append(neighbour)
+    return seen
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node ``node`` is computed from (not itself)."""
+    return _reach(node, lambda n: n.all_input_nodes)
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node computed from ``node`` (not itself)."""
+    return _reach(node, lambda n: n.users)
+
+
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """The nodes ``node`` reads that carry tensors (not sizes, not parameters)."""
     return [

@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from fcconv.errors import SpecError, UntraceableModelError
-from fcconv.fcn.ops import plain
+from fcconv.fcn.ops import ancestors, descendants, plain
 from fcconv.fcn.usercode import (
     at,
     caller_frame,
@@ -238,14 +238,14 @@ class _Tracer(fx.Tracer):
         """The value of a size condition on the example input, from the graph so far."""
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        wanted = _ancestry(node)
+        wanted = ancestors(node) | {node}
         for current in self.graph.nodes:
             if current in wanted:
                 env[current] = graph.node_copy(current, lambda n: env[n])
         graph.output(env[node])
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        with torch.no_grad():
-            module = fx.GraphModule(self.root, graph)
+        module = fx.GraphModule(self.root, graph)
+        with torch.no_grad(), running_eval(self.root):  # no BatchNorm statistics updated
             return _Unpatched(module).run(*[self.example] * len(placeholders))
 
 
@@ -294,36 +294,16 @@ def _size_condition_note(frame: traceback.FrameSummary | None, value: bool) -> s
     )
 
 
-def _ancestry(node: fx.Node) -> set[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for parent in stack.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
-
-
 def _drop_concrete_inputs(graph: fx.Graph) -> None:
     """Remove fx's placeholders and assertions for the arguments traced at their defaults."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
     for placeholder in reversed(placeholders):
-        users = sorted(_descendants(placeholder), key=_position(graph), reverse=True)
+        users = sorted(descendants(placeholder), key=_position(graph), reverse=True)
         if any(u.op != "call_function" or u.target not in _ASSERTS for u in users):
             continue
         for user in users:
             graph.erase_node(user)
         graph.erase_node(placeholder)
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
 
 
 def _position(graph: fx.Graph) -> Any:
