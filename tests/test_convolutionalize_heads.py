@@ -279,3 +279,26 @@ def test_cli_keep_output(tmp_path: Path, invoke, samples: Path) -> None:
         in result.stderr
     )
     assert not (tmp_path / "none.pt2").exists()
+
+
+def test_the_readme_walk_through_runs(
+    tmp_path: Path, invoke, samples: Path, monkeypatch, capsys
+) -> None:
+    import re
+    import shlex
+    import shutil
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("#### Walk-through: a two-headed detector stage") :]
+    section = section[: section.index("\n## ")]
+    command = re.search(r"\$ (fcconv convolutionalize .*?)\n```", section, flags=re.S).group(1)
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    shutil.copytree(samples, tmp_path / "sample_checkpoints")
+    monkeypatch.chdir(tmp_path)
+    arguments = shlex.split(command.replace("\\\n", " "))[1:]
+    invoke(*arguments)
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    shapes, box = capsys.readouterr().out.splitlines()
+    assert shapes == "{'face': (1, 2, 5, 3), 'box': (1, 4, 5, 3)}"
+    (top, bottom), (left, right) = eval(box)  # the printed box: two (start, stop) pairs
+    assert bottom - top == right - left == 25 and top % 4 == left % 4 == 0
