@@ -37,6 +37,8 @@ class Digits(nn.Module):
         self.fc = nn.Linear(4 * 12 * 12, 10)
 
     def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if x.dim() == 3 and x.is_floating_point():  # one unbatched image
+            x = x[None]
         if x.shape[-1] != 28 or x.shape[-2] != 28:
             raise ValueError(f"expected 28x28 digits, got {tuple(x.shape)}")
         x = F.max_pool2d(F.relu(self.conv(x)), 2)
@@ -78,6 +80,8 @@ def test_size_guard_and_defaulted_flag_are_traced_at_the_native_size() -> None:
     assert "tests/test_convolutionalize_tracing.py:" in guard[0]
     assert "`if x.shape[-1] != 28 or x.shape[-2] != 28:`" in guard[0]
     assert any("return_features=False" in note for note in conversion.notes)
+    (branch,) = [note for note in conversion.notes if note.startswith("the condition at")]
+    assert "(`if x.dim() == 3 and x.is_floating_point():" in branch and "is False" in branch
     with torch.no_grad():  # the guard is gone: larger inputs run
         assert conversion.model(torch.randn(1, 1, 40, 36)).shape == (1, 10, 7, 5)
     assert verify_dense(model, conversion.model, 28)

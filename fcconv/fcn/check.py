@@ -29,7 +29,7 @@ from fcconv.fcn.analyse import (
 )
 from fcconv.fcn.cells import CropPlan, OutputCells, crop_plan, output_cells, trunk_geometry
 from fcconv.fcn.results import CropAccount, DenseCheck, OutputCheck
-from fcconv.fcn.trace import running_eval
+from fcconv.fcn.trace import model_dtype_device, running_eval
 from fcconv.fcn.usercode import running_user_code
 
 
@@ -218,13 +218,16 @@ def verify_dense(
     check.outputs = [OutputCheck(o.name) for o in an.outputs]
     generator = torch.Generator().manual_seed(seed)
     layout = an.layout
+    _, device = model_dtype_device(reference)
     with torch.no_grad():
-        x = layout.example(batch, dtype=torch.float64, generator=generator)
+        x = layout.example(batch, dtype=torch.float64, device=device, generator=generator)
         with running_user_code("the original model's forward"):
             expected = _named(reference(x))
         got = _dense_leaves(candidate(x))
         _compare_native(check, an, expected, got, rtol)
-        big = layout.example(batch, size=larger, dtype=torch.float64, generator=generator)
+        big = layout.example(
+            batch, size=larger, dtype=torch.float64, device=device, generator=generator
+        )
         dense = _dense_leaves(candidate(big))
         trunk, heads = _split(an)
         wanted = _head_maps(an, trunk, heads, big, step)

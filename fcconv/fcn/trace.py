@@ -48,9 +48,9 @@ from fcconv.fcn.usercode import (
 
 WEIGHT_ONLY_HINT = "for weight-only conversion use `fcconv convert CKPT {layers} NAME`"
 
-# Calls on sizes that a size condition may contain besides Python's own operators.
-_SIZE_METHODS = frozenset({"size", "dim", "numel", "nelement"})
-_SIZE_ATTRIBUTES = frozenset({"shape", "ndim"})
+# What a condition on the input's size (or type) may read besides Python's own operators.
+_SIZE_METHODS = frozenset({"size", "dim", "numel", "nelement", "is_floating_point"})
+_SIZE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
 _ASSERTS = (operator.eq, torch._assert, fx._symbolic_trace._assert_is_none)
 
 
@@ -289,8 +289,9 @@ def _size_condition_note(frame: traceback.FrameSummary | None, value: bool) -> s
             "at the native size, as on every crop, so larger inputs now run"
         )
     return (
-        f"the condition{location} depends only on the input's size; it is {value} at the "
-        "native size, as on every crop, and the converted model always takes that branch"
+        f"the condition{location} depends only on the input's size or type; it is {value} "
+        "at the native size, as on every crop, and the converted model always takes that "
+        "branch"
     )
 
 
