@@ -37,6 +37,7 @@ PARAMETERS = (
     "no_verify",
     "order",
     "output",
+    "outputs",
     "patch",
     "state_dict_out",
     "stride",
@@ -57,6 +58,7 @@ LIBRARY_NAMES: Mapping[str, str] = {
     "no_verify": "verify=False",
     "order": "order=",
     "output": "output path",
+    "outputs": "outputs=",
     "patch": "patch=",
     "state_dict_out": "state_dict_out=",
     "stride": "stride=",
@@ -77,6 +79,7 @@ CLI_NAMES: Mapping[str, str] = {
     "no_verify": "--no-verify",
     "order": "--order",
     "output": "-o",
+    "outputs": "--keep-output",
     "patch": "--patch",
     "state_dict_out": "--state-dict-out",
     "stride": "--stride",
@@ -145,16 +148,16 @@ class UntraceableModelError(ConvolutionalizeError):
     """A model that neither ``torch.fx`` nor ``torch.export`` can trace."""
 
 
-class ArchitectureError(FcconvError):
-    """An ``arch`` (``package.module:callable``) that cannot be imported or called."""
-
-
 class UserCodeError(FcconvError):
     """User code (``arch``, a model's ``forward``) failed; ``where`` is its ``file:line``."""
 
     def __init__(self, message: str, *, where: str | None = None, path: str | None = None):
         super().__init__(message, path=path)
         self.where = where
+
+
+class ArchitectureError(UserCodeError):
+    """An ``arch`` (``package.module:callable``) that cannot be imported or called."""
 
 
 class MissingExtraError(FcconvError):

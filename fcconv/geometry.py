@@ -6,11 +6,17 @@ A Linear weight ``W[O, N]`` that was fed patches flattened in ``order`` (the
 axes ``c``, ``h``, ``w`` from slowest to fastest) is the conv kernel
 ``K[O, C, kh, kw]`` with ``K[o, c, i, j] = W[o, index_of(order, c, i, j)]``.
 Both directions are a reshape and a permute: nothing is recomputed or cast.
+
+The same holds in 1-D and 3-D (:class:`PatchNd`, ``K[O, C, l]`` and
+``K[O, C, d, h, w]``), and :class:`AxisField` / :class:`CellGeometry` carry
+the receptive-field arithmetic that says where each cell of a dense map lies
+on the input.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -167,10 +173,7 @@ def index_map(patch: Patch, order: str) -> torch.Tensor:
     Two orders are the same permutation for this patch exactly when their
     index maps are equal (e.g. every order when the patch is 1×1).
     """
-    import torch
-
-    columns = torch.arange(patch.features).reshape(patch.sizes(order))
-    return columns.permute(*(order.index(axis) for axis in AXES))
+    return _columns(patch.features, patch.sizes(order), order, AXES)
 
 
 def linear_weight_to_conv(
@@ -195,10 +198,8 @@ def linear_weight_to_conv(
             f"weight of shape {tuple(weight.shape)} is not a Linear weight for patch "
             f"{patch} (expected [out, {patch.features}])"
         )
-    out_features = weight.shape[0]
-    grouped = weight.reshape(out_features, *patch.sizes(order))
-    kernel = grouped.permute(0, *(1 + order.index(axis) for axis in AXES))
-    return _fresh(kernel.flip(2, 3) if flip else kernel)
+    kernel = _to_kernel(weight, patch.sizes(order), order, AXES)
+    return _fresh(kernel.flip(2, 3)) if flip else kernel
 
 
 def conv_weight_to_linear(kernel: torch.Tensor, order: str, *, flip: bool = False) -> torch.Tensor:
@@ -211,7 +212,26 @@ def conv_weight_to_linear(kernel: torch.Tensor, order: str, *, flip: bool = Fals
         )
     if flip:
         kernel = kernel.flip(2, 3)
-    flat = kernel.permute(0, *(1 + AXES.index(axis) for axis in order))
+    return _to_linear(kernel, order, AXES)
+
+
+def _columns(features: int, sizes: tuple[int, ...], order: str, axes: str) -> torch.Tensor:
+    """Which Linear column feeds each kernel tap, the taps in ``axes`` order."""
+    import torch
+
+    columns = torch.arange(features).reshape(sizes)
+    return columns.permute(*(order.index(axis) for axis in axes))
+
+
+def _to_kernel(weight: torch.Tensor, sizes: tuple[int, ...], order: str, axes: str) -> torch.Tensor:
+    """``[O, N]`` grouped as ``sizes`` (the patch's lengths in ``order``), permuted to ``axes``."""
+    grouped = weight.reshape(weight.shape[0], *sizes)
+    return _fresh(grouped.permute(0, *(1 + order.index(axis) for axis in axes)))
+
+
+def _to_linear(kernel: torch.Tensor, order: str, axes: str) -> torch.Tensor:
+    """A kernel whose axes after the first are ``axes``, flattened in ``order``: ``[O, N]``."""
+    flat = kernel.permute(0, *(1 + axes.index(axis) for axis in order))
     return _fresh(flat.reshape(kernel.shape[0], -1))
 
 
@@ -392,3 +412,230 @@ def coinciding_orders(patch: Patch, order: str) -> list[str]:
 
     reference = index_map(patch, order)
     return [o for o in ORDERS if torch.equal(index_map(patch, o), reference)]
+
+
+# ------------------------------------------------------------- 1-D, 2-D, 3-D
+
+SPATIAL_AXES = {1: "l", 2: "hw", 3: "dhw"}
+"""The letters of a patch's spatial axes by dimension, as PyTorch names them:
+``[N, C, L]`` for Conv1d, ``[N, C, H, W]`` for Conv2d, ``[N, C, D, H, W]`` for Conv3d."""
+
+
+def kernel_axes(ndim: int) -> str:
+    """The conv kernel's axis order after the output axis: ``cl``, ``chw`` or ``cdhw``."""
+    if ndim not in SPATIAL_AXES:
+        raise SpecError(f"patches have 1, 2 or 3 spatial axes, not {ndim}")
+    return "c" + SPATIAL_AXES[ndim]
+
+
+def orders_for(ndim: int) -> tuple[str, ...]:
+    """Every flatten order of an ``ndim``-D patch, PyTorch's first (``cl``/``chw``/``cdhw``)."""
+    return tuple("".join(p) for p in itertools.permutations(kernel_axes(ndim)))
+
+
+def parse_order_nd(text: str, ndim: int) -> str:
+    """Validate a flatten order of an ``ndim``-D patch (``lc``, ``hwc``, ``dhwc``, ...).
+
+    >>> parse_order_nd("LC", 1)
+    'lc'
+    """
+    order = text.strip().lower()
+    if order not in orders_for(ndim):
+        raise SpecError(
+            f"malformed order {text!r} for a {ndim}-D patch: expected a permutation of "
+            f"{', '.join(kernel_axes(ndim))} (e.g. {kernel_axes(ndim)} or "
+            f"{SPATIAL_AXES[ndim]}c)"
+        )
+    return order
+
+
+@dataclass(frozen=True)
+class PatchNd:
+    """A patch of ``sizes`` (``(L,)``, ``(H, W)`` or ``(D, H, W)``) positions of ``channels``."""
+
+    sizes: tuple[int, ...]
+    channels: int
+
+    @property
+    def ndim(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def features(self) -> int:
+        """``N = C·∏sizes``, the Linear layer's ``in_features``."""
+        return self.channels * math.prod(self.sizes)
+
+    def lengths(self, order: str) -> tuple[int, ...]:
+        """The patch's axis lengths in ``order``, e.g. ``(L, C)`` for ``lc``."""
+        lengths = dict(zip(SPATIAL_AXES[self.ndim], self.sizes, strict=True), c=self.channels)
+        return tuple(lengths[axis] for axis in order)
+
+    def to_patch(self) -> Patch:
+        """The 2-D :class:`Patch` of a 2-D patch."""
+        if self.ndim != 2:
+            raise SpecError(f"patch {self} is {self.ndim}-D, not 2-D")
+        return Patch(*self.sizes, self.channels)
+
+    def describe(self) -> str:
+        """``16 × 4 × 4 (C × H × W)``: the feature map a conv kernel of this patch covers."""
+        numbers = " × ".join(str(n) for n in (self.channels, *self.sizes))
+        return f"{numbers} ({' × '.join(kernel_axes(self.ndim).upper())})"
+
+    def __str__(self) -> str:
+        """``HxWxC`` for 2-D patches; ``l=4,c=16`` or ``d=2,h=3,w=3,c=8`` otherwise."""
+        if self.ndim == 2:
+            return str(Patch(*self.sizes, self.channels))
+        letters = SPATIAL_AXES[self.ndim] + "c"
+        return ",".join(f"{a}={n}" for a, n in zip(letters, self.lengths(letters), strict=True))
+
+
+def index_map_nd(patch: PatchNd, order: str) -> torch.Tensor:
+    """``index_map_nd[c, *position]``: the Linear column that feeds each kernel tap.
+
+    >>> index_map_nd(PatchNd((3,), 2), "lc").tolist()
+    [[0, 2, 4], [1, 3, 5]]
+    """
+    order = parse_order_nd(order, patch.ndim)
+    return _columns(patch.features, patch.lengths(order), order, kernel_axes(patch.ndim))
+
+
+def linear_weight_to_conv_nd(weight: torch.Tensor, patch: PatchNd, order: str) -> torch.Tensor:
+    """Rearrange a Linear weight ``[O, N]`` into the kernel ``[O, C, *patch.sizes]``.
+
+    The 1-D and 3-D counterpart of :func:`linear_weight_to_conv` (which it
+    equals for 2-D patches): a new tensor with the same element bits.
+
+    >>> import torch
+    >>> linear_weight_to_conv_nd(torch.arange(6.).reshape(1, 6), PatchNd((3,), 2), "lc")[0]
+    tensor([[0., 2., 4.],
+            [1., 3., 5.]])
+    """
+    order = parse_order_nd(order, patch.ndim)
+    if weight.dim() != 2 or weight.shape[1] != patch.features:
+        raise SpecError(
+            f"weight of shape {tuple(weight.shape)} is not a Linear weight for the patch "
+            f"{patch.describe()} (expected [out, {patch.features}])"
+        )
+    return _to_kernel(weight, patch.lengths(order), order, kernel_axes(patch.ndim))
+
+
+def conv_weight_to_linear_nd(kernel: torch.Tensor, order: str) -> torch.Tensor:
+    """Inverse of :func:`linear_weight_to_conv_nd`: ``[O, C, *sizes]`` back to ``[O, N]``."""
+    if kernel.dim() not in (3, 4, 5):
+        raise SpecError(
+            f"kernel of shape {tuple(kernel.shape)} is not a Conv1d, Conv2d or Conv3d weight"
+        )
+    ndim = kernel.dim() - 2
+    return _to_linear(kernel, parse_order_nd(order, ndim), kernel_axes(ndim))
+
+
+def parse_extent(text: str, what: str = "input size") -> tuple[int, ...]:
+    """Parse ``T``, ``HxW`` or ``DxHxW``: one to three positive integers.
+
+    >>> parse_extent("1024"), parse_extent("24x24"), parse_extent("8 x 32 x 32")
+    ((1024,), (24, 24), (8, 32, 32))
+    """
+    match = re.fullmatch(rf"\s*{_INT}(?:{_SEP}{_INT})?(?:{_SEP}{_INT})?\s*", text)
+    numbers = [int(g) for g in match.groups() if g is not None] if match else []
+    if not match or 0 in numbers:
+        raise SpecError(
+            f"malformed {what} {text!r}: expected T, HxW or DxHxW with positive integers "
+            "(e.g. 1024, 24x24, 8x32x32)"
+        )
+    return tuple(numbers)
+
+
+# ------------------------------------------------------------- receptive fields
+
+
+@dataclass(frozen=True)
+class AxisField:
+    """Where the cells of a feature map lie along one input axis.
+
+    Cell ``i`` reads input positions ``[offset + i·stride, offset + i·stride + window)``;
+    positions below 0 or past the input's end are padding.
+    """
+
+    offset: int = 0
+    stride: int = 1
+    window: int = 1
+
+
+def through_layer(
+    field: AxisField, kernel: int = 1, stride: int = 1, padding: int = 0, dilation: int = 1
+) -> AxisField:
+    """The field after a sliding window (conv, pool, pad) along this axis.
+
+    ``padding`` is what the layer adds before position 0 (negative: it crops).
+    Output cell ``i`` reads the layer's input cells ``i·s − p … i·s − p + (k−1)·d``.
+
+    >>> through_layer(AxisField(), kernel=3, stride=2, padding=1)
+    AxisField(offset=-1, stride=2, window=3)
+    >>> through_layer(AxisField(-1, 2, 3), kernel=2, stride=2)
+    AxisField(offset=-1, stride=4, window=5)
+    """
+    return AxisField(
+        offset=field.offset - padding * field.stride,
+        stride=field.stride * stride,
+        window=field.window + (kernel - 1) * dilation * field.stride,
+    )
+
+
+def merge_fields(first: AxisField, second: AxisField) -> AxisField | None:
+    """The field of a cell computed from both (``a + b``), or None if their strides differ.
+
+    >>> merge_fields(AxisField(-1, 2, 3), AxisField(0, 2, 1))
+    AxisField(offset=-1, stride=2, window=3)
+    """
+    if first.stride != second.stride:
+        return None
+    start = min(first.offset, second.offset)
+    end = max(first.offset + first.window, second.offset + second.window)
+    return AxisField(start, first.stride, end - start)
+
+
+@dataclass(frozen=True)
+class CellGeometry:
+    """The input box of every cell of a dense map: one entry per input axis.
+
+    ``offset`` is the input coordinate of the first corner of cell ``(0, 0)``'s
+    receptive field (negative where padding reaches outside the input),
+    ``stride`` the input distance between neighbouring cells, ``window`` the
+    span of input that can change one cell.
+
+    >>> cells = CellGeometry(offset=(-2, -2), stride=(4, 4), window=(12, 12))
+    >>> cells.box(1, 2)
+    ((2, 14), (6, 18))
+    """
+
+    offset: tuple[int, ...]
+    stride: tuple[int, ...]
+    window: tuple[int, ...]
+
+    @classmethod
+    def from_fields(cls, fields: tuple[AxisField, ...]) -> CellGeometry:
+        return cls(
+            tuple(f.offset for f in fields),
+            tuple(f.stride for f in fields),
+            tuple(f.window for f in fields),
+        )
+
+    @property
+    def fields(self) -> tuple[AxisField, ...]:
+        return tuple(map(AxisField, self.offset, self.stride, self.window))
+
+    def box(self, *cell: int) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` along each input axis of the cell at index ``cell``."""
+        if len(cell) != len(self.offset):
+            raise SpecError(f"a cell of this map has {len(self.offset)} indices, got {cell}")
+        return tuple(
+            (o + i * s, o + i * s + w)
+            for o, s, i, w in zip(self.offset, self.stride, cell, self.window, strict=True)
+        )
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {
+            "offset": list(self.offset),
+            "stride": list(self.stride),
+            "window": list(self.window),
+        }

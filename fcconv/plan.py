@@ -110,6 +110,15 @@ def linear_entries(info: Mapping[str, TensorInfo]) -> list[LinearEntry]:
     return entries
 
 
+def suffix_matches(requested: str, names: Iterable[str]) -> list[str]:
+    """The names that are ``requested`` or end with it on a dot boundary (``model.fc`` for ``fc``).
+
+    >>> suffix_matches("fc.weight", ["model.fc.weight", "fc.weight", "xfc.weight"])
+    ['model.fc.weight', 'fc.weight']
+    """
+    return [n for n in names if n == requested or n.endswith(f".{requested}")]
+
+
 def resolve_name(requested: str, info: Mapping[str, TensorInfo], source: str) -> str:
     """The module name in the checkpoint that ``requested`` refers to.
 
@@ -119,7 +128,7 @@ def resolve_name(requested: str, info: Mapping[str, TensorInfo], source: str) ->
     names = module_names(info)
     if requested in names:
         return requested
-    matches = [n for n in names if n.endswith(f".{requested}")]
+    matches = suffix_matches(requested, names)
     if len(matches) == 1:
         return matches[0]
     if matches:

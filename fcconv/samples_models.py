@@ -17,7 +17,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["KerasStyle", "VGGStyle", "keras_style", "tiny_vgg", "vgg_style"]
+__all__ = [
+    "DetectorStage",
+    "KerasStyle",
+    "VGGStyle",
+    "detector_stage",
+    "keras_style",
+    "tiny_vgg",
+    "vgg_style",
+]
 
 
 def _seeded_init(model: nn.Module, seed: int) -> nn.Module:
@@ -103,6 +111,55 @@ class KerasStyle(nn.Module):
         x = self.pool(torch.relu(self.conv2(x)))
         x = x.permute(0, 2, 3, 1).reshape(x.size(0), -1)  # NHWC, as Keras flattens
         return torch.log_softmax(self.fc2(torch.relu(self.fc1(x))), dim=1)
+
+
+class DetectorStage(nn.Module):
+    """A face-detector stage shaped like MTCNN's R-Net: 3×24×24 crops, two heads.
+
+    A shared trunk (3×3 convs with PReLU, 3×3 max pools at stride 2 in
+    ``ceil_mode``, a 2×2 conv), the map flattened W×H×C (``permute(0, 3, 2,
+    1)``, as MTCNN's weights expect), a shared ``Linear → PReLU``, then a face
+    head (``Linear → Softmax``) and a box-regression head (``Linear``). It
+    returns ``{"face": [B, 2], "box": [B, 4]}``.
+
+    Args:
+        width: the first conv's channels (the others have twice as many).
+        hidden: the shared Linear's outputs.
+    """
+
+    def __init__(self, width: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3)
+        self.prelu1 = nn.PReLU(width)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=3)
+        self.prelu2 = nn.PReLU(2 * width)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, kernel_size=2)
+        self.prelu3 = nn.PReLU(2 * width)
+        self.dense4 = nn.Linear(2 * width * 3 * 3, hidden)
+        self.prelu4 = nn.PReLU(hidden)
+        self.dense5_1 = nn.Linear(hidden, 2)
+        self.softmax5_1 = nn.Softmax(dim=1)
+        self.dense5_2 = nn.Linear(hidden, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu3(self.conv3(x))
+        x = x.permute(0, 3, 2, 1).contiguous()
+        x = self.prelu4(self.dense4(x.view(x.shape[0], -1)))
+        return {"face": self.softmax5_1(self.dense5_1(x)), "box": self.dense5_2(x)}
+
+
+def detector_stage(width: int = 16, hidden: int = 64) -> DetectorStage:
+    """The two-headed sample detector stage (3×24×24 in; face scores and boxes out).
+
+    >>> import torch
+    >>> {k: tuple(v.shape) for k, v in detector_stage()(torch.zeros(1, 3, 24, 24)).items()}
+    {'face': (1, 2), 'box': (1, 4)}
+    """
+    return _seeded_init(DetectorStage(width, hidden), seed=3).eval()
 
 
 def tiny_vgg() -> VGGStyle:

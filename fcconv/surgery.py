@@ -16,13 +16,18 @@ from fcconv.errors import LayerError
 from fcconv.geometry import (
     DEFAULT_ORDER,
     Patch,
+    PatchNd,
     PatchSpec,
-    conv_weight_to_linear,
-    linear_weight_to_conv,
+    conv_weight_to_linear_nd,
+    kernel_axes,
+    linear_weight_to_conv_nd,
+    parse_order,
     parse_patch,
-    patch_of_kernel,
     resolve_patch,
 )
+
+_CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCHNORMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def _patch(patch: Patch | PatchSpec | str, in_features: int) -> Patch:
@@ -50,23 +55,50 @@ def linear_to_conv(
         >>> conv(torch.zeros(1, 10, 100, 60)).shape
         torch.Size([1, 64, 5, 3])
     """
-    if not isinstance(linear, nn.Linear):
-        raise LayerError(f"expected an nn.Linear, got {type(linear).__name__}")
+    _expect_linear(linear)
     resolved = _patch(patch, linear.in_features)
-    stride = stride or (resolved.height, resolved.width)
+    nd = PatchNd((resolved.height, resolved.width), resolved.channels)
+    return linear_to_conv_nd(linear, nd, parse_order(order), stride)  # type: ignore[return-value]
+
+
+def _expect_linear(module: nn.Module) -> None:
+    if not isinstance(module, nn.Linear):
+        raise LayerError(f"expected an nn.Linear, got {type(module).__name__}")
+
+
+def linear_to_conv_nd(
+    linear: nn.Linear,
+    patch: PatchNd,
+    order: str | None = None,
+    stride: tuple[int, ...] | None = None,
+) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    """The ``nn.Conv1d``/``Conv2d``/``Conv3d`` that applies ``linear`` to every window.
+
+    The 1-D and 3-D counterpart of :func:`linear_to_conv`: the kernel is
+    ``[O, C, *patch.sizes]``, rearranged from the weight in ``order``
+    (default ``cl``, ``chw`` or ``cdhw``), and ``stride`` defaults to the
+    patch (non-overlapping windows).
+
+    Example:
+        >>> conv = linear_to_conv_nd(nn.Linear(64, 8), PatchNd((4,), 16), "lc", (1,))
+        >>> conv, tuple(conv(torch.zeros(1, 16, 10)).shape)
+        (Conv1d(16, 8, kernel_size=(4,), stride=(1,)), (1, 8, 7))
+    """
+    _expect_linear(linear)
+    order = order or kernel_axes(patch.ndim)
     weight = linear.weight
-    conv = nn.Conv2d(
-        resolved.channels,
+    conv = _CONVS[patch.ndim](
+        patch.channels,
         linear.out_features,
-        kernel_size=(resolved.height, resolved.width),
-        stride=stride,
+        kernel_size=patch.sizes,
+        stride=tuple(stride) if stride else patch.sizes,
         padding=0,
         bias=linear.bias is not None,
         device="meta",
         dtype=weight.dtype,
     ).to_empty(device=weight.device)
     with torch.no_grad():
-        conv.weight.copy_(linear_weight_to_conv(weight.detach(), resolved, order))
+        conv.weight.copy_(linear_weight_to_conv_nd(weight.detach(), patch, order))
         if linear.bias is not None:
             conv.bias.copy_(linear.bias.detach())
     _keep_flags(linear, conv)
@@ -80,9 +112,18 @@ def batchnorm1d_to_2d(bn: nn.BatchNorm1d) -> nn.BatchNorm2d:
     ``bn`` normalises ``[B, C]``; in training mode it would also average over
     the cells.
     """
+    return batchnorm1d_to_nd(bn, 2)  # type: ignore[return-value]
+
+
+def batchnorm1d_to_nd(bn: nn.BatchNorm1d, ndim: int) -> nn.Module:
+    """The ``BatchNorm1d``/``2d``/``3d`` for an ``ndim``-D map, with ``bn``'s state.
+
+    A ``[B, C, L]`` map keeps a BatchNorm1d (a copy); in eval mode every cell
+    is normalised exactly as ``bn`` normalises ``[B, C]``.
+    """
     state = bn.state_dict()
     floating = [t for t in state.values() if t.is_floating_point()]
-    twin = nn.BatchNorm2d(
+    twin = _BATCHNORMS[ndim](
         bn.num_features,
         eps=bn.eps,
         momentum=bn.momentum,
@@ -105,18 +146,23 @@ def _keep_flags(before: nn.Module, after: nn.Module) -> None:
     after.train(before.training)
 
 
-def conv_to_linear(conv: nn.Conv2d, order: str = DEFAULT_ORDER) -> nn.Linear:
-    """The ``nn.Linear`` that a converted conv came from (the inverse of :func:`linear_to_conv`)."""
-    patch = patch_of_kernel(tuple(conv.weight.shape))
+def conv_to_linear(conv: nn.Module, order: str = DEFAULT_ORDER) -> nn.Linear:
+    """The ``nn.Linear`` that a converted conv came from (the inverse of :func:`linear_to_conv`).
+
+    Conv1d and Conv3d twins invert too, given their order (``cl``, ``cdhw``, ...).
+    """
+    kernel = conv.weight
+    if kernel.dim() != 4 and order == DEFAULT_ORDER:
+        order = kernel_axes(kernel.dim() - 2)
     linear = nn.Linear(
-        patch.features,
+        kernel[0].numel(),
         conv.out_channels,
         bias=conv.bias is not None,
         device="meta",
-        dtype=conv.weight.dtype,
-    ).to_empty(device=conv.weight.device)
+        dtype=kernel.dtype,
+    ).to_empty(device=kernel.device)
     with torch.no_grad():
-        linear.weight.copy_(conv_weight_to_linear(conv.weight.detach(), order))
+        linear.weight.copy_(conv_weight_to_linear_nd(kernel.detach(), order))
         if conv.bias is not None:
             linear.bias.copy_(conv.bias.detach())
     _keep_flags(conv, linear)

@@ -67,3 +67,26 @@ session = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])
 scores = session.run(None, {'image': np.zeros((1, 3, 40, 32), 'float32')})[0]
 print('class-score map:', scores.shape, '= batch x 5 classes x 13 x 9 windows')
 " "$OUT/tiny_cnn.dense.onnx"
+# The README's walk-through: a two-headed detector stage (face scores and boxes) made dense
+# together; each output's coordinate map travels in the program's metadata.
+run "$BIN/fcconv" convolutionalize sample_checkpoints/detector_stage.safetensors \
+    --arch 'fcconv.samples_models:detector_stage(width=16, hidden=64)' --input 24x24 \
+    -o "$OUT/detector.pt2"
+printf '\n$ python: torch.export.load(%s) on a 40x32 image, the best face cell and its box\n' "$OUT/detector.pt2"
+"$BIN/python" - "$OUT/detector.pt2" <<'PY'
+import json
+import sys
+
+import torch
+
+from fcconv.geometry import CellGeometry
+
+extra = {"fcconv.json": ""}
+dense = torch.export.load(sys.argv[1], extra_files=extra).module()
+cells = CellGeometry(**json.loads(extra["fcconv.json"])["outputs"][0]["cells"])
+maps = dense(torch.randn(1, 3, 40, 32))
+print({name: tuple(m.shape) for name, m in maps.items()})
+faces = maps["face"][0, 1]
+p, q = divmod(int(faces.argmax()), faces.shape[1])
+print(f"best face cell {(p, q)} reads the image box {cells.box(p, q)}")
+PY

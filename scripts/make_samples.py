@@ -13,6 +13,8 @@
   VGG-style classifier, for `fcconv convolutionalize --arch`.
 - keras_cnn.keras / keras_cnn.weights.h5 / tiny_cnn.onnx: Keras and ONNX
   classifiers (see make_format_samples.py).
+- detector_stage.safetensors: weights of fcconv.samples_models.detector_stage,
+  a two-headed face-detector stage (random init), for the README's walk-through.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def main(out_dir: Path) -> None:
     from make_trained_samples import write_trained_samples
 
     write_trained_samples(out_dir)
-    from fcconv.samples_models import tiny_vgg
+    from fcconv.samples_models import detector_stage, tiny_vgg
 
     # Weights for `fcconv convolutionalize --arch fcconv.samples_models:tiny_vgg` (seeded there).
     save_file(tiny_vgg().state_dict(), str(out_dir / "tiny_vgg.safetensors"))
@@ -80,6 +82,7 @@ def main(out_dir: Path) -> None:
 
     write_keras_samples(out_dir)
     write_onnx_samples(out_dir)
+    save_file(detector_stage().state_dict(), str(out_dir / "detector_stage.safetensors"))
     for path in sorted(out_dir.iterdir()):
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
 

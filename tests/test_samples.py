@@ -32,6 +32,7 @@ RANDOM_INIT = (
     "seed_fc.safetensors",
     "head_fc6_fc7.safetensors",
     "tiny_vgg.safetensors",
+    "detector_stage.safetensors",
 )
 # Regenerating means training two CNNs: seconds, so these run under `make test-slow`.
 regenerated = pytest.mark.slow

@@ -1,15 +1,16 @@
-"""The whole-model job: a classifier file in, a fully convolutional ``.pt2`` program out."""
+"""The whole-model job: a model file in, a fully convolutional ``.pt2`` program out."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fcconv.api.checkpoints import Size, pair
+from fcconv.api.checkpoints import Size
 from fcconv.errors import SpecError
-from fcconv.geometry import parse_size, parse_stride
+from fcconv.geometry import parse_extent
 from fcconv.io.atomic import STDIO, check_output_path
 
 
@@ -18,6 +19,8 @@ class ConvolutionalizeResult:
     """A whole model made fully convolutional: the conversion, its check, what was written.
 
     Truthy when the dense model passed verification (and was written).
+    ``warnings`` are the one-line warnings for people (stderr), e.g. that the
+    dense map is not the model run on each crop.
     """
 
     model: str
@@ -33,6 +36,10 @@ class ConvolutionalizeResult:
     def exit_code(self) -> int:
         return 0 if self else 1
 
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.verification.warnings)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "command": "convolutionalize",
@@ -42,33 +49,50 @@ class ConvolutionalizeResult:
             "verification": self.verification.to_dict(),
             "export": self.export.to_dict() if self.export is not None else None,
             "state_dict": self.state_dict,
+            "warnings": self.warnings,
         }
+
+
+def _extent(value: Size | int, what: str) -> tuple[int, ...] | None:
+    """``"24x24"``, ``"1024"``, ``(24, 24)`` or ``1024`` as a tuple of sizes."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_extent(value, what)
+    if isinstance(value, int):
+        return parse_extent(str(value), what)
+    return parse_extent("x".join(str(int(v)) for v in value), what)
 
 
 def convolutionalize_file(
     model: str | Path,
     output: str | Path,
     *,
-    input_size: Size = None,
+    input_size: Size | int = None,
     arch: str | None = None,
     layers: Sequence[str] | None = None,
-    stride: Size = None,
+    outputs: Sequence[str] | None = None,
+    stride: Size | int = None,
     channels: int | None = None,
-    check_size: Size = None,
+    check_size: Size | int = None,
     state_dict_out: str | Path | None = None,
     trust_pickle: bool = False,
     force: bool = False,
 ) -> ConvolutionalizeResult:
-    """Make the classifier in ``model`` fully convolutional and save it as a ``.pt2`` program.
+    """Make the model in ``model`` fully convolutional and save it as a ``.pt2`` program.
 
     Args:
         model: a pickled ``nn.Module`` (only with ``trust_pickle``) or, with
-            ``arch``, the weights of the model the factory builds.
+            ``arch``, the weights of the model the factory builds; ``-``: stdin.
         output: the ``torch.export`` program (``.pt2``) to write.
-        input_size: the native ``HxW`` the classifier was trained at.
-        arch: ``package.module:callable`` that builds the model.
-        layers: the head's Linear layers (default: found from the trace).
-        stride: the first conv's stride in feature-map cells (default 1x1).
+        input_size: the native size the model was trained at: ``T`` (1-D),
+            ``HxW`` (one number: square) or ``DxHxW``.
+        arch: ``package.module:callable`` that builds the model, optionally
+            with literal arguments: ``package.module:Net(depth=3)``.
+        layers: Linear layers of the head, checked (default: found from the trace).
+        outputs: keep only these outputs (``0``, ``boxes``, ``out.landmarks``);
+            one name makes the program return that map alone.
+        stride: the first convs' stride in feature-map cells (default 1 per axis).
         channels: the input's channels, when the model does not start with a conv.
         check_size: the larger input the dense map is verified on.
         state_dict_out: also write the converted weights here.
@@ -82,11 +106,11 @@ def convolutionalize_file(
     """
     from fcconv import fcn
 
-    step = pair(stride, parse_stride)
+    step = _extent(stride, "stride")
     if Path(str(model)).suffix.lower() == ".onnx":
         from fcconv.api.onnx import convolutionalize_onnx
 
-        given = {"arch": arch, "layers": layers, "channels": channels}
+        given = {"arch": arch, "layers": layers, "channels": channels, "outputs": outputs}
         given |= {"check_size": check_size, "state_dict_out": state_dict_out}
         unused = [name for name, value in given.items() if value]
         if unused:
@@ -94,7 +118,7 @@ def convolutionalize_file(
             raise SpecError(
                 f"an ONNX graph carries its own architecture and weights; leave out {names}"
             )
-        native_size = pair(input_size, parse_size) if input_size is not None else None
+        native_size = _extent(input_size, "input size")
         return convolutionalize_onnx(  # type: ignore[return-value]
             model, output, input_size=native_size, stride=step, force=force
         )
@@ -104,9 +128,10 @@ def convolutionalize_file(
             f"the output's suffix says what to write: name the {{output}} .pt2 (a "
             f"torch.export program) or .onnx (an ONNX graph), not {suffix or 'no suffix'}"
         )
-    native = pair(input_size, parse_size)
-    assert native is not None
-    larger = pair(check_size, parse_size)
+    native = _extent(input_size, "input size")
+    if native is None:
+        raise SpecError("give the size the model was trained at with {input_size}")
+    larger = _extent(check_size, "check size")
     if str(output) == STDIO or (state_dict_out is not None and str(state_dict_out) == STDIO):
         raise SpecError("convolutionalize writes files; give a file name as {output}, not -")
     target = Path(output)
@@ -119,10 +144,11 @@ def convolutionalize_file(
         check_output_path(extra, force, inputs)
 
     original = fcn.load_model(str(model), arch=arch, trust_pickle=trust_pickle)
-    conversion = fcn.convolutionalize_detailed(
-        original, native, layers=layers or None, stride=step, in_channels=channels
+    convert = partial(fcn.convolutionalize_detailed, original, native)
+    conversion = convert(layers=layers or None, stride=step, in_channels=channels, outputs=outputs)
+    check = fcn.verify_dense(
+        original, conversion.model, native, larger, layers=layers or None, in_channels=channels
     )
-    check = fcn.verify_dense(original, conversion.model, native, larger, layers=layers or None)
     result = ConvolutionalizeResult(str(model), conversion, check)
     if check:
         save = fcn.save_exported

@@ -12,13 +12,23 @@ CONVOLUTIONALIZE_EPILOG = """\b
 Examples:
   fcconv convolutionalize weights.pt --arch fcconv.samples_models:tiny_vgg \\
       --input 32x32 -o tiny_vgg.pt2
+  fcconv convolutionalize sample_checkpoints/detector_stage.safetensors \\
+      --arch 'fcconv.samples_models:detector_stage' --input 24x24 -o det.pt2
   fcconv convolutionalize model.pt --trust-pickle --input 224x224 -o dense.pt2 \\
       --stride 2x2 --state-dict-out dense.safetensors --json
+  fcconv convolutionalize crepe.pt --arch 'mypkg.models:Crepe(capacity="tiny")' \\
+      --input 1024 -o crepe.pt2 --keep-output 0
   fcconv convolutionalize model.onnx -o dense.onnx
 
 \b
-The .pt2 program loads without your code:
-  torch.export.load("dense.pt2").module()(images)  # [B, classes, H', W']
+--arch takes literal arguments (numbers, strings, tuples, lists, dicts,
+True/False/None), read with ast.literal_eval, never evaluated. A module in
+the working folder is found, but never shadows an installed one.
+
+\b
+The .pt2 program loads without your code; its outputs keep the model's
+structure, each a map [B, O, *cells]:
+  torch.export.load("dense.pt2").module()(images)
 """
 
 
@@ -33,26 +43,35 @@ The .pt2 program loads without your code:
 @click.option(
     "--input",
     "input_size",
-    metavar="HxW",
-    help="The native input size the classifier was trained at (e.g. 224x224); an ONNX "
-    "graph with a fixed input size needs none.",
+    metavar="T|HxW|DxHxW",
+    help="The native input size the model was trained at (1024, 224x224, 16x112x112); "
+    "an ONNX graph with a fixed input size needs none.",
 )
 @click.option(
     "--arch",
-    metavar="PKG.MOD:FN",
-    help="A callable that builds the model; MODEL then holds its weights.",
+    metavar="PKG.MOD:FN[(ARGS)]",
+    help="A callable that builds the model, with literal arguments if any "
+    "(pkg.models:Net(depth=3)); MODEL then holds its weights.",
 )
 @click.option(
     "--layer",
     "layers",
     multiple=True,
     metavar="NAME",
-    help="A Linear layer of the head (repeatable); default: found from the trace.",
+    help="A Linear layer of the head (repeatable, checked); default: found from the trace.",
+)
+@click.option(
+    "--keep-output",
+    "outputs",
+    multiple=True,
+    metavar="NAME",
+    help="Keep only this output of the model (repeatable): 0, 1, boxes, out.landmarks; "
+    "default: every output.",
 )
 @click.option(
     "--stride",
-    metavar="SHxSW",
-    help="The first conv's stride in feature-map cells (default 1x1: a window at every offset).",
+    metavar="S|SHxSW",
+    help="The first convs' stride in feature-map cells (default 1: a window at every offset).",
 )
 @click.option(
     "--channels",
@@ -61,28 +80,41 @@ The .pt2 program loads without your code:
 )
 @click.option(
     "--check-size",
-    metavar="HxW",
-    help="The larger input the dense map is verified on (default: one window step larger).",
+    metavar="T|HxW|DxHxW",
+    help="The larger input the dense map is verified on (default: two window steps larger).",
 )
 @click.option("--state-dict-out", help="Also write the converted weights (.safetensors or .pt).")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @with_options(TRUST, DEBUG, JSON)
-def convolutionalize(model: str, as_json: bool, layers: tuple[str, ...], **options: Any) -> None:
-    """Make a classifier fully convolutional and save it as a .pt2 program or .onnx graph.
+def convolutionalize(
+    model: str,
+    as_json: bool,
+    layers: tuple[str, ...],
+    outputs: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Make a model's Linear head(s) fully convolutional: a .pt2 program or an .onnx graph.
 
     MODEL is a pickled nn.Module (only with --trust-pickle), with --arch the
-    weights for the model the factory builds, or an .onnx graph (its
-    Flatten/Reshape → Gemm head becomes Conv layers, checked in onnxruntime).
-    The flatten before the first Linear (and any permute before it) gives the
-    patch and the order; the Linear layers become convolutions and the result
-    is verified on the native size and on a larger input before anything is
-    written.
+    weights for the model the factory builds ('-': stdin), or an .onnx graph
+    (its Flatten/Reshape → Gemm head becomes Conv layers, checked in
+    onnxruntime). Each output is followed back to the flatten that feeds it,
+    which (with any permute before it) gives the patch and the order; every
+    Linear of every head becomes a convolution (Conv1d, Conv2d or Conv3d as
+    the trunk is). The result is verified at the native size and on every
+    cell of a larger input before anything is written; the report gives each
+    output's coordinate map and which cells equal the model run on their crop.
     """
     from fcconv import api, report
 
     if options["input_size"] is None and not model.lower().endswith(".onnx"):
         raise click.UsageError("Missing option '--input'.")
-    result = api.convolutionalize_file(model, layers=layers or None, **options)
+    result = api.convolutionalize_file(
+        model, layers=layers or None, outputs=outputs or None, **options
+    )
     if result.to_dict().get("format") == "onnx":
         finish(result, as_json, report.render_onnx_convolutionalize)
+    if as_json:
+        for warning in result.warnings:
+            click.echo(report.printable(warning), err=True)
     finish(result, as_json, report.render_convolutionalize)

@@ -1,19 +1,24 @@
-"""Whole-model surgery: a classifier's ``flatten → Linear → … → Linear`` head as convolutions.
+"""Whole-model surgery: a model's ``flatten → Linear → …`` head(s) as convolutions.
 
 This is what the FCN paper calls *convolutionalization* and OverFeat calls
-dense sliding-window evaluation. The model is traced with ``torch.fx`` at its
-native input size; the flatten that feeds the first Linear, and any
-``permute``/``transpose`` before it, tell the patch (the feature map's
-``C × kh × kw``) and the flatten order. The flatten is removed, the first
-Linear becomes ``Conv2d(C, O, (kh, kw), stride)``, every later Linear a 1×1
-conv, and the layers between them are carried over. On a larger input the
-result emits a map whose every cell equals the original head applied to one
-``kh × kw`` window of the trunk's feature map.
+dense sliding-window evaluation. The model is traced at its native input size
+(:mod:`~fcconv.fcn.trace`: ``torch.fx``, else ``torch.export``); each output
+is followed back to the flatten that feeds it, which, with any
+``permute``/``transpose`` before it, tells the patch (the feature map's
+``C × kh × kw``, or ``C × L``, ``C × D × H × W``) and the flatten order
+(:mod:`~fcconv.fcn.analyse`). The flatten is removed, the first Linear of
+each branch becomes a conv with the feature map as kernel, every later Linear
+a 1×1 conv, and the layers between them are carried over
+(:mod:`~fcconv.fcn.rewrite`). On a larger input every output is a map whose
+every cell equals the original head applied to one window of the trunk's
+feature map; :mod:`~fcconv.fcn.cells` says where each cell lies on the input
+and which cells also equal the model run on their crop.
 
-The weights are only permuted (:func:`fcconv.geometry.linear_weight_to_conv`);
+The weights are only permuted (:func:`fcconv.geometry.linear_weight_to_conv_nd`);
 nothing is recomputed. :func:`verify_dense` proves the equivalence on random
-inputs, :func:`save_exported` writes a ``torch.export`` program (``.pt2``)
-with dynamic batch, height and width that loads without the model's code.
+inputs in float64 (:mod:`~fcconv.fcn.check`), :func:`save_exported` writes a
+``torch.export`` program (``.pt2``) with dynamic batch and sizes that loads
+without the model's code (:mod:`~fcconv.fcn.export`).
 
 >>> import torch
 >>> from torch import nn
@@ -25,21 +30,45 @@ with dynamic batch, height and width that loads without the model's code.
 
 from __future__ import annotations
 
-from fcconv.errors import ArchitectureError, ConvolutionalizeError, UntraceableModelError
-from fcconv.fcn.check import head_on_windows, verify_dense, window_stride
-from fcconv.fcn.export import save_exported, save_state_dict
+from fcconv.errors import (
+    ArchitectureError,
+    ConvolutionalizeError,
+    UntraceableModelError,
+    UserCodeError,
+)
+from fcconv.fcn.cells import OutputCells
+from fcconv.fcn.check import head_on_windows, verify_dense
+from fcconv.fcn.export import METADATA, save_exported, save_state_dict
 from fcconv.fcn.load import load_model
-from fcconv.fcn.results import Conversion, DenseCheck, ExportInfo, LayerChange
+from fcconv.fcn.results import (
+    Conversion,
+    CropAccount,
+    DenseCheck,
+    ExportInfo,
+    LayerChange,
+    OutputCheck,
+    OutputFacts,
+)
 from fcconv.fcn.rewrite import convolutionalize, convolutionalize_detailed
+from fcconv.fcn.trace import InputLayout
+from fcconv.geometry import CellGeometry
 
 __all__ = [
+    "METADATA",
     "ArchitectureError",
+    "CellGeometry",
     "Conversion",
     "ConvolutionalizeError",
+    "CropAccount",
     "DenseCheck",
     "ExportInfo",
+    "InputLayout",
     "LayerChange",
+    "OutputCells",
+    "OutputCheck",
+    "OutputFacts",
     "UntraceableModelError",
+    "UserCodeError",
     "convolutionalize",
     "convolutionalize_detailed",
     "head_on_windows",
@@ -47,5 +76,4 @@ __all__ = [
     "save_exported",
     "save_state_dict",
     "verify_dense",
-    "window_stride",
 ]

@@ -1,103 +1,95 @@
-"""Tracing a classifier and reading its head off the trace.
+"""Reading the head off a traced model: which outputs, fed by which flatten, through which layers.
 
-The model is traced with ``torch.fx`` and run once at its native size to
-learn the shapes. The flatten that feeds the first Linear, and any
-``permute``/``transpose`` before it, give the patch and the flatten order;
-the chain of layers from that Linear to the output is the head. What the
-rewrite cannot carry is refused here, naming the node and the weight-only
-way out.
+Every output the model returns (a tensor, or the leaves of a tuple, list or
+dict, nested) is followed back to the flatten that feeds it. The nodes on
+the way are the head: Linear layers, BatchNorm1d, element-wise layers and
+softmax over the class dimension, each with one tensor input. The flatten,
+and any ``permute``/``transpose`` before it, give the patch and the flatten
+order. Branches that reach no output are dropped first, so a wrapper that
+keeps one output of a multi-head model works; ``outputs`` keeps a subset.
+What the rewrite cannot carry is refused here, naming the node, its line and
+the weight-only way out.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from fcconv.errors import ConvolutionalizeError, LayerError, SpecError, UntraceableModelError
+from fcconv.errors import ConvolutionalizeError, LayerError, SpecError
 from fcconv.fcn.ops import (
-    _ADAPTIVE_POOL_FUNCTIONS,
-    _ADAPTIVE_POOL_MODULES,
-    _SOFTMAX_MODULES,
-    _is_flatten,
-    _is_pointwise,
-    _module,
-    _permutation_step,
-    _plain,
-    _shape,
-    _softmax_dim,
+    ADAPTIVE_POOL_FUNCTIONS,
+    ADAPTIVE_POOL_MODULES,
+    SOFTMAX_MODULES,
+    ancestors,
+    describe,
+    is_flatten,
+    is_pointwise,
+    module_of,
+    permutation_step,
+    plain,
+    shape_of,
+    softmax_dim,
 )
-from fcconv.geometry import Patch
+from fcconv.fcn.trace import WEIGHT_ONLY_HINT, InputLayout, trace_model
+from fcconv.fcn.usercode import at, stack_location
+from fcconv.geometry import SPATIAL_AXES, PatchNd
 
-WEIGHT_ONLY_HINT = "for weight-only conversion use `fcconv convert CKPT {layers} NAME`"
+SINGLE_OUTPUT = "output"
+"""The name of a model's output when it returns one tensor."""
 
 
 @dataclass
-class _Analysis:
-    gm: fx.GraphModule
-    in_channels: int
-    input_size: tuple[int, int]
+class FlattenSite:
+    """A flatten that feeds the head: the feature map it reads, its patch and order."""
+
+    node: fx.Node
     source: fx.Node
-    flatten: fx.Node
     order: str
     order_from: str
-    patch: Patch
-    pre_ops: list[fx.Node]
-    chain: list[tuple[fx.Node, str]]
-    pools: list[fx.Node]
-    notes: list[str]
+    patch: PatchNd
+
+
+@dataclass
+class HeadOutput:
+    """One output of the model, the head layers on its way and the flatten it starts at."""
+
+    name: str
+    node: fx.Node
+    site: FlattenSite
+    linears: list[fx.Node]
+
+
+@dataclass
+class Analysis:
+    """Everything the rewrite and the checks need to know of a traced model."""
+
+    gm: fx.GraphModule
+    layout: InputLayout
+    tracer: str
+    sites: list[FlattenSite]
+    head: dict[fx.Node, str]
+    first_linears: set[fx.Node]
+    outputs: list[HeadOutput]
+    output_names: list[str]
+    pools: list[fx.Node] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return self.layout.size
 
     @property
     def linears(self) -> list[fx.Node]:
-        return [node for node, kind in self.chain if kind == "linear"]
+        return [node for node, kind in self.head.items() if kind == "linear"]
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode, then give every submodule its own flag back."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
-
-
-def _size_pair(value: Sequence[int] | int, what: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-        raise SpecError(f"{what} must be two positive integers (H, W), got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
-    """A node as a user recognises it: its module name and type, or its function."""
-    if node.op == "call_module":
-        return f"'{node.target}' ({type(_module(gm, node)).__name__})"
-    if node.op == "call_function":
-        target = node.target
-        owner = getattr(target, "__module__", None) or ""
-        owner = {"torch._C._VariableFunctions": "torch", "_operator": "operator"}.get(owner, owner)
-        name = getattr(target, "__name__", str(target))
-        return f"'{node.name}' ({owner + '.' if owner else ''}{name})"
-    if node.op == "call_method":
-        return f"'{node.name}' (Tensor.{node.target})"
-    if node.op == "placeholder":
-        return f"the model input '{node.name}'"
-    return f"'{node.name}' ({node.op})"
-
-
-def _refuse(what: str, layer: str | None = None, patch: str | None = None) -> ConvolutionalizeError:
+def refuse(what: str, layer: str | None = None, patch: str | None = None) -> ConvolutionalizeError:
+    """A refusal that ends with the weight-only way out, naming the layer if known."""
     hint = WEIGHT_ONLY_HINT
     if layer:
         hint = hint.replace("NAME", layer)
@@ -105,68 +97,200 @@ def _refuse(what: str, layer: str | None = None, patch: str | None = None) -> Co
     return ConvolutionalizeError(f"cannot convolutionalize: {what}; {hint}", layer=layer)
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as error:  # any failure of tracing is the model's, not ours
-        raise UntraceableModelError(
-            f"cannot convolutionalize: torch.fx cannot trace {type(model).__name__} "
-            f"({type(error).__name__}: {_first_line(error)}); fcconv convolutionalize "
-            f"needs an fx-traceable model; {WEIGHT_ONLY_HINT}"
-        ) from None
+def where(node: fx.Node) -> str:
+    """`` at model.py:12 (`code`)`` for a node that kept its stack trace."""
+    return at(stack_location(node.meta.get("stack_trace")))
 
 
-def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-    return torch.get_default_dtype(), torch.device("cpu")
+def size_tuple(value: Sequence[int] | int, what: str) -> tuple[int, ...]:
+    """One to three positive sizes (``T``, ``(H, W)``, ``(D, H, W)``)."""
+    sizes = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(sizes) <= 3 or not all(isinstance(v, int) and v > 0 for v in sizes):
+        raise SpecError(f"{what} must be one to three positive integers, got {value!r}")
+    return tuple(int(v) for v in sizes)
 
 
-def _infer_channels(gm: fx.GraphModule) -> int:
-    for node in gm.graph.nodes:
-        module = _module(gm, node)
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return module.in_channels
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return module.num_features
-    raise SpecError(
-        "cannot tell how many channels the model's input has (no Conv2d or "
-        "BatchNorm2d found); give them with {channels}"
+def stride_tuple(stride: Sequence[int] | int | None, ndim: int) -> tuple[int, ...]:
+    """One stride per axis of an ``ndim``-D feature map; one number means every axis."""
+    if stride is None:
+        return (1,) * ndim
+    values = (stride,) if isinstance(stride, int) else tuple(stride)
+    if len(values) == 1:
+        values = values * ndim
+    if len(values) != ndim or not all(isinstance(v, int) and v > 0 for v in values):
+        raise SpecError(
+            f"stride must be one positive integer or {ndim} (one per axis of the feature "
+            f"map), got {stride!r}"
+        )
+    return tuple(values)
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def leaf_name(path: Sequence[Any]) -> str:
+    """An output's name from its pytree path: ``0``, ``boxes``, ``out.landmarks``."""
+    parts = []
+    for key in path:
+        attribute = next((a for a in ("key", "idx", "name") if hasattr(key, a)), None)
+        parts.append(str(getattr(key, attribute)) if attribute else str(key))
+    return ".".join(parts) or SINGLE_OUTPUT
+
+
+def output_leaves(gm: fx.GraphModule) -> list[tuple[str, fx.Node]]:
+    """``(name, node)`` for every tensor the model returns: ``0``, ``boxes``, ``out.landmarks``."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves, _ = pytree.tree_flatten_with_path(output.args[0])
+    named = []
+    for path, leaf in leaves:
+        if isinstance(leaf, fx.Node):
+            named.append((leaf_name(path), leaf))
+    return named
+
+
+def _prune(structure: Any, keep: set[int], counter: list[int]) -> Any:
+    """``structure`` with the leaves whose position is not in ``keep`` left out."""
+    if isinstance(structure, (list, tuple)):
+        kept = [_prune(item, keep, counter) for item in structure]
+        kept = [item for item in kept if item is not _GONE]
+        return (list if isinstance(structure, list) else tuple)(kept) if kept else _GONE
+    if isinstance(structure, dict):
+        kept = {k: _prune(v, keep, counter) for k, v in structure.items()}
+        kept = {k: v for k, v in kept.items() if v is not _GONE}
+        return type(structure)(kept) if kept else _GONE
+    index = counter[0]
+    counter[0] += 1
+    return structure if index in keep else _GONE
+
+
+_GONE = object()
+
+
+def select_outputs(gm: fx.GraphModule, wanted: Sequence[str]) -> list[str]:
+    """Keep only the ``wanted`` outputs (one: the bare tensor); drop what feeds the others.
+
+    Returns the kept outputs' names in the order the pruned model returns them.
+    """
+    names = [name for name, _ in output_leaves(gm)]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise LayerError(
+            f"the model has no output {', '.join(repr(u) for u in unknown)}; its outputs "
+            f"are: {', '.join(names)} (give them to {{outputs}})"
+        )
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves, _ = pytree.tree_flatten(output.args[0])
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node)]
+    keep = {positions[names.index(w)] for w in wanted}
+    if len(keep) == 1:
+        output.args = (leaves[next(iter(keep))],)
+    else:
+        output.args = (_prune(_plain_containers(output.args[0]), keep, [0]),)
+    gm.graph.eliminate_dead_code()
+    return [name for name in names if name in wanted]
+
+
+def _plain_containers(structure: Any) -> Any:
+    """fx's immutable containers as plain lists, tuples and dicts."""
+    if isinstance(structure, dict):
+        return {k: _plain_containers(v) for k, v in structure.items()}
+    if isinstance(structure, tuple):  # a namedtuple's fields become a plain tuple
+        return tuple(_plain_containers(v) for v in structure)
+    if isinstance(structure, list):
+        return [_plain_containers(v) for v in structure]
+    return structure
+
+
+# ------------------------------------------------------------------ the head
+
+
+def _classify(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The head role of ``node``, or None if it has no twin on a map."""
+    if len(shape_of(node) or ()) != 2 or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if len(shape_of(node.args[0]) or ()) != 2:
+        return None
+    module = module_of(gm, node)
+    if plain(module, (nn.Linear,)):
+        return "linear"
+    if plain(module, (nn.BatchNorm1d,)):
+        return "batchnorm"
+    if isinstance(module, SOFTMAX_MODULES):
+        return "softmax" if module.dim in (None, 1, -1) else None
+    is_softmax, dim = softmax_dim(node)
+    if is_softmax:
+        return "softmax" if dim in (None, 1, -1) else None
+    features = (shape_of(node) or (0, 0))[1]
+    if is_pointwise(gm, node, features):
+        return "pointwise"
+    return None
+
+
+def _flatten_above(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return any(is_flatten(parent, gm) for parent in ancestors(node))
+
+
+def _path_to_flatten(gm: fx.GraphModule, name: str, leaf: fx.Node) -> tuple[fx.Node, list]:
+    """Walk back from an output to its flatten: the flatten and ``[(node, kind)]`` after it."""
+    path: list[tuple[fx.Node, str]] = []
+    current = leaf
+    while not is_flatten(current, gm):
+        kind = _classify(gm, current)
+        if kind is None:
+            raise _no_twin(gm, name, current, path)
+        path.insert(0, (current, kind))
+        current = current.args[0]
+    linears = [node for node, kind in path if kind == "linear"]
+    if not linears:
+        raise refuse(
+            f"the model's output {name!r} is the flattened feature map "
+            f"{describe(gm, current)}{where(current)} with no Linear layer after it"
+        )
+    for node, kind in path:
+        if node is linears[0]:
+            break
+        if kind != "pointwise" or not is_pointwise(gm, node, None):
+            raise _fed_by(gm, linears[0], node)
+    return current, path
+
+
+def _fed_by(gm: fx.GraphModule, linear: fx.Node, source: fx.Node) -> ConvolutionalizeError:
+    return refuse(
+        f"the head's first Linear {describe(gm, linear)} is fed by {describe(gm, source)}"
+        f"{where(linear)}, not by a flatten of a feature map (nn.Flatten, torch.flatten, "
+        "x.view(x.size(0), -1), reshape) directly before it",
+        layer=str(linear.target),
     )
 
 
-def _shape_propagate(gm: fx.GraphModule, example: torch.Tensor, model_name: str) -> None:
-    try:
-        with torch.no_grad(), _eval_mode(gm):
-            ShapeProp(gm).propagate(example)
-    except Exception as error:
-        shape = "x".join(str(s) for s in example.shape)
-        cause = error.__cause__ or error
-        raise SpecError(
-            f"{model_name} does not run on a {shape} input ({_first_line(cause)}); "
-            "give the size it was trained at with {input_size} HxW (and {channels} C)"
-        ) from None
-
-
-def _flatten_label(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return f"{type(_module(gm, node)).__name__} '{node.target}'"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return f"torch.{node.target.__name__}"
+def _no_twin(gm: fx.GraphModule, name: str, node: fx.Node, path: list) -> ConvolutionalizeError:
+    linears = [n for n, kind in path if kind == "linear"]
+    in_head = _flatten_above(node, gm) and len(shape_of(node) or ()) == 2
+    if not in_head:
+        if linears:
+            return _fed_by(gm, linears[0], node)
+        return refuse(
+            f"the model's output {name!r} comes from {describe(gm, node)}{where(node)}, not "
+            "from a flatten → Linear head; keep only the head's outputs with {outputs}"
+        )
+    after = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    following = f" after {describe(gm, after)}" if after is not None else ""
+    return refuse(
+        f"node {describe(gm, node)}{following} in the head of output {name!r}{where(node)} "
+        "has no convolutional twin (fcconv carries Linear, BatchNorm1d, activations, "
+        "Dropout and Softmax/LogSoftmax over the class dimension)",
+        layer=str(linears[0].target) if linears else None,
+    )
 
 
 def _derive_order(flatten: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str, str]:
-    """Walk back from the flatten through permutes to the NCHW feature map.
-
-    Returns the feature-map node, the order, and how the order was derived.
-    """
-    axes = [0, 1, 2, 3]  # flatten input position -> axis of the current node
+    """Walk back from the flatten through permutes to the ``[B, C, *map]`` feature map."""
+    rank = len(shape_of(flatten.args[0]))
+    axes = list(range(rank))  # flatten input position -> axis of the current node
     steps: list[str] = []
     current = flatten.args[0]
-    while True:
-        step = _permutation_step(current) if len(_shape(current) or ()) == 4 else None
+    while len(shape_of(current) or ()) == rank:
+        step = permutation_step(current, rank)
         if step is None:
             break
         dims, text = step
@@ -175,259 +299,174 @@ def _derive_order(flatten: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str, s
             steps.insert(0, text)
         current = current.args[0]
     if axes[0] != 0:
-        raise _refuse(
-            f"the permute before the flatten {_describe(gm, flatten)} moves the batch axis"
+        raise refuse(
+            f"the permute before the flatten {describe(gm, flatten)}{where(flatten)} moves "
+            "the batch axis"
         )
-    order = "".join("nchw"[a] for a in axes[1:])
-    shape = _shape(current)
-    if shape is None or len(shape) != 4:
-        raise _refuse(f"the flatten {_describe(gm, flatten)} does not read a 4-D feature map")
+    letters = "nc" + SPATIAL_AXES[rank - 2]
+    order = "".join(letters[a] for a in axes[1:])
     derived = " → ".join([*steps, _flatten_label(flatten, gm)])
     return current, order, derived
 
 
-def _feeding_flatten(gm: fx.GraphModule, linear: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """The flatten that feeds ``linear`` through element-wise nodes, or a refusal."""
-    pre_ops: list[fx.Node] = []
-    current = linear.args[0]
-    while (
-        isinstance(current, fx.Node)
-        and _is_pointwise(gm, current, channels=None)
-        and len(current.users) == 1
-    ):
-        pre_ops.insert(0, current)
-        current = current.args[0]
-    if not isinstance(current, fx.Node) or not _is_flatten(current, gm):
-        source = _describe(gm, current) if isinstance(current, fx.Node) else repr(current)
-        raise _refuse(
-            f"the head's first Linear {_describe(gm, linear)} is fed by {source}, not by a "
-            "flatten of a 4-D feature map (nn.Flatten, torch.flatten, "
-            "x.view(x.size(0), -1), reshape) directly before it",
-            layer=str(linear.target),
-        )
-    if len(current.users) != 1:
-        others = ", ".join(_describe(gm, u) for u in current.users)
-        raise _refuse(
-            f"the flatten {_describe(gm, current)} feeds several nodes ({others}), "
-            "not only the head",
-            layer=str(linear.target),
-        )
-    return current, pre_ops
+def _flatten_label(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(module_of(gm, node)).__name__} '{node.target}'"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return f"{getattr(node.target, '__name__', node.target)}"
 
 
-def _classify(gm: fx.GraphModule, node: fx.Node, previous: fx.Node, channels: int) -> str | None:
-    """The head role of ``node`` (consuming ``previous``), or None if it has no twin."""
-    if not node.args or node.args[0] is not previous:
-        return None
-    module = _module(gm, node)
-    if _plain(module, (nn.Linear,)):
-        return "linear"
-    if _plain(module, (nn.BatchNorm1d,)):
-        return "batchnorm"
-    if isinstance(module, _SOFTMAX_MODULES):
-        return "softmax" if module.dim in (None, 1, -1) else None
-    is_softmax, dim = _softmax_dim(node)
-    if is_softmax:
-        return "softmax" if dim in (None, 1, -1) else None
-    if _is_pointwise(gm, node, channels):
-        return "pointwise"
-    return None
+def _site(gm: fx.GraphModule, flatten: fx.Node) -> FlattenSite:
+    source, order, order_from = _derive_order(flatten, gm)
+    shape = shape_of(source)
+    return FlattenSite(flatten, source, order, order_from, PatchNd(tuple(shape[2:]), shape[1]))
 
 
-def _head_chain(gm: fx.GraphModule, linear: fx.Node, patch_text: str) -> list[tuple[fx.Node, str]]:
-    """Follow the head from the first Linear to the model's output."""
-    chain = [(linear, "linear")]
-    current = linear
-    channels = _module(gm, linear).out_features
-    while True:
-        users = list(current.users)
-        if len(users) != 1:
-            names = ", ".join(_describe(gm, u) for u in users)
-            raise _refuse(
-                f"{_describe(gm, current)} in the head feeds several nodes ({names}); "
-                "the head must be a single chain of layers ending at the model's output",
-                layer=str(linear.target),
-                patch=patch_text,
+def _check_users(gm: fx.GraphModule, head: dict[fx.Node, str], sites: list[FlattenSite]) -> None:
+    for site in sites:
+        others = [u for u in site.node.users if u not in head]
+        if others:
+            shown = ", ".join(describe(gm, u) for u in others)
+            raise refuse(
+                f"the flatten {describe(gm, site.node)}{where(site.node)} feeds {shown} "
+                "besides the head"
             )
-        following = users[0]
-        if following.op == "output":
-            if following.args[0] is not current:
-                raise _refuse(
-                    "the model returns more than the head's output (a tuple, list or "
-                    "dict); fcconv convolutionalize handles models that return one tensor",
-                    layer=str(linear.target),
-                    patch=patch_text,
-                )
-            return chain
-        kind = _classify(gm, following, current, channels)
-        if kind is None or len(_shape(following) or ()) != 2:
-            after = _describe(gm, current)
-            raise _refuse(
-                f"node {_describe(gm, following)} after {after} in the head has no "
-                "convolutional twin (fcconv carries Linear, BatchNorm1d, activations, "
-                "Dropout and Softmax/LogSoftmax over the class dimension)",
-                layer=str(linear.target),
-                patch=patch_text,
+    for node in head:
+        others = [u for u in node.users if u not in head and u.op != "output"]
+        if others:
+            shown = ", ".join(describe(gm, u) for u in others)
+            raise refuse(
+                f"{describe(gm, node)}{where(node)} in the head also feeds {shown}, which "
+                "is not a head layer",
+                layer=str(node.target) if node.op == "call_module" else None,
             )
-        if kind == "linear":
-            channels = _module(gm, following).out_features
-        chain.append((following, kind))
-        current = following
 
 
-def _check_single_call_sites(gm: fx.GraphModule, chain: list[tuple[fx.Node, str]]) -> None:
+def _check_single_call_sites(gm: fx.GraphModule, head: dict[fx.Node, str]) -> None:
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    for node, kind in chain:
+    for node, kind in head.items():
         if kind != "pointwise" and node.op == "call_module" and calls[node.target] > 1:
-            raise _refuse(
+            raise refuse(
                 f"module '{node.target}' is called at {calls[node.target]} places; "
                 "converting it would change all of them"
             )
+        if kind == "linear" and not plain(module_of(gm, node), (nn.Linear,)):
+            raise refuse(
+                f"{describe(gm, node)} overrides nn.Linear.forward, so its computation is "
+                "not known to be a Linear layer's",
+                layer=str(node.target),
+            )
 
 
-def _analyze_head(
-    gm: fx.GraphModule, linear: fx.Node, in_channels: int, input_size: tuple[int, int]
-) -> _Analysis:
-    flatten, pre_ops = _feeding_flatten(gm, linear)
-    source, order, order_from = _derive_order(flatten, gm)
-    _, channels, height, width = _shape(source)
-    patch = Patch(height, width, channels)
-    spec = f"{patch} {{order}} {order}" if order != "chw" else str(patch)
-    if not _plain(_module(gm, linear), (nn.Linear,)):
-        raise _refuse(
-            f"{_describe(gm, linear)} overrides nn.Linear.forward, so its computation is "
-            "not known to be a Linear layer's",
-            layer=str(linear.target),
-            patch=spec,
+def _check_layers(gm: fx.GraphModule, layers: Sequence[str], head_linears: list[fx.Node]) -> None:
+    model_linears = [name for name, m in gm.named_modules() if isinstance(m, nn.Linear)]
+    unknown = [name for name in layers if name not in model_linears]
+    if unknown:
+        raise LayerError(
+            f"no nn.Linear named {', '.join(repr(u) for u in unknown)} in the model; its "
+            f"Linear layers are: {', '.join(model_linears)}"
         )
-    chain = _head_chain(gm, linear, spec)
-    _check_single_call_sites(gm, chain)
-    return _Analysis(
-        gm=gm,
-        in_channels=in_channels,
-        input_size=input_size,
-        source=source,
-        flatten=flatten,
-        order=order,
-        order_from=order_from,
-        patch=patch,
-        pre_ops=pre_ops,
-        chain=chain,
-        pools=[],
-        notes=[],
-    )
+    converted = [str(n.target) for n in head_linears]
+    outside = [name for name in layers if name not in converted]
+    if outside:
+        raise LayerError(
+            f"layer {', '.join(repr(o) for o in outside)} is not in the head of the outputs "
+            f"converted (its Linear layers: {', '.join(converted)}); name the Linear layers "
+            "of a flatten → Linear → … head, or choose outputs with {outputs}"
+        )
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        for parent in current.all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
+def trunk_nodes(an: Analysis) -> set[fx.Node]:
+    """Every node the feature maps are computed from, the maps included."""
+    nodes: set[fx.Node] = set()
+    for site in an.sites:
+        nodes |= ancestors(site.source) | {site.source}
+    return nodes
 
 
-def _adaptive_pools(an: _Analysis) -> None:
+def _adaptive_pools(an: Analysis) -> None:
     """Find the trunk's adaptive pools; those that are the identity here get removed."""
     gm = an.gm
-    trunk = _ancestors(an.source) | {an.source}
+    trunk = trunk_nodes(an)
     for node in gm.graph.nodes:
         if node not in trunk:
             continue
-        module = _module(gm, node)
-        is_pool = isinstance(module, _ADAPTIVE_POOL_MODULES) or (
-            node.op == "call_function" and node.target in _ADAPTIVE_POOL_FUNCTIONS
+        module = module_of(gm, node)
+        is_pool = isinstance(module, ADAPTIVE_POOL_MODULES) or (
+            node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS
         )
         if not is_pool or getattr(module, "return_indices", False):
             continue
-        before, after = _shape(node.args[0]), _shape(node)
+        before, after = shape_of(node.args[0]), shape_of(node)
         if before is None or after is None:
             continue
-        label = repr(module) if module is not None else f"{node.target.__name__}(…)"
+        label = repr(module) if module is not None else describe(gm, node)
         name = str(node.target) if module is not None else node.name
-        if before[-2:] == after[-2:]:
+        shown = "x".join(map(str, after[2:]))
+        if before[2:] == after[2:]:
             an.pools.append(node)
             an.notes.append(
-                f"adaptive pool '{name}' ({label}) is the identity at the native "
-                f"{after[-2]}x{after[-1]} feature map and was replaced by the identity, "
-                "so that larger inputs keep their larger maps instead of being squeezed "
-                f"back to {after[-2]}x{after[-1]}"
+                f"adaptive pool '{name}' ({label}) is the identity at the native {shown} "
+                "feature map and was replaced by the identity, so that larger inputs keep "
+                f"their larger maps instead of being squeezed back to {shown}"
             )
         else:
             an.notes.append(
-                f"adaptive pool '{name}' ({label}) maps every input to "
-                f"{after[-2]}x{after[-1]}: it is not the identity at the native size, so "
-                "the converted model's map stays 1x1 on larger inputs (global pooling, "
-                "not a sliding window)"
+                f"adaptive pool '{name}' ({label}) maps every input to {shown}: it is not "
+                "the identity at the native size, so the converted model's map stays "
+                "1x1 on larger inputs (global pooling, not a sliding window)"
             )
 
 
-def _analyze(
+def analyze(
     model: nn.Module,
     input_size: Sequence[int] | int,
-    layers: Sequence[str] | None,
-    in_channels: int | None,
-) -> _Analysis:
-    size = _size_pair(input_size, "input_size")
-    gm = _trace(model)
-    channels = in_channels or _infer_channels(gm)
-    dtype, device = _model_dtype_device(model)
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, channels, *size, generator=generator, dtype=dtype).to(device)
-    _shape_propagate(gm, example, type(model).__name__)
-
-    linears = [
-        node
-        for node in gm.graph.nodes
-        if node.op == "call_module" and isinstance(_module(gm, node), nn.Linear)
-    ]
-    names = [str(node.target) for node in linears]
-    if not linears:
-        raise _refuse(f"{type(model).__name__} has no nn.Linear layer to convert")
+    layers: Sequence[str] | None = None,
+    in_channels: int | None = None,
+    outputs: Sequence[str] | None = None,
+) -> Analysis:
+    """Trace ``model`` at ``input_size`` and read its head; refusals name node and line."""
+    size = size_tuple(input_size, "input_size")
+    traced = trace_model(model, size, in_channels)
+    gm = traced.gm
+    leaves = output_leaves(gm)
+    names = [name for name, _ in leaves]
+    if outputs:
+        kept = select_outputs(gm, list(outputs))
+        leaves = list(zip(kept, [leaf for _, leaf in output_leaves(gm)], strict=True))
+    gm.graph.eliminate_dead_code()
+    head: dict[fx.Node, str] = {}
+    sites: dict[fx.Node, FlattenSite] = {}
+    results: list[HeadOutput] = []
+    first: set[fx.Node] = set()
+    for name, leaf in leaves:
+        flatten, path = _path_to_flatten(gm, name, leaf)
+        site = sites.get(flatten) or sites.setdefault(flatten, _site(gm, flatten))
+        head.update(path)
+        linears = [node for node, kind in path if kind == "linear"]
+        first.add(linears[0])
+        results.append(HeadOutput(name, leaf, site, linears))
+    if not results:
+        raise refuse(f"{type(model).__name__} returns no tensor")
+    ordered = {n: head[n] for n in gm.graph.nodes if n in head}
+    _check_users(gm, ordered, list(sites.values()))
+    _check_single_call_sites(gm, ordered)
+    an = Analysis(
+        gm=gm,
+        layout=traced.layout,
+        tracer=traced.tracer,
+        sites=list(sites.values()),
+        head=ordered,
+        first_linears=first,
+        outputs=results,
+        output_names=names,
+        notes=list(traced.notes),
+    )
     if layers:
-        unknown = [name for name in layers if name not in names]
-        if unknown:
-            raise LayerError(
-                f"no nn.Linear named {', '.join(repr(u) for u in unknown)} in "
-                f"{type(model).__name__}; its Linear layers are: {', '.join(names)}"
-            )
-        start = next(node for node in linears if node.target in layers)
-        an = _analyze_head(gm, start, channels, size)
-        converted = {str(node.target) for node in an.linears}
-        outside = [name for name in layers if name not in converted]
-        if outside:
-            head = " → ".join(str(n.target) for n in an.linears)
-            raise LayerError(
-                f"layer {', '.join(repr(o) for o in outside)} is not in the head that "
-                f"starts at '{start.target}' (its Linear layers: {head}); name the "
-                "Linear layers of one flatten → Linear → … → Linear head"
-            )
-    else:
-        # The first Linear fed by a flatten whose head converts; failing that, the
-        # most telling refusal: a head that reached its flatten beats one that did not.
-        an = None
-        no_flatten: ConvolutionalizeError | None = None
-        bad_head: ConvolutionalizeError | None = None
-        for node in linears:
-            try:
-                _feeding_flatten(gm, node)
-            except ConvolutionalizeError as error:
-                no_flatten = error
-                continue
-            try:
-                an = _analyze_head(gm, node, channels, size)
-                break
-            except ConvolutionalizeError as error:
-                bad_head = error
-        if an is None:
-            failure = bad_head or no_flatten
-            assert failure is not None
-            raise failure
+        _check_layers(gm, layers, an.linears)
     _adaptive_pools(an)
     return an

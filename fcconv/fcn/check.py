@@ -1,120 +1,45 @@
-"""Verifying a converted model: the original head on every window, in float64.
+"""Verifying a converted model in float64: the original head on every window, and the crops.
 
-The reference cuts the original model into its trunk and its head, runs the
-head on every window of the trunk's feature map, and compares; the whole
-original model run on native-size crops is compared for information.
+The reference cuts the original model into its trunk and its head(s), runs
+each head on every window of its trunk's feature map, and compares every
+cell of every output. Then it counts which cells also equal the whole
+original model run on their native-size crop, runs a sample of both kinds,
+and warns when no interior cell does.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from fcconv.fcn.analyse import (
-    _Analysis,
-    _analyze,
-    _ancestors,
-    _eval_mode,
-    _model_dtype_device,
-    _size_pair,
+    Analysis,
+    analyze,
+    leaf_name,
+    size_tuple,
+    stride_tuple,
+    trunk_nodes,
 )
-from fcconv.fcn.results import DenseCheck
-from fcconv.geometry import Patch
+from fcconv.fcn.cells import CropPlan, OutputCells, crop_plan, output_cells, trunk_geometry
+from fcconv.fcn.results import CropAccount, DenseCheck, OutputCheck
+from fcconv.fcn.trace import model_dtype_device, running_eval
+from fcconv.fcn.usercode import running_user_code
 
 
-def _output_size(model: nn.Module, channels: int, size: tuple[int, int]) -> tuple[int, int] | None:
-    """The spatial size of ``model``'s output at ``size``, computed on meta tensors."""
-    dtype, _ = _model_dtype_device(model)
-    state = {name: t.to("meta") for name, t in model.named_parameters()}
-    state.update({name: t.to("meta") for name, t in model.named_buffers()})
-    probe = torch.empty(1, channels, *size, device="meta", dtype=dtype)
-    try:
-        out = torch.func.functional_call(model, state, (probe,))
-    except Exception:  # a layer without meta support: no stride report, no crops
-        return None
-    return tuple(out.shape[-2:]) if out.dim() == 4 else None
-
-
-def _guess(size: tuple[int, int], patch: Patch, stride: tuple[int, int]) -> tuple[int, int]:
-    """The window stride of a trunk that divides its input evenly (VGG: 224 → 7)."""
-    return (
-        stride[0] * (size[0] // patch.height) if size[0] % patch.height == 0 else 0,
-        stride[1] * (size[1] // patch.width) if size[1] % patch.width == 0 else 0,
-    )
-
-
-def window_stride(
-    model: nn.Module,
-    input_size: Sequence[int],
-    in_channels: int,
-    guess: Sequence[int] | None = None,
-) -> tuple[int, int] | None:
-    """How many input pixels apart the windows of a converted model's cells lie.
-
-    Found by growing the input until the output map gains a row (a column),
-    then another: the distance between the two jumps. ``None`` when the map
-    does not grow (e.g. a global pool) or a layer cannot run on meta tensors.
-    A ``guess`` (per axis) is confirmed with four probes instead of a search.
-
-    >>> from torch import nn
-    >>> window_stride(nn.Conv2d(3, 4, 8, stride=4), (8, 8), 3)
-    (4, 4)
-    """
-    native = _size_pair(tuple(input_size), "input_size")
-    base = _output_size(model, in_channels, native)
-    if base is None:
-        return None
-    result = []
-    for axis in (0, 1):
-
-        def cells(extra: int, axis: int = axis) -> int:
-            size = list(native)
-            size[axis] += extra
-            out = _output_size(model, in_channels, (size[0], size[1]))
-            return -1 if out is None else out[axis]
-
-        limit = 8 * native[axis]
-
-        def first_reaching(count: int, cells=cells, limit=limit) -> int | None:
-            low, high = 1, limit
-            if cells(high) < count:
-                return None
-            while low < high:
-                middle = (low + high) // 2
-                if cells(middle) >= count:
-                    high = middle
-                else:
-                    low = middle + 1
-            return low
-
-        if guess is not None and guess[axis] > 0:
-            g = guess[axis]
-            if (
-                cells(g - 1) == base[axis]
-                and cells(g) == base[axis] + 1
-                and cells(2 * g - 1) == base[axis] + 1
-                and cells(2 * g) == base[axis] + 2
-            ):
-                result.append(g)
-                continue
-        one = first_reaching(base[axis] + 1)
-        two = first_reaching(base[axis] + 2) if one is not None else None
-        if one is None or two is None:
-            return None
-        result.append(two - one)
-    return result[0], result[1]
-
-
-def _split(an: _Analysis) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """The trunk (input → feature map, identity pools bypassed) and the original head."""
+def _split(an: Analysis) -> tuple[fx.GraphModule, list[fx.GraphModule]]:
+    """The trunk (input → every feature map, identity pools bypassed) and one head per map."""
     gm = an.gm
-    keep = _ancestors(an.source) | {an.source}
+    keep = trunk_nodes(an)
+    pools = set(an.pools)
     trunk_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    pools = set(an.pools)
     for node in gm.graph.nodes:
         if node not in keep:
             continue
@@ -122,39 +47,58 @@ def _split(an: _Analysis) -> tuple[fx.GraphModule, fx.GraphModule]:
             env[node] = env[node.args[0]]
             continue
         env[node] = trunk_graph.node_copy(node, lambda n: env[n])
-    trunk_graph.output(env[an.source])
-    head_graph = fx.Graph()
-    head_env = {an.source: head_graph.placeholder("features")}
-    for node in gm.graph.nodes:
-        if node in keep or node.op == "placeholder":
-            continue
-        if node.op != "get_attr" and not all(n in head_env for n in node.all_input_nodes):
-            continue
-        head_env[node] = head_graph.node_copy(node, lambda n: head_env[n])
-    trunk = fx.GraphModule(gm, trunk_graph, "Trunk")
-    head = fx.GraphModule(gm, head_graph, "Head")
-    return trunk, head
+    trunk_graph.output(tuple(env[site.source] for site in an.sites))
+    heads = [_head(an, site, keep) for site in an.sites]
+    return fx.GraphModule(gm, trunk_graph, "Trunk"), heads
 
 
-def _windows(
-    features: torch.Tensor, patch: Patch, stride: tuple[int, int]
-) -> tuple[torch.Tensor, int, int]:
-    """Every ``kh × kw`` window of ``features``, batched: ``[B·P·Q, C, kh, kw]``."""
-    batch, channels, height, width = features.shape
-    rows = (height - patch.height) // stride[0] + 1
-    cols = (width - patch.width) // stride[1] + 1
-    cells = [
-        features[
-            :,
-            :,
-            p * stride[0] : p * stride[0] + patch.height,
-            q * stride[1] : q * stride[1] + patch.width,
-        ]
-        for p in range(rows)
-        for q in range(cols)
-    ]
-    stacked = torch.stack(cells, dim=1)
-    return stacked.reshape(batch * rows * cols, channels, patch.height, patch.width), rows, cols
+def _head(an: Analysis, site: Any, trunk: set[fx.Node]) -> fx.GraphModule:
+    """The original head from one feature map (a placeholder) to its outputs."""
+    graph = fx.Graph()
+    env = {site.source: graph.placeholder("features")}
+    for node in an.gm.graph.nodes:
+        if node in trunk or node.op in ("placeholder", "output"):
+            continue
+        if node is site.node:
+            # the flatten as such: a traced view may read the batch size off the model's
+            # input (torch.export), which the batch of windows does not have
+            env[node] = graph.call_function(torch.flatten, (env[node.args[0]], 1))
+            continue
+        if node.op != "get_attr" and not all(n in env for n in node.all_input_nodes):
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output([env[o.node] for o in an.outputs if o.site is site])
+    return fx.GraphModule(an.gm, graph, "Head")
+
+
+def windows(
+    features: torch.Tensor, kernel: Sequence[int], stride: Sequence[int]
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Every ``kernel``-sized window of ``[B, C, *map]``, batched: ``[B·cells, C, *kernel]``."""
+    batch, channels = features.shape[:2]
+    ndim = len(kernel)
+    unfolded = features
+    for axis, (k, s) in enumerate(zip(kernel, stride, strict=True)):
+        unfolded = unfolded.unfold(2 + axis, k, s)
+    counts = tuple(unfolded.shape[2 : 2 + ndim])
+    order = (0, *range(2, 2 + ndim), 1, *range(2 + ndim, 2 + 2 * ndim))
+    cut = unfolded.permute(order).reshape(batch * math.prod(counts), channels, *kernel)
+    return cut, counts
+
+
+def _head_maps(
+    an: Analysis, trunk: fx.GraphModule, heads: list[fx.GraphModule], x: torch.Tensor, stride
+) -> dict[str, torch.Tensor]:
+    """The original head(s) on every window: ``name → [B, O, *cells]``."""
+    features = trunk(x)
+    maps = {}
+    for site, head, feature in zip(an.sites, heads, features, strict=True):
+        cut, counts = windows(feature, site.patch.sizes, stride)
+        names = [o.name for o in an.outputs if o.site is site]
+        for name, scores in zip(names, head(cut), strict=True):
+            grid = scores.reshape(x.shape[0], *counts, -1)
+            maps[name] = grid.permute(0, grid.dim() - 1, *range(1, grid.dim() - 1))
+    return maps
 
 
 def head_on_windows(
@@ -165,42 +109,47 @@ def head_on_windows(
     stride: Sequence[int] | int = 1,
     layers: Sequence[str] | None = None,
     in_channels: int | None = None,
-) -> torch.Tensor:
+    outputs: Sequence[str] | None = None,
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """The reference for a converted model: the original head on every window.
 
     Runs the original trunk (adaptive pools that are the identity at the
-    native size bypassed) on ``x``, cuts every ``kh × kw`` window of its
-    feature map at ``stride``, and applies the original head (permute,
-    flatten, Linear, …) to each, in eval mode and without gradients.
+    native size bypassed) on ``x``, cuts every window of its feature map at
+    ``stride``, and applies the original head (permute, flatten, Linear, …)
+    to each, in eval mode and without gradients.
 
     Returns:
-        ``[B, O, P, Q]``: cell ``(p, q)`` is the head on window ``(p, q)``.
+        ``[B, O, *cells]`` for a model with one output, else a dict from each
+        output's name to its map.
     """
-    step = _size_pair(stride, "stride")
-    with torch.no_grad(), _eval_mode(original):
-        an = _analyze(original, input_size, layers, in_channels)
-        trunk, head = _split(an)
-        windows, rows, cols = _windows(trunk(x), an.patch, step)
-        scores = head(windows)
-    return scores.reshape(x.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
+    with torch.no_grad(), running_eval(original):
+        an = analyze(original, input_size, layers, in_channels, outputs)
+        step = stride_tuple(stride, an.sites[0].patch.ndim)
+        trunk, heads = _split(an)
+        maps = _head_maps(an, trunk, heads, x, step)
+    return next(iter(maps.values())) if len(maps) == 1 else maps
 
 
-def _padding_layers(trunk: fx.GraphModule) -> list[str]:
-    found = []
-    for name, module in trunk.named_modules():
-        padding = getattr(module, "padding", 0)
-        if isinstance(
-            module,
-            (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd),
-        ):
-            flat = (padding,) if isinstance(padding, (int, str)) else tuple(padding)
-            if any(p not in (0, "valid") for p in flat):
-                found.append(name)
-    return found
-
-
-def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def _named(structure: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a model's output by name, as :func:`output_leaves` names them."""
+    leaves, _ = pytree.tree_flatten_with_path(structure)
+    return {leaf_name(path): leaf for path, leaf in leaves if isinstance(leaf, torch.Tensor)}
+
+
+def _dense_leaves(output: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def _larger(native: tuple[int, ...], cells: list[OutputCells]) -> tuple[int, ...]:
+    """Two window steps past the native size: a map of 3 cells per axis, one interior."""
+    known = next((c.cells for c in cells if c.cells is not None), None)
+    if known is None:
+        return tuple(2 * n for n in native)
+    return tuple(n + 2 * s for n, s in zip(native, known.stride, strict=True))
 
 
 def verify_dense(
@@ -212,177 +161,264 @@ def verify_dense(
     stride: Sequence[int] | int | None = None,
     layers: Sequence[str] | None = None,
     in_channels: int | None = None,
+    outputs: Sequence[str] | None = None,
     batch: int = 2,
     seed: int = 0,
     max_crops: int = 16,
     rtol: float = 1e-9,
 ) -> DenseCheck:
-    """Prove ``converted`` computes the original head on every window, in float64.
+    """Prove ``converted`` computes the original head(s) on every window, in float64.
 
-    1. At ``input_size`` its output ``[B, O, 1, 1]`` equals the original's ``[B, O]``.
-    2. At ``larger_size`` (default: one window step larger each way, a 2×2
-       map) every cell equals the original head applied to the matching
-       window of the trunk's feature map (:func:`head_on_windows`).
+    1. At ``input_size`` each output ``[B, O, 1, …]`` equals the original's ``[B, O]``.
+    2. At ``larger_size`` (default: two window steps larger along each axis,
+       a map of 3 cells per axis) every cell of every output equals the
+       original head applied to the matching window of the trunk's feature
+       map.
 
     Both within ``rtol · max(1, max|reference|)``: float64 rounding is far
-    below that, a wrong order or weight is of the size of the output. Then,
-    for information, the whole original model is run on up to ``max_crops``
-    native-size crops at the window positions; a trunk that pads differs
-    there, and the result says so in words.
+    below that, a wrong order or weight is of the size of the output. Then
+    the crop account: which cells equal the whole original model run on
+    their native-size crop (their receptive field never meets padding, a
+    pool's padding or a partial ``ceil_mode`` window), checked on up to
+    ``max_crops`` of them and of the others; a warning when no interior
+    cell is crop-exact.
 
     Args:
         original: the model before conversion (copied, never modified).
         converted: the model under test, e.g. from :func:`convolutionalize`.
-        input_size: the native ``(H, W)``.
-        larger_size: the larger ``(H, W)`` for the dense check.
-        stride: the first conv's stride in feature-map cells; default: the one
+        input_size: the native size (``T``, ``(H, W)`` or ``(D, H, W)``).
+        larger_size: the larger size for the dense check.
+        stride: the first convs' stride in feature-map cells; default: the one
             recorded by :func:`convolutionalize`, else 1.
-        layers: as for :func:`convolutionalize`.
-        in_channels: as for :func:`convolutionalize`.
+        layers, in_channels: as for :func:`convolutionalize`.
+        outputs: the outputs the converted model kept; default: as recorded.
         batch: inputs per check.
-        seed: for the random inputs.
-        max_crops: at most this many whole-model crops are run.
+        seed: for the random inputs and the sample of crops.
+        max_crops: at most this many crops of each kind are run per output.
         rtol: the relative tolerance of the float64 judge.
 
     Returns:
         A :class:`DenseCheck`, truthy on pass.
     """
-    native = _size_pair(input_size, "input_size")
-    recorded = (
-        getattr(converted, "meta", {}).get("fcconv", {}) if hasattr(converted, "meta") else {}
-    )
-    step = _size_pair(
-        stride if stride is not None else tuple(recorded.get("stride", (1, 1))), "stride"
-    )
+    native = size_tuple(input_size, "input_size")
+    recorded = getattr(converted, "meta", {}).get("fcconv", {})
+    kept = outputs if outputs is not None else recorded.get("selected")
     reference = copy.deepcopy(original).double().eval()
     candidate = copy.deepcopy(converted).double().eval()
-    an = _analyze(reference, native, layers, in_channels or recorded.get("in_channels"))
-    channels = an.in_channels
-    trunk, head = _split(an)
-    spacing = window_stride(candidate, native, channels, _guess(native, an.patch, step))
-    if larger_size is None:
-        grow = spacing if spacing is not None else native
-        larger = (native[0] + grow[0], native[1] + grow[1])
-    else:
-        larger = _size_pair(larger_size, "larger_size")
+    channels = in_channels or recorded.get("in_channels")
+    an = analyze(reference, native, layers, channels, kept)
+    native = an.layout.size  # one number for a 2-D model means a square
+    ndim = an.sites[0].patch.ndim
+    step = stride_tuple(stride if stride is not None else recorded.get("stride"), ndim)
+    geometry = trunk_geometry(an)
+    cells = output_cells(an, geometry, step)
+    plan = crop_plan(an, geometry)
+    larger = size_tuple(larger_size, "larger_size") if larger_size else _larger(native, cells)
+    check = DenseCheck(native_size=native, larger_size=larger)
+    check.outputs = [OutputCheck(o.name) for o in an.outputs]
     generator = torch.Generator().manual_seed(seed)
-    problems: list[str] = []
-    check = DenseCheck(
-        native_size=native,
-        larger_size=larger,
-        map_size=None,
-        native_max_abs_diff=None,
-        dense_max_abs_diff=None,
-        tolerance=0.0,
-        window_stride=spacing,
-        problems=problems,
-    )
+    layout = an.layout
+    _, device = model_dtype_device(reference)
     with torch.no_grad():
-        x = torch.randn(batch, channels, *native, generator=generator, dtype=torch.float64)
-        expected = reference(x)
-        got = candidate(x)
-        tolerance = rtol * max(1.0, float(expected.abs().max()))
-        if got.shape != (*expected.shape, 1, 1):
-            problems.append(
-                f"at the native size {native[0]}x{native[1]} the converted model gives "
-                f"shape {tuple(got.shape)}, expected {(*expected.shape, 1, 1)}"
-            )
-        else:
-            check.native_max_abs_diff = _max_abs(got.flatten(1), expected)
-            if check.native_max_abs_diff > tolerance:
-                problems.append(
-                    f"at the native size the outputs differ by up to "
-                    f"{check.native_max_abs_diff:.3g} (tolerance {tolerance:.3g})"
-                )
-        big = torch.randn(batch, channels, *larger, generator=generator, dtype=torch.float64)
-        dense = candidate(big)
-        features = trunk(big)
-        windows, rows, cols = _windows(features, an.patch, step)
-        wanted = head(windows).reshape(batch, rows, cols, -1).permute(0, 3, 1, 2)
-        tolerance = max(tolerance, rtol * max(1.0, float(wanted.abs().max())))
-        check.tolerance = tolerance
-        check.map_size = (rows, cols)
-        if dense.shape != wanted.shape:
-            problems.append(
-                f"at {larger[0]}x{larger[1]} the converted model gives a map of shape "
-                f"{tuple(dense.shape)}, but the trunk's {features.shape[-2]}x"
-                f"{features.shape[-1]} feature map holds {rows}x{cols} windows "
-                f"(expected {tuple(wanted.shape)})"
-            )
-        else:
-            check.dense_max_abs_diff = _max_abs(dense, wanted)
-            if check.dense_max_abs_diff > tolerance:
-                problems.append(
-                    f"at {larger[0]}x{larger[1]} the map differs from the original head "
-                    f"on each window by up to {check.dense_max_abs_diff:.3g} "
-                    f"(tolerance {tolerance:.3g})"
-                )
-            _compare_crops(check, reference, big, dense, native, spacing, max_crops, trunk)
+        x = layout.example(batch, dtype=torch.float64, device=device, generator=generator)
+        with running_user_code("the original model's forward"):
+            expected = _named(reference(x))
+        got = _dense_leaves(candidate(x))
+        _compare_native(check, an, expected, got, rtol)
+        big = layout.example(
+            batch, size=larger, dtype=torch.float64, device=device, generator=generator
+        )
+        dense = _dense_leaves(candidate(big))
+        trunk, heads = _split(an)
+        wanted = _head_maps(an, trunk, heads, big, step)
+        _compare_dense(check, an, dense, wanted, rtol)
+        check.tolerance = max((o.tolerance for o in check.outputs), default=0.0)
+        if not check.problems:
+            _account_crops(check, reference, big, dense, cells, plan, native, max_crops, seed)
     return check
 
 
-def _compare_crops(
-    check: DenseCheck,
-    reference: nn.Module,
-    big: torch.Tensor,
-    dense: torch.Tensor,
-    native: tuple[int, int],
-    spacing: tuple[int, int] | None,
-    max_crops: int,
-    trunk: fx.GraphModule,
-) -> None:
-    if spacing is None:
-        check.crop_note = (
-            "the whole original model was not run on crops: the map does not grow with "
-            "the input (a global pool, see the notes) or the distance between windows "
-            "could not be determined"
+def _compare_native(check: DenseCheck, an: Analysis, expected, got, rtol: float) -> None:
+    shown = "x".join(map(str, check.native_size))
+    for result, tensor in zip(check.outputs, got, strict=False):
+        reference = expected[result.name]
+        result.tolerance = rtol * max(1.0, float(reference.abs().max()) if reference.numel() else 0)
+        cells = tensor.shape[2:]
+        if tensor.shape[:2] != reference.shape or math.prod(cells) != 1:
+            check.problems.append(
+                f"output {result.name!r} at the native size {shown} has shape "
+                f"{tuple(tensor.shape)}, expected {tuple(reference.shape)} and one cell"
+            )
+            continue
+        result.native_max_abs_diff = max_abs(tensor.reshape(reference.shape), reference)
+        if result.native_max_abs_diff > result.tolerance:
+            check.problems.append(
+                f"output {result.name!r} at the native size differs by up to "
+                f"{result.native_max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
+            )
+    if len(got) != len(check.outputs):
+        check.problems.append(
+            f"the converted model returns {len(got)} tensors, expected {len(check.outputs)}"
         )
-        return
-    height, width = big.shape[-2:]
-    cells = [
-        (p, q)
-        for p in range(dense.shape[2])
-        for q in range(dense.shape[3])
-        if p * spacing[0] + native[0] <= height and q * spacing[1] + native[1] <= width
-    ][:max_crops]
-    if not cells:
-        return
-    crops = torch.cat(
-        [
-            big[
-                :,
-                :,
-                p * spacing[0] : p * spacing[0] + native[0],
-                q * spacing[1] : q * spacing[1] + native[1],
-            ]
-            for p, q in cells
+
+
+def _compare_dense(check: DenseCheck, an: Analysis, dense, wanted, rtol: float) -> None:
+    shown = "x".join(map(str, check.larger_size))
+    for result, tensor in zip(check.outputs, dense, strict=False):
+        reference = wanted[result.name]
+        largest = float(reference.abs().max()) if reference.numel() else 0.0
+        result.tolerance = max(result.tolerance, rtol * max(1.0, largest))
+        result.map_size = tuple(reference.shape[2:])
+        if tensor.shape != reference.shape:
+            check.problems.append(
+                f"output {result.name!r} at {shown} has shape {tuple(tensor.shape)}, but the "
+                f"trunk's feature map holds windows for {tuple(reference.shape)}"
+            )
+            continue
+        result.dense_max_abs_diff = max_abs(tensor, reference)
+        if result.dense_max_abs_diff > result.tolerance:
+            check.problems.append(
+                f"output {result.name!r} at {shown} differs from the original head on each "
+                f"window by up to {result.dense_max_abs_diff:.3g} (tolerance "
+                f"{result.tolerance:.3g})"
+            )
+
+
+def _cell_kinds(
+    tensor: torch.Tensor, cells: OutputCells, plan: CropPlan, native, total
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The map's cells (one index per input axis) that equal their crop, and the others."""
+    geometry = cells.cells
+    counts = [tensor.shape[axis] for axis in cells.map_axes]
+    exact, other = [], []
+    for index in _grid(counts):
+        fits = all(
+            plan.exact_along(a, i, native[a], total[a], geometry.stride[a])
+            for a, i in enumerate(index)
+        )
+        (exact if fits else other).append(index)
+    return exact, other
+
+
+def _grid(counts: list[int]) -> list[tuple[int, ...]]:
+    grid: list[tuple[int, ...]] = [()]
+    for count in counts:
+        grid = [g + (i,) for g in grid for i in range(count)]
+    return grid
+
+
+def _crop_fits(index, geometry, native, total) -> bool:
+    return all(
+        i * s + n <= t for i, s, n, t in zip(index, geometry.stride, native, total, strict=True)
+    )
+
+
+def _account_crops(check, reference, big, dense, cells, plan, native, max_crops, seed) -> None:
+    total = check.larger_size
+    accounts: list[CropAccount] = []
+    sampler = random.Random(seed)
+    needed: dict[str, tuple[list, list]] = {}
+    for result, tensor, cell_map in zip(check.outputs, dense, cells, strict=True):
+        if cell_map.cells is None or plan is None:
+            reason = cell_map.unknown or "the trunk's geometry is unknown"
+            result.crops = CropAccount(math.prod(tensor.shape[2:]), None, reasons=[reason])
+            continue
+        exact, other = _cell_kinds(tensor, cell_map, plan, native, total)
+        others = [i for i in other if _crop_fits(i, cell_map.cells, native, total)]
+        picked = (_sample(exact, max_crops, sampler), _sample(others, max_crops, sampler))
+        needed[result.name] = picked
+        result.crops = CropAccount(len(exact) + len(other), len(exact), reasons=list(plan.reasons))
+        if len(other) > len(others):
+            result.crops.reasons.append(
+                f"{len(other) - len(others)} cell(s) lie where no native-size crop fits "
+                "inside the input"
+            )
+    scores = _run_crops(reference, big, needed, cells, native, check)
+    for result, tensor, cell_map in zip(check.outputs, dense, cells, strict=True):
+        if result.name not in needed:
+            accounts.append(result.crops)
+            continue
+        exact, other = needed[result.name]
+        account = result.crops
+        account.max_abs_diff_exact = _differences(tensor, cell_map, exact, scores, result.name)
+        account.max_abs_diff_other = _differences(tensor, cell_map, other, scores, result.name)
+        account.compared_exact, account.compared_other = len(exact), len(other)
+        if (account.max_abs_diff_exact or 0.0) > result.tolerance:
+            account.reasons.append(
+                f"cells fcconv expected to equal their crops differ by up to "
+                f"{account.max_abs_diff_exact:.3g}: a layer depends on the input's size in "
+                "a way fcconv does not see"
+            )
+            account.crop_exact = 0
+        accounts.append(account)
+    check.crops = CropAccount.total(accounts)
+    check.warnings.extend(_warnings(plan, cells))
+
+
+def _sample(items: list, count: int, sampler: random.Random) -> list:
+    return items if len(items) <= count else sorted(sampler.sample(items, count))
+
+
+def _start(index, geometry) -> tuple[int, ...]:
+    return tuple(i * s for i, s in zip(index, geometry.stride, strict=True))
+
+
+def _run_crops(reference, big, needed, cells, native, check) -> dict:
+    """The original model on every crop the sample needs: ``start → {name: [B, O]}``."""
+    by_name = {c.name: c for c in cells}
+    starts = sorted(
+        {
+            _start(index, by_name[name].cells)
+            for name, (exact, other) in needed.items()
+            for index in exact + other
+        }
+    )
+    if not starts:
+        return {}
+    spatial = big.dim() - len(native)
+    crops = []
+    for start in starts:
+        cut = (slice(None),) * spatial + tuple(
+            slice(s, s + n) for s, n in zip(start, native, strict=True)
+        )
+        crops.append(big[cut])
+    with running_user_code("the original model's forward"):
+        outputs = _named(reference(torch.cat(crops)))
+    batch = big.shape[0]
+    return {
+        start: {name: tensor[k * batch : (k + 1) * batch] for name, tensor in outputs.items()}
+        for k, start in enumerate(starts)
+    }
+
+
+def _differences(tensor, cell_map, indices, scores, name) -> float | None:
+    if not indices:
+        return None
+    largest = 0.0
+    for index in indices:
+        position = [slice(None), slice(None)] + [0] * (tensor.dim() - 2)
+        for axis, i in enumerate(index):
+            position[cell_map.map_axes[axis]] = i
+        cell = tensor[tuple(position)]
+        crop = scores[_start(index, cell_map.cells)][name].reshape(cell.shape)
+        largest = max(largest, max_abs(cell, crop))
+    return largest
+
+
+def _warnings(plan: CropPlan | None, cells: list[OutputCells]) -> list[str]:
+    if plan is None:
+        reason = next((c.unknown for c in cells if c.unknown), "")
+        return [
+            "warning: fcconv cannot tell which cells of the dense map equal the model run "
+            f"on their crop: {reason}"
         ]
-    )
-    scores = reference(crops).reshape(len(cells), big.shape[0], -1)
-    expected = torch.stack([dense[:, :, p, q] for p, q in cells])
-    check.crops_compared = len(cells)
-    check.crop_max_abs_diff = _max_abs(scores, expected)
-    where = (
-        f"running the whole original model on each {native[0]}x{native[1]} crop "
-        f"(windows {spacing[0]}x{spacing[1]} pixels apart)"
-    )
-    if check.crop_max_abs_diff <= check.tolerance:
-        check.crop_note = f"{where} gives the same scores as the dense map"
-        return
-    padded = _padding_layers(trunk)
-    if padded:
-        shown = ", ".join(padded[:3]) + (", …" if len(padded) > 3 else "")
-        check.crop_note = (
-            f"{where} differs from the dense map by up to {check.crop_max_abs_diff:.3g}, "
-            f"as expected: the trunk pads ({shown}), so a crop sees zeros at its own "
-            "borders where the whole input has real pixels, and the cells near each "
-            "crop's border differ; the dense map is the original head on every window "
-            "of the whole input's feature map, as verified above"
-        )
-    else:
-        check.crop_note = (
-            f"{where} differs from the dense map by up to {check.crop_max_abs_diff:.3g}; "
-            "the trunk does not pad, so a layer whose output depends on the input size "
-            "(or pooling that does not align with the window stride) makes crops see "
-            "other feature maps than the whole input"
-        )
+    if plan.interior_exact:
+        return []
+    shown = "; ".join(plan.reasons[:3]) + ("; …" if len(plan.reasons) > 3 else "")
+    return [
+        "warning: the dense map is not the model run on each crop: at the native size "
+        f"{shown}; so every cell away from the input's borders differs from the model run "
+        "on its crop, which sees padding or a cut-off window where the whole input has "
+        "real values; each cell is the original head on its window of the whole input's "
+        "feature map"
+    ]

@@ -1,31 +1,38 @@
 """Writing a converted model: a ``torch.export`` program (``.pt2``) or its state dict.
 
-Both are written atomically; an existing file is kept unless ``force``.
+Both are written atomically; an existing file is kept unless ``force``. The
+program carries fcconv's facts (the native size, and each output's
+coordinate map) as the extra file ``fcconv.json``::
+
+    extra = {"fcconv.json": ""}
+    program = torch.export.load("dense.pt2", extra_files=extra)
+    facts = json.loads(extra["fcconv.json"])  # facts["outputs"][0]["cells"]["stride"]
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
-from fcconv.errors import ConvolutionalizeError
-from fcconv.fcn.analyse import (
-    _eval_mode,
-    _first_line,
-    _infer_channels,
-    _model_dtype_device,
-    _size_pair,
-    _trace,
-)
-from fcconv.fcn.check import _max_abs
+from fcconv.errors import ConvolutionalizeError, SpecError
+from fcconv.fcn.analyse import size_tuple
+from fcconv.fcn.check import max_abs
 from fcconv.fcn.results import ExportInfo
+from fcconv.fcn.trace import InputLayout, first_layer, model_dtype_device, running_eval
 from fcconv.io.atomic import atomic_output, check_output_path
+
+METADATA = "fcconv.json"
+"""The extra file of a ``.pt2`` that holds fcconv's facts about the program."""
+
+_AXIS_LABELS = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
 def _backed_size_oblivious() -> contextlib.AbstractContextManager[Any]:
@@ -55,14 +62,14 @@ def _finite(value: Any) -> int | None:
 
 
 def _input_ranges(
-    program: torch.export.ExportedProgram,
+    program: torch.export.ExportedProgram, layout: InputLayout
 ) -> dict[str, tuple[int | None, int | None]]:
     user_input = program.graph_signature.user_inputs[0]
     node = next(n for n in program.graph.nodes if n.name == user_input)
     ranges: dict[str, tuple[int | None, int | None]] = {}
-    for label, size in zip(
-        ("batch", "channels", "height", "width"), node.meta["val"].shape, strict=False
-    ):
+    channel = () if layout.channels is None else ("channels",)
+    labels = ("batch", *channel, *_AXIS_LABELS[layout.ndim])
+    for label, size in zip(labels, node.meta["val"].shape, strict=False):
         if isinstance(size, torch.SymInt):
             bounds = program.range_constraints.get(size.node.expr)
             low = _finite(bounds.lower) if bounds is not None else None
@@ -73,12 +80,17 @@ def _input_ranges(
     return ranges
 
 
-def _probe_shapes(example: torch.Tensor, native: tuple[int, int] | None) -> list[tuple[int, ...]]:
-    """Input shapes an exported program must accept: native (a 1×1 map), odd sizes, batch 1."""
-    batch, channels, height, width = example.shape
-    shapes = [tuple(example.shape), (1, channels, height + 1, width + 3)]
+def _probe_shapes(
+    layout: InputLayout, example: torch.Tensor, native: tuple[int, ...] | None
+) -> list[tuple[int, ...]]:
+    """Input shapes an exported program must accept: native (one cell), odd sizes, batch 1."""
+    batch = example.shape[0]
+    size = tuple(example.shape[-layout.ndim :])
+    odd = tuple(n + 1 + 2 * i for i, n in enumerate(size))
+    shapes = [tuple(example.shape), layout.shape(1, odd)]
     if native is not None:
-        shapes += [(1, channels, *native), (batch + 1, channels, native[0] + 1, native[1] + 2)]
+        grown = tuple(n + 1 + i for i, n in enumerate(native))
+        shapes += [layout.shape(1, native), layout.shape(batch + 1, grown)]
     return list(dict.fromkeys(shapes))
 
 
@@ -100,12 +112,32 @@ def _rejected(
         except Exception:  # a guard of the program refused this shape
             rejected.append(shape)
             continue
-        expected = model(x)
-        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
+        pairs = list(zip(_leaves(got), _leaves(model(x)), strict=False))
+        same = len(pairs) == len(_leaves(got)) and all(
+            g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-6) for g, e in pairs
+        )
+        if not same:
             rejected.append(shape)
-        elif got.numel():
-            largest = max(largest, _max_abs(got, expected))
+        else:
+            largest = max([largest, *(max_abs(g, e) for g, e in pairs)])
     return rejected, largest
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def _layout_of(model: nn.Module, in_channels: int | None, native: Any) -> InputLayout:
+    meta = getattr(model, "meta", None)
+    recorded = meta.get("fcconv", {}) if isinstance(meta, dict) else {}
+    size = tuple(native or recorded.get("input_size") or ())
+    if "in_channels" in recorded and in_channels is None:
+        return InputLayout(recorded["in_channels"], size)
+    first = first_layer(model)
+    channels = in_channels or (first[0] if first else None)
+    if channels is None:
+        raise SpecError("cannot tell the model's input channels; give them with {channels}")
+    return InputLayout(channels, size)
 
 
 def save_exported(
@@ -118,30 +150,33 @@ def save_exported(
     batch: int = 2,
     force: bool = False,
 ) -> ExportInfo:
-    """Save ``model`` as a ``torch.export`` program with dynamic batch, height and width.
+    """Save ``model`` as a ``torch.export`` program with dynamic batch and spatial sizes.
 
     The program loads with ``torch.export.load(path).module()`` in a process
     that has none of the model's code. Export needs an example input
     (``[batch, C, *example_size]``); the sizes the program accepts are found
     by export itself from the model's arithmetic (for a VGG-style net: any
     height and width at least the native size) and returned in
-    :attr:`ExportInfo.ranges`.
+    :attr:`ExportInfo.ranges`. A model made by :func:`convolutionalize` also
+    carries its facts (native size, each output's coordinate map) into the
+    program's extra file ``fcconv.json`` (see the module's documentation).
 
     Export may add guards of its own (``size != 1`` for sizes that are not 1
     in the example, divisibility on some torch versions), so every candidate
     program is run on probe shapes (the example, the native size with its
-    1×1 map, odd sizes, batch 1) against the model; the first that accepts
-    them all is written, else the one that accepts most, and the note names
-    the shapes it refuses. Candidates: dynamic shapes with size-oblivious
-    reasoning, dynamic shapes without it, and the example's static shape.
+    single cell, odd sizes, batch 1) against the model; the first that
+    accepts them all is written, else the one that accepts most, and the
+    note names the shapes it refuses. Candidates: dynamic shapes with
+    size-oblivious reasoning, dynamic shapes without it, and the example's
+    static shape.
 
     Args:
-        model: the converted model (any ``nn.Module`` taking one NCHW tensor).
+        model: the converted model (any ``nn.Module`` taking one tensor).
         path: the ``.pt2`` file to write.
-        example_size: ``(H, W)`` of the example input; a size giving a map of
-            at least 2×2 cells is best.
+        example_size: the example input's size (``T``, ``(H, W)``, ``(D, H, W)``);
+            a size giving a map of at least 2 cells per axis is best.
         in_channels: default: recorded by :func:`convolutionalize`.
-        native_size: the native ``(H, W)``, probed; default: recorded.
+        native_size: the native size, probed; default: recorded.
         batch: the example's batch size.
         force: replace an existing file.
 
@@ -150,20 +185,17 @@ def save_exported(
     """
     target = Path(path)
     check_output_path(target, force)
-    size = _size_pair(example_size, "example_size")
-    meta = getattr(model, "meta", None)
-    recorded = meta.get("fcconv", {}) if isinstance(meta, dict) else {}
-    channels = in_channels or recorded.get("in_channels")
-    if channels is None:
-        channels = _infer_channels(_trace(model))
-    native = native_size or recorded.get("input_size")
-    native = _size_pair(tuple(native), "native_size") if native else None
-    dtype, device = _model_dtype_device(model)
+    size = size_tuple(example_size, "example_size")
+    layout = _layout_of(model, in_channels, native_size)
+    native = tuple(layout.size) or None
+    layout = InputLayout(layout.channels, native or size)
+    dtype, device = model_dtype_device(model)
     generator = torch.Generator().manual_seed(0)
-    example = torch.randn(batch, channels, *size, generator=generator, dtype=dtype).to(device)
-    shapes = _probe_shapes(example, native)
+    example = layout.example(batch, size=size, dtype=dtype, device=device, generator=generator)
+    shapes = _probe_shapes(layout, example, native)
     dynamic = torch.export.Dim.DYNAMIC
-    dims = ({0: dynamic, 2: dynamic, 3: dynamic},)
+    axes = (0, *range(example.dim() - layout.ndim, example.dim()))
+    dims = ({axis: dynamic for axis in axes},)
     candidates = [
         ("dynamic", _backed_size_oblivious, dims),
         ("dynamic", contextlib.nullcontext, dims),
@@ -171,7 +203,7 @@ def save_exported(
     ]
     best = None
     errors = []
-    with _eval_mode(model), torch.no_grad():
+    with running_eval(model), torch.no_grad():
         for kind, setting, dynamic_shapes in candidates:
             try:
                 with setting():
@@ -195,9 +227,12 @@ def save_exported(
     if rejected:
         shown = ", ".join("x".join(map(str, shape)) for shape in rejected)
         notes.append(f"the program refuses or mis-computes probe input(s) {shown}")
-    ranges = _input_ranges(program)
+    ranges = _input_ranges(program, layout)
+    meta = getattr(model, "meta", None)
+    facts = meta.get("fcconv") if isinstance(meta, dict) else None
+    extra = {METADATA: json.dumps(facts)} if facts else None
     with atomic_output(target) as temporary, open(temporary, "wb") as handle:
-        torch.export.save(program, handle)
+        torch.export.save(program, handle, extra_files=extra)
     return ExportInfo(
         path=str(target),
         dynamic=kind == "dynamic",
@@ -207,7 +242,13 @@ def save_exported(
         probed_shapes=[s for s in shapes if s not in rejected],
         rejected_shapes=rejected,
         note="; ".join(notes),
+        metadata=METADATA if extra else "",
     )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def save_state_dict(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False) -> str:

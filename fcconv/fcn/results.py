@@ -6,11 +6,15 @@ Plain dataclasses, each with ``to_dict`` for the command line's JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import fx
 
-from fcconv.geometry import Patch
+from fcconv.geometry import CellGeometry, PatchNd
+
+if TYPE_CHECKING:
+    from fcconv.fcn.cells import CropPlan, OutputCells
+    from fcconv.fcn.trace import InputLayout
 
 
 @dataclass(frozen=True)
@@ -26,52 +30,198 @@ class LayerChange:
         return {"name": self.name, "was": self.was, "now": self.now, "conv2d": self.conv2d}
 
 
+@dataclass(frozen=True)
+class OutputFacts:
+    """One output of the converted model: its feature map, order, Linear layers and cells."""
+
+    name: str
+    patch: PatchNd
+    order: str
+    order_from: str
+    linears: list[str]
+    cells_map: OutputCells
+
+    @property
+    def cells(self) -> CellGeometry | None:
+        """The input box of every cell (``cells.box(p, q)``), or None when unknown."""
+        return self.cells_map.cells
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "feature_map": {"channels": self.patch.channels, "size": list(self.patch.sizes)},
+            "order": self.order,
+            "order_from": self.order_from,
+            "linears": list(self.linears),
+            "cells": None if self.cells is None else self.cells.to_dict(),
+            "map_axes": list(self.cells_map.map_axes),
+            "cells_unknown": self.cells_map.unknown or None,
+        }
+
+
 @dataclass
 class Conversion:
     """A convolutionalized model and the facts a report needs.
 
     Attributes:
-        model: the converted ``fx.GraphModule``; output ``[B, O, H', W']``.
-        input_size: the native ``(H, W)`` the original was traced at.
-        in_channels: the input's channel count.
-        patch: the trunk's feature map at the native size (the first conv's kernel).
-        order: the flatten order derived from the trace (``chw``, ``hwc``, …).
-        order_from: how the order was derived, e.g. ``permute(0, 2, 3, 1) → reshape``.
-        stride: the first conv's stride, in feature-map cells.
-        window_stride: how far apart the windows lie in input pixels, or ``None``.
+        model: the converted ``fx.GraphModule``; each output ``[B, O, *cells]``.
+        layout: the input (channels, native size) the original was traced at.
+        tracer: ``torch.fx`` or ``torch.export`` (when fx could not trace it).
+        stride: the first convs' stride, in feature-map cells.
+        outputs: per output kept: its feature map, order and coordinate map.
+        output_names: every output the original model returns.
+        crop_plan: which borders the model reads past at the native size
+            (None when the trunk's geometry is unknown).
         changes: the head's modules, and the trunk's identity pools, before and after.
-        notes: plain-words remarks (identity pools, training mode, BatchNorm).
+        notes: plain-words remarks (size guards, identity pools, training mode).
     """
 
     model: fx.GraphModule
     model_name: str
-    input_size: tuple[int, int]
-    in_channels: int
-    patch: Patch
-    order: str
-    order_from: str
-    stride: tuple[int, int]
-    window_stride: tuple[int, int] | None
+    layout: InputLayout
+    tracer: str
+    stride: tuple[int, ...]
+    outputs: list[OutputFacts]
+    output_names: list[str]
+    crop_plan: CropPlan | None = None
     changes: list[LayerChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return self.layout.size
+
+    @property
+    def in_channels(self) -> int | None:
+        return self.layout.channels
+
+    @property
+    def patch(self) -> PatchNd:
+        """The first output's feature map (the first conv's kernel)."""
+        return self.outputs[0].patch
+
+    @property
+    def order(self) -> str:
+        return self.outputs[0].order
+
+    @property
+    def order_from(self) -> str:
+        return self.outputs[0].order_from
+
+    @property
+    def window_stride(self) -> tuple[int, ...] | None:
+        """How far apart the first output's windows lie, in input pixels."""
+        cells = self.outputs[0].cells
+        return None if cells is None else cells.stride
+
+    def recorded(self) -> dict[str, Any]:
+        """What the converted model carries in ``meta["fcconv"]`` and the ``.pt2`` metadata."""
         return {
-            "model": self.model_name,
             "input_size": list(self.input_size),
             "in_channels": self.in_channels,
-            "feature_map": {
-                "channels": self.patch.channels,
-                "height": self.patch.height,
-                "width": self.patch.width,
-            },
+            "stride": list(self.stride),
+            "outputs": [
+                {
+                    "name": o.name,
+                    "cells": None if o.cells is None else o.cells.to_dict(),
+                    "map_axes": list(o.cells_map.map_axes),
+                }
+                for o in self.outputs
+            ],
+            "selected": None
+            if [o.name for o in self.outputs] == self.output_names
+            else [o.name for o in self.outputs],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.outputs[0]
+        return {
+            "model": self.model_name,
+            "tracer": self.tracer,
+            "input_size": list(self.input_size),
+            "in_channels": self.in_channels,
+            "feature_map": {"channels": first.patch.channels, "size": list(first.patch.sizes)},
             "order": self.order,
             "order_from": self.order_from,
             "stride": list(self.stride),
             "window": list(self.input_size),
             "window_stride": None if self.window_stride is None else list(self.window_stride),
+            "outputs": [o.to_dict() for o in self.outputs],
             "changes": [c.to_dict() for c in self.changes],
             "notes": list(self.notes),
+        }
+
+
+@dataclass
+class CropAccount:
+    """Which cells equal the original model run on their native-size crop, and how far the rest are.
+
+    Attributes:
+        cells: cells of the checked map.
+        crop_exact: how many of them equal the model on their crop (None: unknown).
+        max_abs_diff_exact: the largest difference on a sample of those, in float64.
+        max_abs_diff_other: the largest difference on a sample of the others.
+        reasons: why the others differ.
+        compared_exact, compared_other: how many of each were run.
+    """
+
+    cells: int
+    crop_exact: int | None
+    max_abs_diff_exact: float | None = None
+    max_abs_diff_other: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    compared_exact: int = 0
+    compared_other: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cells": self.cells,
+            "crop_exact": self.crop_exact,
+            "max_abs_diff_exact": self.max_abs_diff_exact,
+            "max_abs_diff_other": self.max_abs_diff_other,
+            "reasons": list(self.reasons),
+            "compared": {"exact": self.compared_exact, "other": self.compared_other},
+        }
+
+    @classmethod
+    def total(cls, accounts: list[CropAccount]) -> CropAccount:
+        """All outputs' accounts summed (their worst differences, their reasons once)."""
+        exact = [a.crop_exact for a in accounts]
+        return cls(
+            cells=sum(a.cells for a in accounts),
+            crop_exact=None if None in exact else sum(exact),  # type: ignore[arg-type]
+            max_abs_diff_exact=_largest(a.max_abs_diff_exact for a in accounts),
+            max_abs_diff_other=_largest(a.max_abs_diff_other for a in accounts),
+            reasons=list(dict.fromkeys(r for a in accounts for r in a.reasons)),
+            compared_exact=sum(a.compared_exact for a in accounts),
+            compared_other=sum(a.compared_other for a in accounts),
+        )
+
+
+def _largest(values: Any) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+@dataclass
+class OutputCheck:
+    """The checks of one output: native size, every cell of the dense map, the crops."""
+
+    name: str
+    map_size: tuple[int, ...] | None = None
+    native_max_abs_diff: float | None = None
+    dense_max_abs_diff: float | None = None
+    tolerance: float = 0.0
+    crops: CropAccount | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "map_size": None if self.map_size is None else list(self.map_size),
+            "native_max_abs_diff": self.native_max_abs_diff,
+            "dense_max_abs_diff": self.dense_max_abs_diff,
+            "tolerance": self.tolerance,
+            "crops": None if self.crops is None else self.crops.to_dict(),
         }
 
 
@@ -79,25 +229,20 @@ class Conversion:
 class DenseCheck:
     """The outcome of :func:`verify_dense`; truthy when the converted model passed.
 
-    The judge runs in float64: the native-size output must equal the
-    original's, and every cell of the dense map on a larger input must equal
-    the original head applied to the corresponding window of the trunk's
-    feature map, each within ``tolerance``. The crop comparison (the whole
-    original model run on each native-size crop of the input) is reported for
-    information only: a trunk that pads sees zeros at a crop's borders where
-    the whole input has real pixels.
+    The judge runs in float64: each output at the native size must equal the
+    original's, and every cell of each output's dense map on a larger input
+    must equal the original head applied to the corresponding window of the
+    trunk's feature map, each within ``tolerance``. The crop account (the
+    whole original model run on native-size crops) says which cells also
+    equal that, and warns when no interior cell does; it never fails the check.
     """
 
-    native_size: tuple[int, int]
-    larger_size: tuple[int, int]
-    map_size: tuple[int, int] | None
-    native_max_abs_diff: float | None
-    dense_max_abs_diff: float | None
-    tolerance: float
-    window_stride: tuple[int, int] | None
-    crops_compared: int = 0
-    crop_max_abs_diff: float | None = None
-    crop_note: str = ""
+    native_size: tuple[int, ...]
+    larger_size: tuple[int, ...]
+    tolerance: float = 0.0
+    outputs: list[OutputCheck] = field(default_factory=list)
+    crops: CropAccount | None = None
+    warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -108,10 +253,21 @@ class DenseCheck:
         return self.passed
 
     @property
+    def map_size(self) -> tuple[int, ...] | None:
+        return self.outputs[0].map_size if self.outputs else None
+
+    @property
+    def native_max_abs_diff(self) -> float | None:
+        return _largest(o.native_max_abs_diff for o in self.outputs)
+
+    @property
+    def dense_max_abs_diff(self) -> float | None:
+        return _largest(o.dense_max_abs_diff for o in self.outputs)
+
+    @property
     def needed_tolerance(self) -> float | None:
         """The smallest tolerance that would have passed both equality checks."""
-        diffs = [d for d in (self.native_max_abs_diff, self.dense_max_abs_diff) if d is not None]
-        return max(diffs) if diffs else None
+        return _largest((self.native_max_abs_diff, self.dense_max_abs_diff))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,10 +280,9 @@ class DenseCheck:
             "dense_max_abs_diff": self.dense_max_abs_diff,
             "tolerance": self.tolerance,
             "needed_tolerance": self.needed_tolerance,
-            "window_stride": None if self.window_stride is None else list(self.window_stride),
-            "crops_compared": self.crops_compared,
-            "crop_max_abs_diff": self.crop_max_abs_diff,
-            "crop_note": self.crop_note,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "crops": None if self.crops is None else self.crops.to_dict(),
+            "warnings": list(self.warnings),
             "problems": list(self.problems),
         }
 
@@ -144,6 +299,7 @@ class ExportInfo:
     probed_shapes: list[tuple[int, ...]] = field(default_factory=list)
     rejected_shapes: list[tuple[int, ...]] = field(default_factory=list)
     note: str = ""
+    metadata: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,5 +310,6 @@ class ExportInfo:
             "roundtrip_max_abs_diff": self.roundtrip_max_abs_diff,
             "probed_shapes": [list(s) for s in self.probed_shapes],
             "rejected_shapes": [list(s) for s in self.rejected_shapes],
+            "metadata": self.metadata,
             "note": self.note,
         }

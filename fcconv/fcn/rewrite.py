@@ -1,8 +1,10 @@
 """Rewriting the analysed head as convolutions: :func:`convolutionalize`.
 
-The flatten is removed, identity adaptive pools are bypassed, the first
-Linear becomes ``Conv2d(C, O, (kh, kw), stride)``, every later Linear a 1×1
-conv, BatchNorm1d a BatchNorm2d, and softmax acts over the channels.
+Each flatten is removed, identity adaptive pools are bypassed, the first
+Linear of every branch becomes a conv whose kernel is its feature map
+(``Conv1d``/``Conv2d``/``Conv3d`` as the map has 1, 2 or 3 spatial axes),
+every later Linear a 1×1 conv, BatchNorm1d the BatchNorm of the map, and
+softmax acts over the channels. The outputs keep their structure.
 """
 
 from __future__ import annotations
@@ -12,53 +14,70 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from fcconv.fcn.analyse import _Analysis, _analyze, _size_pair
-from fcconv.fcn.check import _guess, window_stride
-from fcconv.fcn.ops import _module
-from fcconv.fcn.results import Conversion, LayerChange
-from fcconv.geometry import Patch, conv2d_line
-from fcconv.surgery import batchnorm1d_to_2d, linear_to_conv, replace_module
+from fcconv.errors import SpecError
+from fcconv.fcn.analyse import Analysis, analyze, stride_tuple
+from fcconv.fcn.cells import crop_plan, output_cells, trunk_geometry
+from fcconv.fcn.ops import module_of
+from fcconv.fcn.results import Conversion, LayerChange, OutputFacts
+from fcconv.geometry import PatchNd, conv2d_line, kernel_axes
+from fcconv.surgery import batchnorm1d_to_nd, linear_to_conv_nd, replace_module
 
 
-def _rewrite(an: _Analysis, stride: tuple[int, int]) -> list[LayerChange]:
+def _conv_line(kernel: PatchNd, out: int, stride: tuple[int, ...], bias: bool) -> str:
+    if kernel.ndim == 2:
+        return conv2d_line(kernel.to_patch(), out, stride, bias)  # type: ignore[arg-type]
+    return (
+        f"nn.Conv{kernel.ndim}d({kernel.channels}, {out}, kernel_size={kernel.sizes}, "
+        f"stride={tuple(stride)}, padding=0, bias={bias})"
+    )
+
+
+def _linear_change(node, module: nn.Linear, kernel: PatchNd, step: tuple[int, ...]) -> LayerChange:
+    sizes = "x".join(map(str, kernel.sizes))
+    strides = "x".join(map(str, step))
+    now = (
+        f"Conv{kernel.ndim}d({kernel.channels} → {module.out_features}, kernel {sizes}, "
+        f"stride {strides})"
+    )
+    was = f"Linear({module.in_features} → {module.out_features})"
+    line = _conv_line(kernel, module.out_features, step, module.bias is not None)
+    return LayerChange(str(node.target), was, now, line)
+
+
+def _rewrite(an: Analysis, stride: tuple[int, ...]) -> list[LayerChange]:
     gm, graph = an.gm, an.gm.graph
     changes: list[LayerChange] = []
-    consumer = an.pre_ops[0] if an.pre_ops else an.chain[0][0]
-    consumer.replace_input_with(an.flatten, an.source)
+    site_of = {o.linears[0]: o.site for o in an.outputs}
+    ndim = an.sites[0].patch.ndim
+    for site in an.sites:
+        site.node.replace_all_uses_with(site.source)
     for node in an.pools:
-        module = _module(gm, node)
+        module = module_of(gm, node)
         was = repr(module) if module is not None else node.name
         changes.append(LayerChange(str(node.target) if module else node.name, was, "identity"))
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
-    patch = an.patch
-    for index, (node, kind) in enumerate(an.chain):
-        module = _module(gm, node)
+    for node, kind in an.head.items():
+        module = module_of(gm, node)
         if kind == "linear":
-            first = index == 0
-            kernel = patch if first else Patch(1, 1, module.in_features)
-            step = stride if first else (1, 1)
-            conv = linear_to_conv(module, kernel, an.order if first else "chw", step)
-            replace_module(gm, node.target, conv, inplace=True)
-            line = conv2d_line(kernel, module.out_features, step, module.bias is not None)
-            was = f"Linear({module.in_features} → {module.out_features})"
-            now = (
-                f"Conv2d({kernel.channels} → {module.out_features}, kernel "
-                f"{kernel.height}x{kernel.width}, stride {step[0]}x{step[1]})"
-            )
-            changes.append(LayerChange(str(node.target), was, now, line))
+            site = site_of.get(node)
+            kernel = site.patch if site else PatchNd((1,) * ndim, module.in_features)
+            step = stride if site else (1,) * ndim
+            order = site.order if site else kernel_axes(ndim)
+            replace_module(gm, node.target, linear_to_conv_nd(module, kernel, order, step), True)
+            changes.append(_linear_change(node, module, kernel, step))
         elif kind == "batchnorm":
-            twin = batchnorm1d_to_2d(module)
+            twin = batchnorm1d_to_nd(module, ndim)
             replace_module(gm, node.target, twin, inplace=True)
             changes.append(LayerChange(str(node.target), repr(module), repr(twin)))
         elif kind == "softmax":
-            if module is not None:
+            if module is not None and module.dim != 1:
                 twin = type(module)(dim=1)
                 replace_module(gm, node.target, twin, inplace=True)
                 changes.append(LayerChange(str(node.target), repr(module), repr(twin)))
-            elif len(node.args) > 1:
+            elif module is None and len(node.args) > 1:
                 node.update_arg(1, 1)
-            else:
+            elif module is None:
                 node.update_kwarg("dim", 1)
     graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -67,14 +86,13 @@ def _rewrite(an: _Analysis, stride: tuple[int, int]) -> list[LayerChange]:
     return changes
 
 
-def _notes_for(an: _Analysis, model: nn.Module) -> list[str]:
+def _notes_for(an: Analysis, model: nn.Module) -> list[str]:
     notes = list(an.notes)
-    kinds = {kind for _, kind in an.chain}
-    if "batchnorm" in kinds:
+    if "batchnorm" in an.head.values():
         notes.append(
-            "BatchNorm1d became BatchNorm2d with the same parameters and running "
-            "statistics: in eval mode they agree cell by cell; in training mode "
-            "BatchNorm2d would also average over the map's cells"
+            "BatchNorm1d became the map's BatchNorm with the same parameters and running "
+            "statistics: in eval mode they agree cell by cell; in training mode it would "
+            "also average over the map's cells"
         )
     if any(module.training for module in model.modules()):
         notes.append(
@@ -92,48 +110,60 @@ def convolutionalize_detailed(
     layers: Sequence[str] | None = None,
     stride: Sequence[int] | int | None = None,
     in_channels: int | None = None,
+    outputs: Sequence[str] | None = None,
     inplace: bool = False,
 ) -> Conversion:
     """Like :func:`convolutionalize`, returning the model with a report of what changed.
 
-    The model in the report is returned in eval mode, as for inference; call
-    ``.train()`` to change it.
+    The report holds, per output, its coordinate map (``Conversion.outputs[i].cells``,
+    a :class:`~fcconv.geometry.CellGeometry`) and which borders the model
+    reads past at the native size (``Conversion.crop_plan``).
 
     Raises:
-        UntraceableModelError: ``torch.fx`` cannot trace the model.
-        ConvolutionalizeError: the head has a layer without a convolutional
-            twin, or the flatten is not directly before the first Linear.
-        LayerError: ``layers`` names something that is not a Linear of the head.
+        UntraceableModelError: neither ``torch.fx`` nor ``torch.export`` can trace it.
+        ConvolutionalizeError: a head layer has no convolutional twin, or the
+            flatten is not directly before the first Linear.
+        LayerError: ``layers`` or ``outputs`` name something the head does not hold.
         SpecError: the model does not run at ``input_size``.
+        UserCodeError: the model's code raised.
     """
-    step = _size_pair(1 if stride is None else stride, "stride")
     working = model if inplace else copy.deepcopy(model)
-    an = _analyze(working, input_size, layers, in_channels)
+    an = analyze(working, input_size, layers, in_channels, outputs)
+    ndim = an.sites[0].patch.ndim
+    if any(site.patch.ndim != ndim for site in an.sites):
+        raise SpecError("the head's flattens read feature maps of different dimensions")
+    step = stride_tuple(stride, ndim)
+    geometry = trunk_geometry(an)
+    maps = {m.name: m for m in output_cells(an, geometry, step)}
+    plan = crop_plan(an, geometry)
     notes = _notes_for(an, working)
+    facts = [
+        OutputFacts(
+            name=o.name,
+            patch=o.site.patch,
+            order=o.site.order,
+            order_from=o.site.order_from,
+            linears=[str(n.target) for n in o.linears],
+            cells_map=maps[o.name],
+        )
+        for o in an.outputs
+    ]
     changes = _rewrite(an, step)
     converted = an.gm.eval()
-    converted.meta["fcconv"] = {
-        "input_size": list(an.input_size),
-        "in_channels": an.in_channels,
-        "patch": [an.patch.height, an.patch.width, an.patch.channels],
-        "order": an.order,
-        "stride": list(step),
-    }
-    return Conversion(
+    conversion = Conversion(
         model=converted,
         model_name=type(model).__name__,
-        input_size=an.input_size,
-        in_channels=an.in_channels,
-        patch=an.patch,
-        order=an.order,
-        order_from=an.order_from,
+        layout=an.layout,
+        tracer=an.tracer,
         stride=step,
-        window_stride=window_stride(
-            converted, an.input_size, an.in_channels, _guess(an.input_size, an.patch, step)
-        ),
+        outputs=facts,
+        output_names=an.output_names,
+        crop_plan=plan,
         changes=changes,
         notes=notes,
     )
+    converted.meta["fcconv"] = conversion.recorded()
+    return conversion
 
 
 def convolutionalize(
@@ -143,36 +173,39 @@ def convolutionalize(
     layers: Sequence[str] | None = None,
     stride: Sequence[int] | int | None = None,
     in_channels: int | None = None,
+    outputs: Sequence[str] | None = None,
     inplace: bool = False,
 ) -> nn.Module:
-    """Turn a classifier's ``flatten → Linear → … → Linear`` head into convolutions.
+    """Turn a model's ``flatten → Linear → …`` head(s) into convolutions.
 
-    The model is traced with ``torch.fx`` and run once at ``input_size`` to
-    learn the shapes. The flatten feeding the first Linear (``nn.Flatten``,
-    ``torch.flatten``, ``x.view(x.size(0), -1)``, ``reshape``, after any
-    ``permute``/``transpose``) gives the patch and the flatten order, so the
-    user never states them. The flatten is removed; the first Linear becomes
-    a Conv2d whose kernel is the feature map's size, each later Linear a 1×1
-    conv; ReLU & co., Dropout, BatchNorm1d (as BatchNorm2d) and Softmax over
-    the class dimension are carried. Adaptive pools that are the identity at
-    the native size are removed.
+    The model is traced with ``torch.fx`` (``torch.export`` when fx fails) and
+    run once at ``input_size`` to learn the shapes. The flatten feeding each
+    head (``nn.Flatten``, ``torch.flatten``, ``x.view(x.size(0), -1)``,
+    ``reshape``, after any ``permute``/``transpose``) gives the patch and the
+    flatten order, so the user never states them. The flatten is removed; the
+    first Linear of each branch becomes a conv whose kernel is the feature
+    map, each later Linear a 1×1 conv; ReLU & co., PReLU, Dropout,
+    BatchNorm1d and Softmax over the class dimension are carried. Heads that
+    fan out into several outputs (a tuple, list or dict, nested) are
+    converted together and keep the output's structure. Adaptive pools that
+    are the identity at the native size are removed.
 
     Args:
-        model: the classifier; not modified unless ``inplace``.
-        input_size: the native ``(H, W)`` (or one int for square inputs).
-        layers: names of the head's Linear layers; the first one named must be
-            fed by the flatten. Default: the first Linear that is.
-        stride: the first conv's stride in feature-map cells; default 1 (a
+        model: the model; not modified unless ``inplace``.
+        input_size: the native size: ``T`` (1-D), ``(H, W)`` (one int: square)
+            or ``(D, H, W)``.
+        layers: names of head Linear layers, checked to be in the head.
+        stride: the first convs' stride in feature-map cells; default 1 (a
             window at every offset of the feature map).
         in_channels: the input's channels; default: the first conv's.
-        inplace: reuse the model's modules instead of copying them; the trunk
-            then shares its parameters with the original (and is put in eval
-            mode with the result).
+        outputs: keep only these outputs (names as ``0``, ``boxes``,
+            ``out.landmarks``); one name returns that tensor alone.
+        inplace: reuse the model's modules instead of copying them.
 
     Returns:
-        An ``fx.GraphModule`` whose output on a ``[B, C, H, W]`` input is the
-        map ``[B, O, H', W']`` of the original head on every window, returned
-        in eval mode, as for inference; call ``.train()`` to change it.
+        An ``fx.GraphModule`` whose every output on a larger input is the map
+        ``[B, O, *cells]`` of the original head on every window, returned in
+        eval mode, as for inference; call ``.train()`` to change it.
 
     Example:
         >>> import torch
@@ -188,5 +221,6 @@ def convolutionalize(
         layers=layers,
         stride=stride,
         in_channels=in_channels,
+        outputs=outputs,
         inplace=inplace,
     ).model

@@ -1,10 +1,10 @@
-"""The whole-model job for people: the model's facts, the head before and after, the checks."""
+"""The whole-model job for people: the model's facts, each output's cells, the head, the checks."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fcconv.report import size, table, text
+from fcconv.report import num, table, text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -22,28 +22,76 @@ def _range(bounds: tuple[int | None, int | None]) -> str:
     return f"{low}…{high if high is not None else '∞'}"
 
 
+def _sizes(values: Any) -> str:
+    return "?" if values is None else "x".join(str(v) for v in values)
+
+
+def _input(conversion: Any) -> str:
+    layout = conversion.layout
+    if layout.channels is None:
+        return f"{_sizes(layout.size)} (no channel axis)"
+    return f"{_sizes(layout.size)} × {layout.channels} channels"
+
+
+def _cells(output: Any) -> str:
+    cells = output.cells
+    if cells is None:
+        return f"unknown: {output.cells_map.unknown}"
+    return (
+        f"offset {_sizes(cells.offset)}, stride {_sizes(cells.stride)}, "
+        f"window {_sizes(cells.window)}"
+    )
+
+
+def _crops(account: Any) -> str:
+    if account is None:
+        return "not compared"
+    if account.crop_exact is None:
+        return f"{account.cells} cells; which equal their crop is unknown"
+    text = f"{account.crop_exact} of {account.cells} cells equal the model on their crop"
+    if account.compared_exact:
+        text += f" (max |Δ| {num(account.max_abs_diff_exact)} on {account.compared_exact} run)"
+    if account.compared_other:
+        text += (
+            f"; the others differ by up to {num(account.max_abs_diff_other)} "
+            f"({account.compared_other} run)"
+        )
+    return text
+
+
+def _outputs_table(conversion: Any, check: Any) -> Any:
+    from rich.table import Table
+
+    checks = {o.name: o for o in check.outputs}
+    outputs = Table(title=text("outputs: each cell's input box and its crop"), title_justify="left")
+    for column in ("output", "feature map", "order", "cells (input coordinates)", "map", "crops"):
+        outputs.add_column(column)
+    for output in conversion.outputs:
+        checked = checks.get(output.name)
+        outputs.add_row(
+            text(output.name),
+            text(output.patch.describe()),
+            text(output.order),
+            text(_cells(output)),
+            text(_sizes(checked.map_size) if checked else "?"),
+            text(_crops(checked.crops) if checked else "?"),
+        )
+    return outputs
+
+
 def render_convolutionalize(console: Console, result: ConvolutionalizeResult) -> None:
-    """The model's facts, its head before and after, the verification, what was written."""
+    """The model's facts, its outputs' cells, the head before and after, the checks, the files."""
     from rich.table import Table
 
     conversion, check, exported = result.conversion, result.verification, result.export
-    patch = conversion.patch
     facts = [
-        ("model", conversion.model_name),
-        ("native input", f"{size(conversion.input_size)} × {conversion.in_channels} channels"),
-        (
-            "feature map / patch",
-            f"{patch.channels} × {patch.height} × {patch.width} (HxWxC {patch})",
-        ),
-        ("order", f"{conversion.order} (from {conversion.order_from})"),
-        (
-            "stride",
-            f"{size(conversion.stride)} feature-map cells = windows "
-            f"{size(conversion.window_stride)} input pixels apart, each "
-            f"{size(conversion.input_size)}",
-        ),
+        ("model", f"{conversion.model_name} (traced with {conversion.tracer})"),
+        ("native input", _input(conversion)),
+        ("stride", f"{_sizes(conversion.stride)} feature-map cells"),
+        ("outputs", ", ".join(o.name for o in conversion.outputs)),
     ]
     console.print(table(text(f"fcconv convolutionalize {result.model}"), facts))
+    console.print(_outputs_table(conversion, check))
 
     layers = Table(title="layers")
     for column in ("name", "was", "now"):
@@ -58,29 +106,25 @@ def render_convolutionalize(console: Console, result: ConvolutionalizeResult) ->
             console.print(text(f"  {name}: {line}"))
 
     rows = [
+        ("native size", f"{_sizes(check.native_size)}: max |Δ| {num(check.native_max_abs_diff)}"),
         (
-            "native size",
-            "?"
-            if check.native_max_abs_diff is None
-            else f"{size(check.native_size)}: max |Δ| {check.native_max_abs_diff:.3g}",
+            "dense maps",
+            f"{_sizes(check.larger_size)} input: max |Δ| {num(check.dense_max_abs_diff)} vs the "
+            "original head on each window, every cell of every output",
         ),
-        (
-            "dense map",
-            "?"
-            if check.dense_max_abs_diff is None
-            else f"{size(check.larger_size)} → {size(check.map_size)} map: max |Δ| "
-            f"{check.dense_max_abs_diff:.3g} vs the original head on each window",
-        ),
-        ("tolerance", f"{check.tolerance:.3g}"),
+        ("tolerance", num(check.tolerance)),
     ]
-    if check.crop_note:
-        rows.append(("whole model on crops", check.crop_note))
+    if check.crops is not None:
+        rows.append(("whole model on crops", _crops(check.crops)))
+        rows.extend(("  because", reason) for reason in check.crops.reasons[:6])
     verdict = "equivalent" if check else "DIFFERENT: " + "; ".join(check.problems)
     rows.append(("result", verdict))
     console.print(table(text("verification (float64)"), rows))
 
     for note in conversion.notes:
         console.print(text(f"note: {note}"))
+    for warning in check.warnings:
+        console.print(text((warning, "bold yellow")))
     if exported is not None:
         ranges = ", ".join(f"{k} {_range(v)}" for k, v in exported.ranges.items())
         kind = "dynamic" if exported.dynamic else "static"
