@@ -10,7 +10,7 @@ from typing import Any
 from fcconv.api.checkpoints import Size, pair
 from fcconv.errors import SpecError
 from fcconv.geometry import parse_size, parse_stride
-from fcconv.io.atomic import STDIO, check_output_path
+from fcconv.io.atomic import STDIO, check_output_path, inputs_protected
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ConvolutionalizeResult:
         }
 
 
+@inputs_protected("model")
 def convolutionalize_file(
     model: str | Path,
     output: str | Path,

@@ -6,6 +6,7 @@ Both are written atomically; an existing file is kept unless ``force``.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,8 +197,12 @@ def save_exported(
         shown = ", ".join("x".join(map(str, shape)) for shape in rejected)
         notes.append(f"the program refuses or mis-computes probe input(s) {shown}")
     ranges = _input_ranges(program)
-    with atomic_output(target) as temporary, open(temporary, "wb") as handle:
-        torch.export.save(program, handle)
+    # Serialized in memory first: torch.export.save aborts the process when the disk
+    # fills under it; a failed write of the bytes is an OSError the guard reports.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with atomic_output(target, force=force) as temporary, open(temporary, "wb") as handle:
+        handle.write(buffer.getbuffer())
     return ExportInfo(
         path=str(target),
         dynamic=kind == "dynamic",
@@ -219,7 +224,7 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike[str], *, force: bo
     target = Path(path)
     check_output_path(target, force)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_output(target) as temporary:
+    with atomic_output(target, force=force) as temporary:
         if target.suffix == ".safetensors":
             from safetensors.torch import save
 
