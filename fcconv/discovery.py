@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import LayerError
 from fcconv.geometry import (
+    DEFAULT_ORDER,
     ORDERS,
     Patch,
     PatchSpec,
@@ -29,6 +30,7 @@ from fcconv.plan import (
     LayerPlan,
     LayerRequest,
     TensorInfo,
+    check_convertible,
     describe,
     layer_stride,
     linear_entries,
@@ -114,6 +116,7 @@ def plan_verification(
         if name not in entries:
             raise LayerError(f"{name} is not Linear-shaped in {source}; nothing to verify")
         entry = entries[name]
+        check_convertible(name, info[entry.weight_key])
         if entry.weight_key not in pairs:
             shape = (
                 tuple(converted[entry.weight_key].shape) if entry.weight_key in converted else None
@@ -161,6 +164,8 @@ def _claimed_order(
         return order, f"{name}: order {order} as given"
     if record.get("order") in ORDERS:
         return record["order"], f"{name}: order {record['order']} from the file's metadata"
+    if weight.numel() == 0:
+        return DEFAULT_ORDER, f"{name}: the weight is empty, so every order maps it; checked as chw"
     matches = matching_orders(weight, kernel)
     if not matches:
         closest = closest_order(weight, kernel)
