@@ -116,7 +116,8 @@ def plan_verification(
         if name not in entries:
             raise LayerError(f"{name} is not Linear-shaped in {source}; nothing to verify")
         entry = entries[name]
-        check_convertible(name, info[entry.weight_key])
+        bias = info.get(entry.bias_key) if entry.bias_key else None
+        check_convertible(name, info[entry.weight_key], bias)
         if entry.weight_key not in pairs:
             shape = (
                 tuple(converted[entry.weight_key].shape) if entry.weight_key in converted else None

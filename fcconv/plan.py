@@ -290,7 +290,6 @@ def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> Lin
             "fcconv converts 2-D Linear weights [out, in]; pick a Linear layer "
             f"(fcconv inspect {source} lists them)"
         )
-    check_convertible(name, weight)
     bias = info.get(param_key(name, "bias"))
     out_features = weight.shape[0]
     if bias is not None and bias.shape != (out_features,):
@@ -298,17 +297,25 @@ def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> Lin
             f"{name}.bias has shape {tuple(bias.shape)} but {name}.weight has "
             f"{out_features} rows; this is not a Linear layer's bias"
         )
+    check_convertible(name, weight, bias)
     entry = next(e for e in linear_entries(info) if e.name == name)
     return entry
 
 
-def check_convertible(name: str, weight: TensorInfo) -> None:
+def check_convertible(name: str, weight: TensorInfo, bias: TensorInfo | None = None) -> None:
     """Refuse a Linear-shaped weight that has nothing fcconv can convert (or verify).
 
     Raises:
-        LayerError: an integer, boolean, quantized or sparse weight, or one with
-            no input features (no patch has zero elements).
+        LayerError: an integer, boolean, quantized or sparse weight, one with
+            no input features (no patch has zero elements), or a bias of
+            another dtype or layout than the weight (no Linear computes that).
     """
+    if bias is not None and (bias.dtype, bias.layout) != (weight.dtype, weight.layout):
+        raise LayerError(
+            f"{name}.bias is {bias.kind} but {name}.weight is {weight.kind}; a Linear layer's "
+            "bias has its weight's dtype, so this is not one",
+            layer=name,
+        )
     if not weight.floating:
         raise LayerError(
             f"{name}.weight is {weight.kind}; fcconv converts dense floating-point weights "

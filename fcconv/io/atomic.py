@@ -456,6 +456,7 @@ def atomic_output(
     target = Path(target)
     sources = tuple(sources)
     folder = _parent(target)
+    existed = probe(target, follow=False) is not None
     try:
         handle, name = tempfile.mkstemp(
             prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=folder
@@ -469,7 +470,7 @@ def atomic_output(
         os.chmod(temporary, 0o666 & ~_umask())
         yield temporary
         _fsync(temporary)
-        check_output_path(target, force, sources)
+        _check_again(target, force, sources, existed, folder=False)
         _move_into_place(temporary, target, force)
         fsync_folder(folder)
     except OSError as error:
@@ -478,6 +479,15 @@ def atomic_output(
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _check_again(
+    target: Path, force: bool, sources: tuple[str | Path, ...], existed: bool, folder: bool
+) -> None:
+    """The output checks once more, just before the move: the target may have changed."""
+    if not force and not existed and probe(target, follow=False) is not None:
+        raise _appeared(target)
+    (check_output_folder if folder else check_output_path)(target, force, sources)
 
 
 def _move_into_place(source: Path, target: Path, force: bool) -> None:
@@ -562,15 +572,20 @@ def _renameat2():  # noqa: ANN202 - a ctypes function or None
 
 
 def install_folder(
-    building: Path, target: Path, force: bool, sources: Iterable[str | Path] = ()
+    building: Path,
+    target: Path,
+    force: bool,
+    sources: Iterable[str | Path] = (),
+    existed: bool = True,
 ) -> None:
     """Move the finished folder ``building`` onto ``target``, checking the target again.
 
     Without ``force`` the target must still not exist. With it, an existing
     target (a folder fcconv wrote, checked again now) is first renamed
-    aside, then removed once the new folder is in place.
+    aside, then removed once the new folder is in place. ``existed`` says
+    whether the target was there when the work began.
     """
-    check_output_folder(target, force, sources)
+    _check_again(target, force, tuple(sources), existed, folder=True)
     if probe(target, follow=False) is None:
         try:
             rename_noreplace(building, target)

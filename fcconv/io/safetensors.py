@@ -218,7 +218,15 @@ class _NegativeZero(int):
 
 
 def _integer(text: str) -> int:
-    return _NegativeZero(0) if text == "-0" else int(text)
+    if text == "-0":
+        return _NegativeZero(0)
+    value = int(text)
+    if value.bit_length() > 1000:  # serde_json reads it as a float: beyond f64 it refuses
+        try:
+            float(value)
+        except OverflowError:
+            raise _NotStrictJson(f"number {text[:20]}... is out of range") from None
+    return value
 
 
 def _load_json(path: Path, text: str) -> dict[str, Any]:

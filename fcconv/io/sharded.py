@@ -303,6 +303,7 @@ def convert_sharded(
         sizes[shard] = len(new_header) + header.data_bytes
     inputs = (checkpoint.folder, checkpoint.index_path)
     check_output_folder(target, force, inputs)
+    existed = probe(target, follow=False) is not None
 
     total = sum(sizes.values()) + checkpoint.index_path.stat().st_size
     done = 0
@@ -341,7 +342,7 @@ def convert_sharded(
             check(load_index(index))
         mark_folder(building, [*checkpoint.shards, checkpoint.index_path.name])
         _fsync_folders(building, {p.parent for p in building.rglob("*")})
-        install_folder(building, target, force, inputs)
+        install_folder(building, target, force, inputs, existed)
     except OSError as error:
         shutil.rmtree(building, ignore_errors=True)
         raise CheckpointError(describe_os_error(error, target)) from error

@@ -99,13 +99,16 @@ def is_terminal(descriptor: int) -> bool:
 # ------------------------------------------------------------------- stdin
 
 
-def read_stdin(limit: int = MAX_STDIN_BYTES) -> bytes:
+def read_stdin(limit: int | None = None) -> bytes:
     """The checkpoint on stdin: a regular file whole, a pipe up to ``limit`` bytes.
+
+    ``limit`` defaults to :data:`MAX_STDIN_BYTES`.
 
     Raises:
         CheckpointError: stdin is closed, a terminal or a device, or a pipe
             holding more than ``limit`` bytes.
     """
+    limit = MAX_STDIN_BYTES if limit is None else limit
     if was_closed(STDIN) or sys.stdin is None:
         raise CheckpointError("stdin is closed; pipe a checkpoint into fcconv or give its path")
     real = _real_descriptor(STDIN)
@@ -138,9 +141,7 @@ def _read_descriptor(descriptor: int, size: int) -> bytes:
             raise CheckpointError(f"cannot read stdin: {error.strerror}; give a path") from None
 
 
-def _read_bounded(
-    read: Callable[[int], bytes], bound: int | None, limit: int = MAX_STDIN_BYTES
-) -> bytes:
+def _read_bounded(read: Callable[[int], bytes], bound: int | None, limit: int) -> bytes:
     """Everything ``read`` gives, refused once it passes ``bound`` (None: no bound)."""
     chunks: list[bytes] = []
     total = 0
