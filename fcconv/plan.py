@@ -310,12 +310,6 @@ def check_convertible(name: str, weight: TensorInfo, bias: TensorInfo | None = N
             no input features (no patch has zero elements), or a bias of
             another dtype or layout than the weight (no Linear computes that).
     """
-    if bias is not None and (bias.dtype, bias.layout) != (weight.dtype, weight.layout):
-        raise LayerError(
-            f"{name}.bias is {bias.kind} but {name}.weight is {weight.kind}; a Linear layer's "
-            "bias has its weight's dtype, so this is not one",
-            layer=name,
-        )
     if not weight.floating:
         raise LayerError(
             f"{name}.weight is {weight.kind}; fcconv converts dense floating-point weights "
@@ -326,6 +320,12 @@ def check_convertible(name: str, weight: TensorInfo, bias: TensorInfo | None = N
         raise LayerError(
             f"{name}.weight has shape {tuple(weight.shape)}: a Linear without inputs has no "
             "patch to convert; pick another layer",
+            layer=name,
+        )
+    if bias is not None and (bias.dtype, bias.layout) != (weight.dtype, weight.layout):
+        raise LayerError(
+            f"{name}.bias is {bias.kind} but {name}.weight is {weight.kind}; a Linear layer's "
+            "bias has its weight's dtype, so this is not one",
             layer=name,
         )
 
