@@ -37,6 +37,7 @@ PARAMETERS = (
     "order",
     "output",
     "patch",
+    "seed",
     "stride",
     "trust_pickle",
 )
@@ -55,6 +56,7 @@ LIBRARY_NAMES: Mapping[str, str] = {
     "order": "order=",
     "output": "output path",
     "patch": "patch=",
+    "seed": "seed=",
     "stride": "stride=",
     "trust_pickle": "trust_pickle=True",
 }
@@ -73,6 +75,7 @@ CLI_NAMES: Mapping[str, str] = {
     "order": "--order",
     "output": "-o",
     "patch": "--patch",
+    "seed": "--seed",
     "stride": "--stride",
     "trust_pickle": "--trust-pickle",
 }

@@ -283,3 +283,43 @@ def test_file_names_over_255_bytes(tmp_path: Path, samples: Path, invoke, monkey
     fits = "a" * 250 + ".pt"  # 253 bytes: fits, and so must its temporary name
     invoke(*args, "-o", fits, exit=0)
     assert sorted(os.listdir(tmp_path)) == [fits]
+
+
+def test_a_seed_torch_cannot_take(invoke, samples: Path) -> None:
+    seed_fc = samples / "seed_fc.pt"
+    result = invoke("verify", seed_fc, seed_fc, "--seed", str(10**30), exit=2)
+    assert "--seed" in result.stderr and "out of range" in result.stderr
+
+
+@pytest.mark.parametrize("key", ["data_offsets", "data\\u005foffsets"], ids=["plain", "escaped"])
+def test_more_tensors_than_any_checkpoint_holds(tmp_path: Path, monkeypatch, key: str) -> None:
+    """A 100 MB header of tiny entries would take gigabytes in Python: refused, before or after
+    parsing (escaped keys cannot hide the count of objects)."""
+    import fcconv.io.safetensors as safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "MAX_TENSORS", 50)
+    entries = ",".join(f'"t{i}": {{"dtype": "F32", "shape": [0], "{key}": [0, 0]}}'
+                       for i in range(200))  # fmt: skip
+    raw = "{" + entries + "}"
+    raw += " " * (-len(raw) % 8)
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw.encode())
+    with pytest.raises(CheckpointError, match="more than 50 tensors"):
+        inspect_checkpoint(path)
+
+
+def test_a_sharded_checkpoint_is_bounded_too(tmp_path: Path, monkeypatch) -> None:
+    import fcconv.io.sharded as sharded_io
+
+    monkeypatch.setattr(sharded_io, "MAX_TENSORS", 50)
+    for number in range(3):  # each shard alone is within the bound, all three are not
+        tensors = {f"s{number}.t{i}": torch.zeros(1) for i in range(30)}
+        save_file(tensors, str(tmp_path / f"shard{number}.safetensors"))
+    weight_map = {f"s{n}.t0": f"shard{n}.safetensors" for n in range(3)}
+    (tmp_path / "a.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="describe more than 50 tensors"):
+        load_index(tmp_path / "a.safetensors.index.json")
+    many = {f"t{i}": "shard0.safetensors" for i in range(60)}
+    (tmp_path / "b.safetensors.index.json").write_text(json.dumps({"weight_map": many}))
+    with pytest.raises(CheckpointError, match="maps more than 50 tensors"):
+        load_index(tmp_path / "b.safetensors.index.json")

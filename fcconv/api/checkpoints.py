@@ -526,6 +526,8 @@ def verify_checkpoints(
 
     if str(original) == STDIO and str(converted) == STDIO:
         raise SpecError("only one of the two checkpoints can be - (stdin)")
+    if not -(1 << 63) <= seed < 1 << 64:  # what torch's generator takes
+        raise SpecError(f"{{seed}} {seed} is out of range; give a seed below 2**64")
     order_option = parse_order_option(order) if order is not None else None
     before_source = open_source(str(original), trust_pickle=trust_pickle)
     after_source = open_source(str(converted), trust_pickle=trust_pickle)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 MAX_HEADER_BYTES = 100_000_000
 """The largest header safetensors itself accepts."""
 
+MAX_TENSORS = 1 << 18
+"""The most tensors fcconv reads in one file (262,144; real checkpoints hold a few
+thousand): a bound on the memory and time a header of up to 100 MB may take."""
+
 MAX_JSON_DEPTH = 127
 """The deepest nesting of the header's JSON that safetensors' parser (serde_json) accepts."""
 
@@ -40,6 +45,8 @@ TORCH_DIM_LIMIT = (1 << 63) - 1
 
 _DAMAGED = "the file is damaged or not safetensors; re-download or re-export it"
 _TRUNCATED = "the file is truncated or its header is wrong; re-download or re-export it"
+_TOO_MANY = "fcconv reads at most that many in one file; shard the checkpoint"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -230,7 +237,15 @@ def _integer(text: str) -> int:
 
 
 def _load_json(path: Path, text: str) -> dict[str, Any]:
-    """The header as strict JSON, refusing what safetensors' parser refuses."""
+    """The header as strict JSON, refusing what safetensors' parser refuses.
+
+    Before parsing, the count of objects bounds the work: Python holds each
+    parsed entry in about 600 bytes, so 100 MB of tiny entries would take
+    gigabytes and most of a minute; more than :data:`MAX_TENSORS` tensors are
+    refused at once.
+    """
+    if text.count("{") > 2 * MAX_TENSORS + 64:  # every entry is an object
+        raise _bad(path, f"header describes more than {MAX_TENSORS} tensors", _TOO_MANY)
     try:
         document = json.loads(
             text,
@@ -249,30 +264,38 @@ def _load_json(path: Path, text: str) -> dict[str, Any]:
         raise _bad(path, f"header is not valid JSON ({problem[:120]}{where})") from None
     if not isinstance(document, dict):
         raise _bad(path, "header is not a JSON object")
-    _check_strict(path, document)
+    if len(document) > MAX_TENSORS + 1:
+        raise _bad(path, f"header describes more than {MAX_TENSORS} tensors", _TOO_MANY)
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # else it cannot nest that deep
+        _check_depth(path, document)
+    if _SURROGATE_ESCAPE.search(text):  # decoded UTF-8 holds no surrogates: only escapes do
+        _check_surrogates(path, document)
     return document
 
 
-def _check_strict(path: Path, document: Any) -> None:
-    """No nesting deeper than safetensors accepts, no lone surrogates in strings."""
+def _containers(document: Any) -> Iterator[tuple[Any, int]]:
+    """Every list and dict in ``document`` with its depth, without recursion."""
     pending = [(document, 1)]
     while pending:
         value, depth = pending.pop()
-        if isinstance(value, dict | list):
-            if depth > MAX_JSON_DEPTH:
-                raise _bad(path, f"header nests deeper than {MAX_JSON_DEPTH} levels")
-            items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
-            for key, item in items:
-                if key is not None:
-                    _check_text(path, key)
-                pending.append((item, depth + 1))
-        elif isinstance(value, str):
-            _check_text(path, value)
+        yield value, depth
+        items = value.values() if isinstance(value, dict) else value
+        pending += [(item, depth + 1) for item in items if isinstance(item, dict | list)]
 
 
-def _check_text(path: Path, text: str) -> None:
-    if any("\ud800" <= c <= "\udfff" for c in text):
-        raise _bad(path, "header holds a lone UTF-16 surrogate (\\uD800-\\uDFFF) in a string")
+def _check_depth(path: Path, document: Any) -> None:
+    if any(depth > MAX_JSON_DEPTH for _, depth in _containers(document)):
+        raise _bad(path, f"header nests deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _check_surrogates(path: Path, document: Any) -> None:
+    for container, _ in _containers(document):
+        texts = [*container, *container.values()] if isinstance(container, dict) else container
+        for text in texts:
+            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                raise _bad(
+                    path, "header holds a lone UTF-16 surrogate (\\uD800-\\uDFFF) in a string"
+                )
 
 
 def _parse_header(path: Path, raw: bytes, data_bytes: int) -> SafetensorsHeader:

@@ -42,7 +42,13 @@ from fcconv.io.files import (
     probe,
     read_regular,
 )
-from fcconv.io.safetensors import HeaderEntry, SafetensorsHeader, read_header, read_tensors
+from fcconv.io.safetensors import (
+    MAX_TENSORS,
+    HeaderEntry,
+    SafetensorsHeader,
+    read_header,
+    read_tensors,
+)
 from fcconv.io.streaming import (
     DEFAULT_BLOCK_BYTES,
     ProgressCallback,
@@ -172,8 +178,14 @@ def load_index(path: str | Path) -> ShardedCheckpoint:
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{index_path} is not a valid index: its metadata is not an object")
 
+    if len(weight_map) > MAX_TENSORS:
+        raise CheckpointError(
+            f"{index_path} maps more than {MAX_TENSORS} tensors, more than fcconv reads in one "
+            "checkpoint; check that it is the right index"
+        )
     folder = index_path.parent
     shards: dict[str, SafetensorsHeader] = {}
+    described = 0  # tensors the shards' headers describe: bounded like the index
     for name, shard in weight_map.items():
         if shard in shards:
             continue
@@ -190,6 +202,12 @@ def load_index(path: str | Path) -> ShardedCheckpoint:
                 "incomplete: fetch the missing shard"
             )
         shards[shard] = read_header(file)  # refuses anything but a regular file
+        described += len(shards[shard].tensors)
+        if described > MAX_TENSORS:
+            raise CheckpointError(
+                f"the shards of {index_path} describe more than {MAX_TENSORS} tensors, more "
+                f"than it maps ({len(weight_map)}); {_MISMATCH}"
+            )
 
     holders: dict[str, list[str]] = {}
     for shard, header in shards.items():
