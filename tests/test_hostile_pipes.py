@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import fcconv.api
+from fcconv.io import stdio
 
 ESCAPE = "\x1b"
 
@@ -196,3 +198,29 @@ def test_differences_print_as_text(tmp_path: Path, named: Path, invoke) -> None:
     result = invoke("verify", named, out, exit=1)
     assert ESCAPE not in result.stderr and "[blink]" in result.stderr
     assert "__metadata__" in result.stderr and "differs" in result.stderr
+
+
+def test_the_guarantees_section_is_true() -> None:
+    """Every test file it names exists, and the limits it states are the code's."""
+    from fcconv import evidence, geometry, verify
+    from fcconv.io import files, safetensors
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    start = readme.index("## Guarantees\n")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    for name in set(re.findall(r"`(test_\w+\.py)`", section)):
+        assert (root / "tests" / name).is_file(), name
+    assert (root / "benchmarks" / "hostile_limits.py").is_file()
+    stated = {
+        "262,144 tensors": safetensors.MAX_TENSORS == 262_144,
+        "64 MB per index": files.MAX_INDEX_BYTES == 64 << 20,
+        "1 GiB from a pipe": stdio.MAX_STDIN_BYTES == 1 << 30,
+        "sides up to 65,536": geometry.CANDIDATE_SIDE_LIMIT == 65_536,
+        "over 4M elements": evidence.MAX_FEATURES == 1 << 22,
+        "more than 16M float64 values": verify.MAX_CHECK_ELEMENTS == 1 << 24,
+        "more than 8.6G products": round(verify.MAX_CHECK_MACS / 1e9, 1) == 8.6,
+        "beyond 127 levels": safetensors.MAX_JSON_DEPTH == 127,
+    }
+    for words, holds in stated.items():
+        assert words in section and holds, words
