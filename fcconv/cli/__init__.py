@@ -80,7 +80,7 @@ class FcconvGroup(click.Group):
             # click turns a broken pipe into exit 1, which means "different" here
             if error.errno != errno.EPIPE:
                 raise
-            stdio.silence_stdout()
+            stdio.silence()
             raise OutputError(
                 "a pipe fcconv was writing to was closed by its reader (broken pipe); the "
                 "output is incomplete"

@@ -239,25 +239,16 @@ def _refuse_existing(target: Path, status: os.stat_result, force: bool, folder: 
             "a link nor replaces it: give the real path as {output}, or remove the link",
             path=str(target),
         )
-    if folder:
-        if not stat.S_ISDIR(mode):
-            raise OutputError(
-                f"output {target} is {kind_of(mode)}; give a folder name as {{output}}",
-                path=str(target),
-            )
-        if not force:
-            raise OutputError(
-                f"output {target} already exists; pass {{force}} to replace it or choose "
-                "another {output}",
-                path=str(target),
-            )
-        _check_replaceable_folder(target)
-        return
-    if stat.S_ISDIR(mode):
+    if folder and not stat.S_ISDIR(mode):
+        raise OutputError(
+            f"output {target} is {kind_of(mode)}; give a folder name as {{output}}",
+            path=str(target),
+        )
+    if not folder and stat.S_ISDIR(mode):
         raise OutputError(
             f"output {target} is a directory; give a file name as {{output}}", path=str(target)
         )
-    if not stat.S_ISREG(mode):
+    if not folder and not stat.S_ISREG(mode):
         raise OutputError(
             f"output {target} is {kind_of(mode)}; fcconv replaces only regular files, even "
             "with {force}: choose another {output}",
@@ -269,6 +260,8 @@ def _refuse_existing(target: Path, status: os.stat_result, force: bool, folder: 
             "another {output}",
             path=str(target),
         )
+    if folder:
+        _check_replaceable_folder(target)
 
 
 def _check_folder_writable(target: Path) -> None:

@@ -189,7 +189,7 @@ def write_stdout(data: bytes | str) -> None:
                 continue
             view = view[written:]
     except OSError as error:
-        silence_stdout()
+        silence()
         raise _stdout_error(error) from None
 
 
@@ -203,11 +203,11 @@ def _stdout_error(error: OSError) -> OutputError:
     return OutputError(f"could not write to stdout: {reason}; the output is incomplete")
 
 
-def silence_stdout() -> None:
-    """Point stdout at ``/dev/null`` after it failed, so Python's exit flush cannot fail again."""
+def silence(descriptor: int = STDOUT) -> None:
+    """Point a stream at ``/dev/null`` after it failed, so Python's exit flush cannot fail again."""
     try:
         null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, STDOUT)
+        os.dup2(null, descriptor)
         os.close(null)
     except OSError:
         pass
@@ -228,10 +228,5 @@ def flush_standard_streams() -> OutputError | None:
         except (OSError, ValueError) as error:
             if isinstance(error, OSError) and descriptor == STDOUT:
                 failure = _stdout_error(error)
-            try:
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, descriptor)
-                os.close(null)
-            except OSError:
-                pass
+            silence(descriptor)
     return failure
