@@ -323,3 +323,30 @@ def test_a_sharded_checkpoint_is_bounded_too(tmp_path: Path, monkeypatch) -> Non
     (tmp_path / "b.safetensors.index.json").write_text(json.dumps({"weight_map": many}))
     with pytest.raises(CheckpointError, match="maps more than 50 tensors"):
         load_index(tmp_path / "b.safetensors.index.json")
+
+
+def test_a_checkpoint_nested_too_deeply_to_write_back(tmp_path: Path) -> None:
+    """Unpickling is iterative, pickling recurses: a 3000-deep list loads but cannot be saved."""
+    deep: list = []
+    inner = deep
+    for _ in range(3000):
+        inner.append([])
+        inner = inner[0]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        torch.save({"state_dict": {"fc.weight": torch.randn(5, 24)}, "deep": deep},
+                   tmp_path / "deep.pt")  # fmt: skip
+    finally:
+        sys.setrecursionlimit(limit)
+    assert inspect_checkpoint(tmp_path / "deep.pt").entries[0].name == "fc"
+    with pytest.raises(CheckpointError) as raised:
+        convert_checkpoint(tmp_path / "deep.pt", tmp_path / "o.pt", layers=["fc"], patch="2x3x4")
+    assert "too deeply" in one_line(raised.value)
+    assert sorted(os.listdir(tmp_path)) == ["deep.pt"]
+
+
+def test_a_path_longer_than_the_system_allows(invoke, tmp_path: Path) -> None:
+    path = "a/" * 3000 + "x.pt"
+    result = invoke("inspect", path, exit=2)
+    assert "too long" in result.stderr and len(result.stderr) < 300

@@ -434,6 +434,11 @@ def _write(checkpoint: Checkpoint, fmt: str, handle: BinaryIO) -> None:
         writer = _RecordingWriter(handle)
         try:
             torch.save(checkpoint.payload(), writer)
+        except RecursionError:  # pickling recurses; the (iterative) unpickler did not
+            raise CheckpointError(
+                f"{checkpoint.source} nests its values too deeply for torch.save to write them "
+                "back; save the state dict on its own and convert that"
+            ) from None
         except RuntimeError:
             if writer.error is not None:  # disk full, file too large: say so, not torch's words
                 raise writer.error from None

@@ -46,8 +46,10 @@ def describe_read_error(path: str | Path, error: OSError) -> CheckpointError:
             f"no such file: {path} does not exist; check the path", path=str(path)
         )
     if error.errno == errno.ENAMETOOLONG:
+        shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:60]}…{str(path)[-16:]}"
         return CheckpointError(
-            f"the path {path} is too long for the filesystem; give a shorter path", path=str(path)
+            f"the path {shown} is too long for the filesystem; give a shorter path",
+            path=str(path),
         )
     if error.errno == errno.ELOOP:
         return CheckpointError(
