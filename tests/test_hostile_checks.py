@@ -281,3 +281,21 @@ def test_a_bias_of_another_dtype_is_refused_not_a_difference(
                            layers=["fc"], patch=PATCH)  # fmt: skip
     assert "has its weight's dtype" in str(raised.value)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_exotic_untouched_tensors(tmp_path: Path) -> None:
+    """complex128, meta, uint16, packed float4 and transposed tensors ride along untouched."""
+    state = {
+        **weights(),
+        "complex": torch.randn(3, dtype=torch.complex128),
+        "meta": torch.empty(3, device="meta"),
+        "uint16": torch.zeros(4, dtype=torch.uint16),
+        "float4": torch.zeros(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
+        "transposed": torch.randn(4, 3).t(),
+    }
+    source, out = converted(tmp_path, state)
+    assert verify_checkpoints(source, out).exit_code == 0
+    with pytest.raises(FcconvError) as raised:  # safetensors has no complex128
+        convert_checkpoint(source, tmp_path / "o.safetensors", layers=["fc"], patch=PATCH)
+    assert "cannot write" in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "o.safetensors").exists()

@@ -446,10 +446,13 @@ def _write(checkpoint: Checkpoint, fmt: str, handle: BinaryIO) -> None:
         return
     from safetensors.torch import save
 
-    tensors = {name: tensor.contiguous() for name, tensor in checkpoint.tensors.items()}
     try:
-        handle.write(save(tensors, metadata=checkpoint.metadata))
-    except (ValueError, RuntimeError) as error:
+        tensors = {name: tensor.contiguous() for name, tensor in checkpoint.tensors.items()}
+        data = save(tensors, metadata=checkpoint.metadata)
+    except Exception as error:  # a dtype, layout or device safetensors cannot hold
+        detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise CheckpointError(
-            f"cannot write {checkpoint.source} as safetensors ({error}); write a .pt output instead"
+            f"cannot write {checkpoint.source} as safetensors ({type(error).__name__}"
+            f"{': ' + detail if detail else ''}); write a .pt output instead"
         ) from None
+    handle.write(data)
