@@ -337,3 +337,21 @@ def test_convolutionalize_never_writes_its_model(tmp_path: Path, samples: Path, 
             input_size="32x32", arch="fcconv.samples_models:tiny_vgg", force=True,
         )  # fmt: skip
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_file_size_limit_while_exporting_a_program(tmp_path: Path, samples: Path) -> None:
+    """torch.export.save aborted the process when the disk filled; now the write is ours."""
+    shutil.copyfile(samples / "tiny_vgg.safetensors", tmp_path / "tiny_vgg.safetensors")
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fcconv", "convolutionalize", "tiny_vgg.safetensors", "--arch",
+         "fcconv.samples_models:tiny_vgg", "--input", "32x32", "-o", "dense.pt2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    refused_once(done.stderr, "File too large")
+    assert sorted(os.listdir(tmp_path)) == ["tiny_vgg.safetensors"]
