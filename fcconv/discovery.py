@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import LayerError
 from fcconv.geometry import (
+    DEFAULT_ORDER,
     ORDERS,
     Patch,
     PatchSpec,
@@ -29,6 +30,7 @@ from fcconv.plan import (
     LayerPlan,
     LayerRequest,
     TensorInfo,
+    check_convertible,
     describe,
     layer_stride,
     linear_entries,
@@ -122,6 +124,8 @@ def plan_verification(
         if name not in entries:
             raise LayerError(f"{name} is not Linear-shaped in {source}; nothing to verify")
         entry = entries[name]
+        bias = info.get(entry.bias_key) if entry.bias_key else None
+        check_convertible(name, info[entry.weight_key], bias)
         if entry.weight_key not in pairs:
             shape = (
                 tuple(converted[entry.weight_key].shape) if entry.weight_key in converted else None
@@ -175,6 +179,8 @@ def _claimed_order(
         return record["order"], (
             f"{name}: order {record['order']}{as_flipped} from the file's metadata"
         )
+    if weight.numel() == 0:
+        return DEFAULT_ORDER, f"{name}: the weight is empty, so every order maps it; checked as chw"
     matches = matching_orders(weight, kernel, flip=flip)
     if not matches:
         return _unmatched(name, weight, kernel, flip)

@@ -40,6 +40,7 @@ PARAMETERS = (
     "outputs",
     "patch",
     "state_dict_out",
+    "seed",
     "stride",
     "trust_pickle",
 )
@@ -61,6 +62,7 @@ LIBRARY_NAMES: Mapping[str, str] = {
     "outputs": "outputs=",
     "patch": "patch=",
     "state_dict_out": "state_dict_out=",
+    "seed": "seed=",
     "stride": "stride=",
     "trust_pickle": "trust_pickle=True",
 }
@@ -82,6 +84,7 @@ CLI_NAMES: Mapping[str, str] = {
     "outputs": "--keep-output",
     "patch": "--patch",
     "state_dict_out": "--state-dict-out",
+    "seed": "--seed",
     "stride": "--stride",
     "trust_pickle": "--trust-pickle",
 }

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from fcconv.errors import SpecError
-from fcconv.geometry import ORDERS, Patch, index_map, parse_order
+from fcconv.geometry import ORDERS, Patch, index_map, parse_order, same_permutation
 
 MIN_MARGIN = 0.1
 """Smallest lead in score of the best family over the next that counts as clear.
@@ -87,6 +87,15 @@ MIN_ROWS = 4
 
 BLOCK_ELEMENTS = 1 << 19
 """Elements of the weight converted to the compute dtype at once (bounds memory)."""
+
+MAX_FEATURES = 1 << 22
+"""The widest patch (``C·kh·kw``) judged: wider ones are reported without evidence.
+
+The ranking gathers the columns once per family through an index map of
+``in_features`` entries, so its memory grows with the patch, not the rows
+read. 4M features (VGG's fc6 has 25,088) keep that under ~200 MB whatever
+a file declares.
+"""
 
 _SEED = 0
 _FAMILIAR = ("chw", "hwc")
@@ -221,8 +230,7 @@ def permutation_groups(patch: Patch) -> tuple[tuple[str, ...], ...]:
     >>> permutation_groups(Patch(1, 5, 3))
     (('chw', 'cwh', 'hcw'), ('hwc', 'wch', 'whc'))
     """
-    maps = {order: index_map(patch, order) for order in ORDERS}
-    return _partition(ORDERS, lambda a, b: torch.equal(maps[a], maps[b]))
+    return _partition(ORDERS, lambda a, b: same_permutation(patch, a, b))
 
 
 def indistinguishable_families(patch: Patch) -> tuple[tuple[str, ...], ...]:
@@ -268,9 +276,16 @@ def _spelling(orders: tuple[str, ...]) -> str:
 
 
 def _is_transpose(patch: Patch, first: str, second: str) -> bool:
+    """Whether ``first`` reads a square patch as the transpose of ``second``.
+
+    ``index_map(first) == index_map(second).transpose(1, 2)`` exactly when
+    ``first`` is ``second`` with the roles of ``h`` and ``w`` swapped, up to
+    axes of length 1: decided from the patch alone, without index maps.
+    """
     if patch.height != patch.width:
         return False
-    return torch.equal(index_map(patch, first), index_map(patch, second).transpose(1, 2))
+    swapped = second.translate(str.maketrans("hw", "wh"))
+    return same_permutation(patch, first, swapped)
 
 
 def _sums(kernel: torch.Tensor) -> torch.Tensor:
@@ -373,6 +388,15 @@ def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
             why += " (and a 1x1 patch has no neighbours to compare)"
         reason = f"all six orders are the same permutation of a {patch} patch; {why}"
         return verdict(families, reason, candidates=undecided, winner=undecided[0])
+    if patch.features > MAX_FEATURES:
+        reason = (
+            f"not judged: a {patch} patch has {patch.features} elements, more than the "
+            f"{MAX_FEATURES} fcconv ranks orders for"
+        )
+        return verdict(families, reason, candidates=undecided)
+    if weight.shape[0] == 0:
+        reason = "no evidence: the weight has no rows"
+        return verdict(families, reason, candidates=undecided)
     if patch.height * patch.width == 2:
         reason = (
             f"no evidence: a {patch} patch has two positions per channel, so every "

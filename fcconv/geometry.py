@@ -37,6 +37,13 @@ DEFAULT_ORDER = "chw"
 _SEP = r"\s*[xX×]\s*"
 _INT = r"(\d+)"
 
+MAX_NUMBER = (1 << 31) - 1
+"""The largest side, channel count, stride or input size fcconv accepts in a spec."""
+
+CANDIDATE_SIDE_LIMIT = 1 << 16
+"""Patch sides tried when listing the patches that fit: the search stays bounded
+(``O(limit)``) whatever ``in_features`` a file declares."""
+
 
 def parse_order(text: str) -> str:
     """Validate a flatten order such as ``chw`` or ``hwc`` and return it lower-cased."""
@@ -90,21 +97,37 @@ def parse_patch(text: str) -> PatchSpec:
     PatchSpec(height=20, width=20, channels=10)
     """
     match = re.fullmatch(rf"\s*{_INT}{_SEP}{_INT}(?:{_SEP}{_INT})?\s*", text)
-    numbers = [int(g) for g in match.groups() if g is not None] if match else []
+    numbers = [_number(g, "patch", text) for g in match.groups() if g is not None] if match else []
     if not match or 0 in numbers:
         raise SpecError(
-            f"malformed patch {text!r}: expected HxWxC (e.g. 20x20x10) or HxW "
+            f"malformed patch {_quoted(text)}: expected HxWxC (e.g. 20x20x10) or HxW "
             "(C inferred from in_features), with positive integers"
         )
     return PatchSpec(*numbers)
 
 
+def _quoted(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+
+
+def _number(digits: str, what: str, text: str) -> int:
+    """A number of a spec, refused above :data:`MAX_NUMBER` before Python converts it."""
+    if len(digits.lstrip("0")) > len(str(MAX_NUMBER)) or int(digits) > MAX_NUMBER:
+        raise SpecError(
+            f"malformed {what} {_quoted(text)}: {digits[:12]}{'...' if len(digits) > 12 else ''} "
+            f"is too large (at most {MAX_NUMBER}); expected positive integers"
+        )
+    return int(digits)
+
+
 def _parse_pair(text: str, what: str, example: str) -> tuple[int, int]:
     match = re.fullmatch(rf"\s*{_INT}(?:{_SEP}{_INT})?\s*", text)
-    if not match or any(g is not None and int(g) == 0 for g in match.groups()):
-        raise SpecError(f"malformed {what} {text!r}: expected two positive integers like {example}")
-    first, second = match.groups()
-    return int(first), int(second if second is not None else first)
+    numbers = [_number(g, what, text) for g in match.groups() if g is not None] if match else []
+    if not match or 0 in numbers:
+        raise SpecError(
+            f"malformed {what} {_quoted(text)}: expected two positive integers like {example}"
+        )
+    return numbers[0], numbers[-1]
 
 
 def parse_stride(text: str) -> tuple[int, int]:
@@ -123,18 +146,25 @@ def candidate_patches(features: int, channels: int | None = None, limit: int = 6
     With ``channels`` known, every ``kh × kw`` that fits, squarest first.
     Without it, the square patches (what classifiers are trained on), largest
     first, since a 1×1 patch of ``features`` channels always fits and tells
-    the user nothing new.
+    the user nothing new. Sides above :data:`CANDIDATE_SIDE_LIMIT` are not
+    searched, so the time is bounded whatever ``features`` is.
+
+    >>> [str(p) for p in candidate_patches(4000, 10, limit=3)]
+    ['20x20x10', '25x16x10', '16x25x10']
     """
     if channels is not None:
         if channels <= 0 or features % channels:
             return []
         area = features // channels
-        pairs = [(h, area // h) for h in range(1, area + 1) if area % h == 0]
+        pairs = []
+        for height in range(1, min(math.isqrt(area), CANDIDATE_SIDE_LIMIT) + 1):
+            if area % height == 0:
+                pairs += {(height, area // height), (area // height, height)}
         pairs.sort(key=lambda hw: (abs(hw[0] - hw[1]), -hw[0]))
         return [Patch(h, w, channels) for h, w in pairs[:limit]]
     squares = [
         Patch(side, side, features // (side * side))
-        for side in range(1, int(features**0.5) + 1)
+        for side in range(1, min(math.isqrt(max(features, 0)), CANDIDATE_SIDE_LIMIT) + 1)
         if features % (side * side) == 0
     ]
     return sorted(squares, key=lambda p: -p.height)[:limit]
@@ -199,7 +229,7 @@ def linear_weight_to_conv(
             f"{patch} (expected [out, {patch.features}])"
         )
     kernel = _to_kernel(weight, patch.sizes(order), order, AXES)
-    return _fresh(kernel.flip(2, 3)) if flip else kernel
+    return _flip_spatial(kernel) if flip else kernel
 
 
 def conv_weight_to_linear(kernel: torch.Tensor, order: str, *, flip: bool = False) -> torch.Tensor:
@@ -211,8 +241,25 @@ def conv_weight_to_linear(kernel: torch.Tensor, order: str, *, flip: bool = Fals
             "(expected [out, C, kh, kw])"
         )
     if flip:
-        kernel = kernel.flip(2, 3)
+        kernel = _flip_spatial(kernel)
     return _to_linear(kernel, order, AXES)
+
+
+def _flip_spatial(kernel: torch.Tensor) -> torch.Tensor:
+    """``kernel`` with its spatial axes reversed: a permutation of the elements' bits.
+
+    Done on an integer view of the same width, since ``flip`` has no kernel
+    for some dtypes (float8) and bits must never pass through arithmetic.
+    """
+    import torch
+
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(
+        kernel.element_size()
+    )
+    spatial = tuple(range(2, kernel.dim()))
+    if bits is None:
+        return _fresh(kernel.flip(spatial))
+    return _fresh(kernel.contiguous().view(bits).flip(spatial).view(kernel.dtype))
 
 
 def _columns(features: int, sizes: tuple[int, ...], order: str, axes: str) -> torch.Tensor:
@@ -232,7 +279,8 @@ def _to_kernel(weight: torch.Tensor, sizes: tuple[int, ...], order: str, axes: s
 def _to_linear(kernel: torch.Tensor, order: str, axes: str) -> torch.Tensor:
     """A kernel whose axes after the first are ``axes``, flattened in ``order``: ``[O, N]``."""
     flat = kernel.permute(0, *(1 + axes.index(axis) for axis in order))
-    return _fresh(flat.reshape(kernel.shape[0], -1))
+    # explicit sizes: reshape(O, -1) is ambiguous for a kernel with no output rows
+    return _fresh(flat.reshape(kernel.shape[0], math.prod(kernel.shape[1:])))
 
 
 def flip_kernel(kernel: torch.Tensor) -> torch.Tensor:
@@ -406,12 +454,29 @@ def conv2d_line(patch: Patch, out_features: int, stride: tuple[int, int], bias: 
     )
 
 
+def moving_axes(patch: Patch, order: str) -> str:
+    """The axes of ``order`` longer than 1: orders agreeing on them are one permutation.
+
+    Axes of length 1 add nothing to an index, and among the others the
+    order fixes every stride; so two orders give the same permutation
+    exactly when these agree. Computed from the patch alone: no index map
+    is built, whatever size the patch declares.
+
+    >>> moving_axes(Patch(1, 5, 3), "hcw"), moving_axes(Patch(1, 5, 3), "chw")
+    ('cw', 'cw')
+    """
+    sizes = dict(zip(AXES, patch.sizes(AXES), strict=True))
+    return "".join(axis for axis in order if sizes[axis] > 1)
+
+
+def same_permutation(patch: Patch, first: str, second: str) -> bool:
+    """Whether two orders give the same permutation of this patch (equal index maps)."""
+    return moving_axes(patch, first) == moving_axes(patch, second)
+
+
 def coinciding_orders(patch: Patch, order: str) -> list[str]:
     """Every order whose permutation equals ``order``'s for this patch (itself included)."""
-    import torch
-
-    reference = index_map(patch, order)
-    return [o for o in ORDERS if torch.equal(index_map(patch, o), reference)]
+    return [other for other in ORDERS if same_permutation(patch, other, order)]
 
 
 # ------------------------------------------------------------- 1-D, 2-D, 3-D

@@ -35,21 +35,30 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What planning needs to know of a tensor: its shape and dtype name."""
+    """What planning needs to know of a tensor: its shape, dtype name and layout."""
 
     shape: tuple[int, ...]
     dtype: str  # torch's name without the prefix: "float32", "int8", ...
+    layout: str = "strided"  # or "sparse_coo", "sparse_csr", ...
 
     @property
     def floating(self) -> bool:
-        """Whether it can be a Linear weight fcconv converts (a real float type)."""
-        return dtypes.is_convertible(self.dtype)
+        """Whether it can be a Linear weight fcconv converts (a dense real float type)."""
+        return self.layout == "strided" and dtypes.is_convertible(self.dtype)
+
+    @property
+    def kind(self) -> str:
+        """The dtype, with the layout when it is not dense: ``sparse_coo float32``."""
+        return self.dtype if self.layout == "strided" else f"{self.layout} {self.dtype}"
 
 
 def describe(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
-    """Shapes and dtypes of in-memory tensors, in their order."""
+    """Shapes, dtypes and layouts of in-memory tensors, in their order."""
     return {
-        name: TensorInfo(tuple(t.shape), dtypes.name_of(t.dtype)) for name, t in tensors.items()
+        name: TensorInfo(
+            tuple(t.shape), dtypes.name_of(t.dtype), str(t.layout).removeprefix("torch.")
+        )
+        for name, t in tensors.items()
     }
 
 
@@ -299,11 +308,6 @@ def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> Lin
             "fcconv converts 2-D Linear weights [out, in]; pick a Linear layer "
             f"(fcconv inspect {source} lists them)"
         )
-    if not weight.floating:
-        raise LayerError(
-            f"{name}.weight is {weight.dtype}; fcconv converts floating-point weights "
-            "only, dequantize the checkpoint first"
-        )
     bias = info.get(param_key(name, "bias"))
     out_features = weight.shape[0]
     if bias is not None and bias.shape != (out_features,):
@@ -311,8 +315,37 @@ def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> Lin
             f"{name}.bias has shape {tuple(bias.shape)} but {name}.weight has "
             f"{out_features} rows; this is not a Linear layer's bias"
         )
+    check_convertible(name, weight, bias)
     entry = next(e for e in linear_entries(info) if e.name == name)
     return entry
+
+
+def check_convertible(name: str, weight: TensorInfo, bias: TensorInfo | None = None) -> None:
+    """Refuse a Linear-shaped weight that has nothing fcconv can convert (or verify).
+
+    Raises:
+        LayerError: an integer, boolean, quantized or sparse weight, one with
+            no input features (no patch has zero elements), or a bias of
+            another dtype or layout than the weight (no Linear computes that).
+    """
+    if not weight.floating:
+        raise LayerError(
+            f"{name}.weight is {weight.kind}; fcconv converts dense floating-point weights "
+            "only: dequantize (or densify) the checkpoint first",
+            layer=name,
+        )
+    if weight.shape[1] == 0:
+        raise LayerError(
+            f"{name}.weight has shape {tuple(weight.shape)}: a Linear without inputs has no "
+            "patch to convert; pick another layer",
+            layer=name,
+        )
+    if bias is not None and (bias.dtype, bias.layout) != (weight.dtype, weight.layout):
+        raise LayerError(
+            f"{name}.bias is {bias.kind} but {name}.weight is {weight.kind}; a Linear layer's "
+            "bias has its weight's dtype, so this is not one",
+            layer=name,
+        )
 
 
 def layer_inputs(

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
+from fcconv.compare import bitwise_equal, first_mismatch, untouched_differences
+from fcconv.errors import LayerError, SpecError
 from fcconv.geometry import (
     Patch,
     conv_weight_to_linear,
     default_input,
     index_map,
     make_grid,
-    unravel_index,
 )
 from fcconv.plan import (
     LayerPlan,
@@ -36,38 +37,15 @@ if TYPE_CHECKING:
 FLOAT64_TOLERANCE = 1e-9
 """The float64 judge: |conv − reference| ≤ 1e-9 · (|W|·|x| + |b|) per element."""
 
-_INT_OF_WIDTH = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 BLOCK_ELEMENTS = 1 << 24
 """Weight elements converted to float64 at a time by the functional check (128 MB)."""
 
+MAX_CHECK_ELEMENTS = 1 << 24
+"""The most elements the functional check holds in one float64 tensor (128 MB): the
+input, the window vectors, or one map of the output."""
 
-# ------------------------------------------------------------ bitwise equality
-
-
-def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    flat = tensor.detach().contiguous().reshape(-1)
-    width = flat.element_size()
-    return flat.view(getattr(torch, _INT_OF_WIDTH[width])) if width in _INT_OF_WIDTH else flat
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, same shape, and the same bytes (so NaN == NaN and 0.0 != -0.0)."""
-    import torch
-
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    try:
-        return torch.equal(_as_bits(a), _as_bits(b))
-    except (RuntimeError, TypeError):  # quantized and other exotic tensors
-        return torch.equal(a, b)
-
-
-def first_mismatch(expected: torch.Tensor, actual: torch.Tensor) -> tuple[int, int]:
-    """(count, flat index of the first) of elements whose bits differ; same shape."""
-    differ = (_as_bits(expected) != _as_bits(actual)).nonzero()
-    return len(differ), int(differ[0]) if len(differ) else -1
+MAX_CHECK_MACS = 1 << 33
+"""The most multiply-adds one pass of the functional check may take (a few seconds)."""
 
 
 # ------------------------------------------------------------- result objects
@@ -83,15 +61,17 @@ class FunctionalCheck:
     float64_max_error: float
     float64_ratio: float  # max error / (1e-9·scale): ≤ 1 passes
     dtype: str
-    max_abs_error: float  # in the layer's dtype, against the float64 reference
-    roundoff_units: float  # max error / (u·scale): healthy ≪ 1
-    bound_ratio: float | None  # max error / (2·γ_N·scale); None when N·u ≥ 1
-    needed_rtol: float  # the tolerance, relative to scale, that would have passed
+    max_abs_error: float | None  # in the layer's dtype, against the float64 reference
+    roundoff_units: float | None  # max error / (u·scale): healthy ≪ 1
+    bound_ratio: float | None  # max error / (2·γ_N·scale); None when N·u ≥ 1 or not run
+    needed_rtol: float | None  # the tolerance, relative to scale, that would have passed
     notes: list[str] = field(default_factory=list)
+    nonfinite_cells: int = 0  # cells whose reference is NaN or ±inf (the weight holds them)
+    nonfinite_mismatches: int = 0  # of those, cells where the conv gives another kind
 
     @property
     def float64_passed(self) -> bool:
-        return self.float64_ratio <= 1.0
+        return self.float64_ratio <= 1.0 and not self.nonfinite_mismatches
 
     @property
     def dtype_passed(self) -> bool:
@@ -183,6 +163,8 @@ def exact_problems(
     problems = []
     if kernel.dtype != weight.dtype:
         problems.append(f"{plan.weight_key} changed dtype: {_dtype(weight)} → {_dtype(kernel)}")
+    elif kernel.layout != weight.layout or kernel.is_quantized:
+        problems.append(f"{plan.weight_key} changed layout: {weight.layout} → {kernel.layout}")
     elif tuple(kernel.shape) != plan.conv_shape:
         problems.append(
             f"{plan.weight_key} has shape {tuple(kernel.shape)}, expected "
@@ -224,6 +206,53 @@ def _dtype(tensor: torch.Tensor) -> str:
     return dtypes.name_of(tensor.dtype)
 
 
+def check_work(
+    patch: Patch,
+    out_features: int,
+    stride: tuple[int, int],
+    input_size: tuple[int, int] | None,
+    layer: str = "layer",
+    skippable: bool = False,
+) -> None:
+    """Refuse a functional check too large to run, before anything is allocated.
+
+    The check holds the input, every window's vector and a few maps of the
+    output in float64, and computes ``out_features · cells · N`` products
+    several times: each is bounded (:data:`MAX_CHECK_ELEMENTS`,
+    :data:`MAX_CHECK_MACS`), so no input size, stride or declared shape can
+    make it run for hours or exhaust memory.
+
+    Raises:
+        SpecError: naming the sizes and what to change.
+    """
+    if out_features == 0:
+        return  # nothing to compare, nothing is allocated
+    size = input_size or default_input(patch, stride)
+    grid = make_grid(size, patch, stride)
+    cells = grid.rows * grid.cols
+    measures = (
+        ("input values", patch.channels * size[0] * size[1], MAX_CHECK_ELEMENTS),
+        ("window values", cells * patch.features, MAX_CHECK_ELEMENTS),
+        ("output values", cells * out_features, MAX_CHECK_ELEMENTS),
+        ("products", cells * patch.features * out_features, MAX_CHECK_MACS),
+    )
+    over = [(what, count, limit) for what, count, limit in measures if count > limit]
+    if not over:
+        return
+    what, count, limit = over[0]
+    skip = " or skip the checks with {no_verify}" if skippable else ""
+    raise SpecError(
+        f"the functional check of {layer} on a {size[0]}x{size[1]} input ({cells} windows at "
+        f"stride {stride[0]}x{stride[1]}) is too large to run: {count:.3g} {what}, at most "
+        f"{limit:.3g}; give a smaller {{input_size}} or {{stride}}{skip}",
+        layer=layer,
+    )
+
+
+_NATIVE_CONV = ("float64", "float32", "float16", "bfloat16")
+"""Dtypes torch convolves on the CPU; others (float8) are judged in float64 only."""
+
+
 def functional_check(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -243,6 +272,10 @@ def functional_check(
     the converted conv's. The reference never touches ``kernel``. With
     ``flip`` the kernel is run as a framework that convolves runs it (its
     spatial axes reversed as it slides), which is how a flipped kernel is used.
+    Cells whose reference is not finite (the weight holds NaN or ±inf) must be
+    the same kind in the conv (NaN, +inf or −inf); the others are judged by
+    the tolerances. A dtype torch cannot convolve (float8) is judged in
+    float64, from the same upcast values.
     """
     import torch
     import torch.nn.functional as F
@@ -251,6 +284,15 @@ def functional_check(
         kernel = kernel.flip(2, 3)  # true convolution = cross-correlation with the flip
     size = input_size or default_input(patch, stride)
     grid = make_grid(size, patch, stride)
+    dtype_name = _dtype(kernel)
+    notes = grid.warnings()
+    if kernel.shape[0] == 0:
+        notes.append("the layer has no outputs: there is nothing to compare")
+        return FunctionalCheck(
+            tuple(size), (grid.rows, grid.cols), grid.rows * grid.cols, 0.0, 0.0,
+            dtype_name, 0.0, 0.0, None, 0.0, notes,
+        )  # fmt: skip
+    check_work(patch, kernel.shape[0], stride, size)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(1, patch.channels, *size, generator=generator, dtype=torch.float64)
     x = x.to(kernel.dtype)  # the input the layer's dtype can hold exactly
@@ -267,33 +309,79 @@ def functional_check(
         dense64 = F.conv2d(x64, kernel[rows].double(), kernel_bias64[rows], stride=stride)
         blocks.append((reference, scale, dense64))
     reference, scale, dense64 = (torch.cat(parts, dim=1) for parts in zip(*blocks, strict=True))
-    error64 = (dense64 - reference).abs()
-    with _reliable_conv(kernel.dtype):
-        dense = F.conv2d(x, kernel, kernel_bias, stride=stride)
-    error = (dense.double() - reference).abs()
-
-    u = torch.finfo(kernel.dtype).eps / 2
-    nu = (patch.features + 1) * u  # N products and the bias: N + 1 roundings
-    gamma = nu / (1 - nu) if nu < 1 else math.inf
-    notes = grid.warnings()
-    if gamma == math.inf:
+    finite = torch.isfinite(reference)
+    same_kind = (torch.isnan(reference) & torch.isnan(dense64)) | (reference == dense64)
+    nonfinite, mismatched = int((~finite).sum()), int((~finite & ~same_kind).sum())
+    if nonfinite:
         notes.append(
-            f"the rigorous {_dtype(kernel)} bound is vacuous for N={patch.features} "
-            "(N·u ≥ 1); the float64 check is the judge"
+            f"{nonfinite} output value(s) are NaN or infinite (the weights hold such values); "
+            f"{nonfinite - mismatched} of them match the reference in kind"
         )
-    return FunctionalCheck(
+    error64 = torch.where(finite, (dense64 - reference).abs(), 0.0)
+    result = FunctionalCheck(
         input_size=tuple(size),
         output_grid=(grid.rows, grid.cols),
         cells=grid.rows * grid.cols,
-        float64_max_error=float(error64.max()),
+        float64_max_error=_largest(error64),
         float64_ratio=_max_ratio(error64, FLOAT64_TOLERANCE * scale),
-        dtype=_dtype(kernel),
-        max_abs_error=float(error.max()),
-        roundoff_units=_max_ratio(error, u * scale),
-        bound_ratio=None if gamma == math.inf else _max_ratio(error, 2 * gamma * scale),
-        needed_rtol=_max_ratio(error, scale),
+        dtype=dtype_name,
+        max_abs_error=None,
+        roundoff_units=None,
+        bound_ratio=None,
+        needed_rtol=None,
         notes=notes,
+        nonfinite_cells=nonfinite,
+        nonfinite_mismatches=mismatched,
     )
+    if dtype_name not in _NATIVE_CONV:
+        notes.append(
+            f"torch cannot convolve {dtype_name} on this machine: judged in float64 from the "
+            f"same {dtype_name} values, without the {dtype_name} rounding bound"
+        )
+        return result
+    with _reliable_conv(kernel.dtype):
+        dense = F.conv2d(x, kernel, kernel_bias, stride=stride)
+    _judge_in_dtype(result, dense, reference, scale, finite, torch.finfo(kernel.dtype), patch)
+    return result
+
+
+def _judge_in_dtype(
+    result: FunctionalCheck,
+    dense: torch.Tensor,
+    reference: torch.Tensor,
+    scale: torch.Tensor,
+    finite: torch.Tensor,
+    info: Any,
+    patch: Patch,
+) -> None:
+    """The error of the conv run in the layer's own dtype, against the rigorous bound."""
+    import torch
+
+    # Where |W|·|x| + |b| exceeds the dtype's range the rounding bound says nothing.
+    judged = finite & (scale <= info.max)
+    error = torch.where(judged, (dense.double() - reference).abs(), 0.0)
+    u = info.eps / 2
+    nu = (patch.features + 1) * u  # N products and the bias: N + 1 roundings
+    gamma = nu / (1 - nu) if nu < 1 else math.inf
+    if gamma == math.inf:
+        result.notes.append(
+            f"the rigorous {result.dtype} bound is vacuous for N={patch.features} "
+            "(N·u ≥ 1); the float64 check is the judge"
+        )
+    out_of_range = int((finite & ~judged).sum())
+    if out_of_range:
+        result.notes.append(
+            f"{out_of_range} output value(s) exceed the range of {result.dtype}; judged in "
+            "float64 only"
+        )
+    result.max_abs_error = _largest(error)
+    result.roundoff_units = _max_ratio(error, u * scale)
+    result.bound_ratio = None if gamma == math.inf else _max_ratio(error, 2 * gamma * scale)
+    result.needed_rtol = _max_ratio(error, scale)
+
+
+def _largest(values: torch.Tensor) -> float:
+    return float(values.max()) if values.numel() else 0.0
 
 
 @contextlib.contextmanager
@@ -348,6 +436,8 @@ def _linear_on_windows(
 def _max_ratio(error: torch.Tensor, allowed: torch.Tensor) -> float:
     import torch
 
+    if not error.numel():
+        return 0.0
     ratio = torch.where(allowed > 0, error / allowed, torch.where(error > 0, math.inf, 0.0))
     return float(ratio.max())
 
@@ -359,7 +449,13 @@ def check_layer(
     input_size: tuple[int, int] | None = None,
     seed: int = 0,
 ) -> LayerCheck:
-    """The exact check, then the functional check, for one layer."""
+    """The exact check, then the functional check, for one layer.
+
+    Raises:
+        LayerError: the original weight is not one fcconv converts (integer,
+            boolean, quantized or sparse): there is no conversion to judge.
+    """
+    _check_judgeable(plan, original[plan.weight_key])
     problems = exact_problems(plan, original, converted)
     exact = not problems
     kernel = converted[plan.weight_key]
@@ -377,7 +473,12 @@ def check_layer(
             seed,
             flip=plan.flip,
         )
-        if not functional.float64_passed:
+        if functional.nonfinite_mismatches:
+            problems.append(
+                f"{functional.nonfinite_mismatches} NaN or infinite output value(s) of the conv "
+                "are not the same kind (NaN, +inf, -inf) as Linear-on-every-window's"
+            )
+        elif not functional.float64_passed:
             problems.append(
                 f"conv output differs from Linear-on-every-window by up to "
                 f"{functional.float64_max_error:.3g} in float64 "
@@ -392,6 +493,20 @@ def check_layer(
     return LayerCheck(plan, exact=exact, problems=problems, functional=functional)
 
 
+def _check_judgeable(plan: LayerPlan, weight: torch.Tensor) -> None:
+    import torch
+
+    if weight.layout == torch.strided and not weight.is_quantized:
+        if dtypes.is_convertible(_dtype(weight)):
+            return
+    kind = _dtype(weight) if weight.layout == torch.strided else f"{weight.layout} {_dtype(weight)}"
+    raise LayerError(
+        f"{plan.weight_key} is {kind}; fcconv converts and verifies dense floating-point "
+        "weights only",
+        layer=plan.name,
+    )
+
+
 def _runnable(
     plan: LayerPlan, original: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor]
 ) -> bool:
@@ -403,40 +518,6 @@ def _runnable(
         return True
     bias = converted.get(plan.bias_key)
     return bias is not None and bias.dtype == dtype and tuple(bias.shape) == (plan.out_features,)
-
-
-def untouched_differences(
-    original: Mapping[str, torch.Tensor],
-    converted: Mapping[str, torch.Tensor],
-    converted_keys: Iterable[str],
-) -> list[str]:
-    """Every tensor other than the converted weights must be identical, bit for bit."""
-    skip = set(converted_keys)
-    differences = [
-        f"{key} is missing from the converted checkpoint"
-        for key in original
-        if key not in converted
-    ]
-    differences += [
-        f"{key} is new in the converted checkpoint" for key in converted if key not in original
-    ]
-    for key, tensor in original.items():
-        if key in skip or key not in converted:
-            continue
-        other = converted[key]
-        if not bitwise_equal(tensor, other):
-            differences.append(f"{key} differs: {_tensor_difference(tensor, other)}")
-    return differences
-
-
-def _tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str:
-    if a.dtype != b.dtype:
-        return f"dtype {_dtype(a)} → {_dtype(b)}"
-    if a.shape != b.shape:
-        return f"shape {tuple(a.shape)} → {tuple(b.shape)}"
-    count, first = first_mismatch(a, b)
-    index = list(unravel_index(first, tuple(a.shape)))
-    return f"{count} element(s), first at {index}"
 
 
 def verify_conversion(
@@ -453,6 +534,8 @@ def verify_conversion(
     (e.g. with :func:`fcconv.io.sources.byte_differences` for files on disk).
     """
     sizes = layer_inputs(plans, input_size)
+    for plan, size in zip(plans, sizes, strict=True):
+        check_work(plan.patch, plan.out_features, plan.stride, size, plan.name)
     checks = [
         check_layer(plan, original, converted, size, seed)
         for plan, size in zip(plans, sizes, strict=True)
@@ -469,6 +552,7 @@ __all__ = [
     "VerifyResult",
     "bitwise_equal",
     "check_layer",
+    "check_work",
     "functional_check",
     "untouched_differences",
     "verify_conversion",

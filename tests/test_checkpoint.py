@@ -340,7 +340,7 @@ def test_atomic_output_never_shows_a_partial_file(tmp_path) -> None:
         raise KeyboardInterrupt
     assert target.read_bytes() == b"before"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin"]
-    with atomic_output(target) as temporary:
+    with atomic_output(target, force=True) as temporary:  # replacing needs force
         assert temporary.parent == tmp_path and temporary.name.endswith(".fcconv-tmp")
         temporary.write_bytes(b"after")
     assert target.read_bytes() == b"after"

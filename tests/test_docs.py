@@ -64,3 +64,18 @@ def test_version_comes_from_the_installed_metadata() -> None:
 def test_the_package_declares_its_types() -> None:
     assert (ROOT / "fcconv" / "py.typed").is_file()
     assert 'fcconv = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_python_dash_m_never_runs_a_module_planted_in_the_working_folder(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    for name in ("rich.py", "click.py", "safetensors.py"):
+        (tmp_path / name).write_text(f"open({str(marker)!r}, 'w').write('{name}')\n")
+    sample = ROOT / "sample_checkpoints" / "seed_fc.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "fcconv", "inspect", str(sample)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists(), marker.read_text()

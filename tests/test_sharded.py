@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from fcconv.errors import CLI_NAMES, CheckpointError, FcconvError, LayerError
 from fcconv.geometry import Patch, linear_weight_to_conv
-from fcconv.io.atomic import default_output
+from fcconv.io.atomic import MARKER, default_output
 from fcconv.io.safetensors import read_header
 from fcconv.io.sharded import (
     convert_sharded,
@@ -120,7 +120,7 @@ def test_round_trip_rewrites_one_shard_and_copies_the_rest(
     )
     assert folder_digest(src) == before
     after = folder_digest(dst)
-    assert sorted(after) == sorted([INDEX, *SHARDS])
+    assert sorted(after) == sorted([INDEX, *SHARDS, MARKER])  # the marker: fcconv wrote it
     touched = "model-00002-of-00003.safetensors"
     for name in [INDEX, *SHARDS]:
         assert (after[name] == before[name]) == (name != touched), name
@@ -135,7 +135,7 @@ def test_round_trip_rewrites_one_shard_and_copies_the_rest(
     assert result.index_path == dst / INDEX
     assert result.tensors["classifier.0.weight"].shape == (9, 5, 2, 3)
     assert result.metadata == load_index(src).metadata
-    total = sum(p.stat().st_size for p in dst.iterdir())
+    total = sum(p.stat().st_size for p in dst.iterdir() if p.name != MARKER)
     assert total == load_index(dst).file_bytes
     assert seen[-1] == (total, total)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
@@ -211,10 +211,16 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as raised:
         convert_sharded(src, dst, layers)
     assert_one_line(raised, "already exists", "--force")
-    assert (dst / "old.txt").read_text() == "previous"
+    with pytest.raises(CheckpointError) as raised:  # not a folder fcconv wrote: kept
+        convert_sharded(src, dst, layers, force=True)
+    assert_one_line(raised, "fcconv did not write", "--force")
+    assert sorted(p.name for p in dst.iterdir()) == ["old.txt"]
 
-    convert_sharded(src, dst, layers, force=True)
-    assert sorted(p.name for p in dst.iterdir()) == sorted([INDEX, *SHARDS])
+    (dst / "old.txt").unlink()
+    dst.rmdir()
+    convert_sharded(src, dst, layers)
+    convert_sharded(src, dst, layers, force=True)  # a folder fcconv wrote: replaced
+    assert sorted(p.name for p in dst.iterdir()) == sorted([INDEX, *SHARDS, MARKER])
     assert siblings(tmp_path) == ["model", "out"]
 
     for bad, fragment in [(src, "is or holds the input"), (tmp_path, "is or holds the input")]:
@@ -227,7 +233,7 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     assert_one_line(raised, "is a file")
     with pytest.raises(CheckpointError) as raised:
         convert_sharded(src, tmp_path / "a-file" / "out", layers)
-    assert_one_line(raised, "does not exist")
+    assert_one_line(raised, "is a file, not a folder")
 
 
 def test_unknown_layer_is_refused_before_anything_is_written(tmp_path: Path) -> None:
@@ -398,16 +404,12 @@ def test_failed_final_rename_restores_the_previous_folder(
     dst = tmp_path / "out"
     convert_sharded(src, dst, {"classifier.0.weight": (PATCH, "chw")})
     old = folder_digest(dst)
-    real = os.rename
-    renames = []
+    import fcconv.io.atomic
 
-    def fail_second(a, b):
-        renames.append((a, b))
-        if len(renames) == 2:  # the new folder onto the target, after the old one moved aside
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real(a, b)
+    def fail(source, target):  # the new folder onto the target, after the old one moved aside
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(os, "rename", fail_second)
+    monkeypatch.setattr(fcconv.io.atomic, "rename_noreplace", fail)
     with pytest.raises(CheckpointError) as raised:
         convert_sharded(src, dst, {"classifier.0.weight": (PATCH, "hwc")}, force=True)
     assert_one_line(raised, "Input/output error")

@@ -460,7 +460,7 @@ def test_missing_and_unreadable_inputs(tmp_path: Path) -> None:
     assert_one_line(raised, "does not exist")
     with pytest.raises(CheckpointError) as raised:
         read_header(tmp_path)
-    assert_one_line(raised, "is a folder")
+    assert_one_line(raised, "is a directory")
 
 
 # ------------------------------------------------------------------ faults
@@ -625,7 +625,9 @@ def test_failed_rename_removes_the_temp_file(
     def denied(*args: object) -> None:
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
 
-    monkeypatch.setattr(os, "replace", denied)
+    import fcconv.io.atomic
+
+    monkeypatch.setattr(fcconv.io.atomic, "rename_noreplace", denied)  # the final move
     with pytest.raises(CheckpointError) as raised:
         stream_convert(src, tmp_path / "out.safetensors", {"fc.weight": (PATCH, "hwc")})
     assert_one_line(raised, "Operation not permitted")

@@ -34,10 +34,10 @@ from fcconv.geometry import (
     parse_stride,
     resolve_patch,
 )
-from fcconv.io.atomic import STDIO, check_output_path, default_output
+from fcconv.io.atomic import STDIO, check_output_path, default_output, inputs_protected
 from fcconv.io.checkpoint import SAFETENSORS, format_for, save_checkpoint
 from fcconv.io.keras import KERAS, KERAS_FORMATS
-from fcconv.io.provenance import with_provenance
+from fcconv.io.provenance import PROVENANCE_KEY, with_provenance
 from fcconv.io.sources import SHARDED, Source, open_source
 from fcconv.plan import (
     AUTO,
@@ -153,7 +153,8 @@ def inspect_checkpoint(
     limit = _patch(feature_map)
     if limit is not None:
         channels = limit.channels or channels
-    source = open_source(str(path), trust_pickle=trust_pickle, lazy=True)
+    describe_only = patch is None  # no tensor bytes are read: a .pt may be memory-mapped
+    source = open_source(str(path), trust_pickle=trust_pickle, describe_only=describe_only)
     entries = linear_entries(source.info)
     fits = {
         entry.name: [
@@ -195,9 +196,10 @@ def _evidence_for_patch(
 
 def order_evidence(source: Source, plan: LayerPlan) -> OrderEvidence:
     """How the weights rank the six flatten orders for ``plan``'s patch (rows read only)."""
-    from fcconv.evidence import rank_orders, sample_rows
+    from fcconv.evidence import MAX_FEATURES, rank_orders, sample_rows
 
-    rows = sample_rows(plan.out_features, plan.patch.features).tolist()
+    too_wide = plan.patch.features > MAX_FEATURES  # judged without reading a row
+    rows = [] if too_wide else sample_rows(plan.out_features, plan.patch.features).tolist()
     return rank_orders(source.read_rows(plan.weight_key, rows), plan.patch)
 
 
@@ -284,6 +286,7 @@ class _Job:
         )  # fmt: skip
 
 
+@inputs_protected("src")
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path | None = None,
@@ -358,9 +361,7 @@ def convert_checkpoint(
                 "folder without it"
             )
         return _convert_sharded(job, link, progress)
-    if job.output != STDIO:
-        sources = (Path(source.path),) if source.path != STDIO else ()
-        check_output_path(Path(job.output), force, sources)
+    check_output_path(job.output, force, source.inputs)
     out_format = format_for(job.output, format, source.format)
     if out_format in KERAS_FORMATS:
         raise SpecError(
@@ -385,9 +386,14 @@ def _plan(job: _Job) -> list[LayerPlan]:
         source=job.source.path,
         flip=job.flip,
     )
-    if job.size is not None:  # refuse a too-small input_size before anything is written
-        for plan, size in zip(plans, layer_inputs(plans, job.size), strict=True):
+    # refuse a too-small input_size, or a check too large to run, before anything is written
+    for plan, size in zip(plans, layer_inputs(plans, job.size), strict=True):
+        if job.size is not None:
             make_grid(size, plan.patch, plan.stride)
+        if job.verify:
+            from fcconv.verify import check_work
+
+            check_work(plan.patch, plan.out_features, plan.stride, size, plan.name, True)
     return [_settle_order(plan, job) for plan in plans]
 
 
@@ -449,6 +455,12 @@ def _convert_in_memory(job: _Job, out_format: str) -> ConvertResult:
     new = loaded.with_tensors(converted)
     if out_format == SAFETENSORS:
         new.metadata = with_provenance(loaded.metadata, _records(plans))
+    elif loaded.format == SAFETENSORS and set(loaded.metadata or {}) - {PROVENANCE_KEY}:
+        keys = ", ".join(sorted(set(loaded.metadata or {}) - {PROVENANCE_KEY}))
+        job.warnings.append(
+            f"the __metadata__ of {loaded.source} ({keys}) is not kept: a torch file has no "
+            "place for it (write a .safetensors output to keep it)"
+        )
     written = save_checkpoint(
         new, job.output, fmt=out_format, force=job.force, sources=(job.source.path,)
     )
@@ -554,6 +566,8 @@ def verify_checkpoints(
 
     if str(original) == STDIO and str(converted) == STDIO:
         raise SpecError("only one of the two checkpoints can be - (stdin)")
+    if not -(1 << 63) <= seed < 1 << 64:  # what torch's generator takes
+        raise SpecError(f"{{seed}} {seed} is out of range; give a seed below 2**64")
     order_option = parse_order_option(order) if order is not None else None
     before_source = open_source(str(original), trust_pickle=trust_pickle)
     after_source = open_source(str(converted), trust_pickle=trust_pickle)
@@ -576,12 +590,26 @@ def verify_checkpoints(
     differences = byte_differences(before_source, after_source, skip) if on_disk else None
     size = pair(input_size, parse_size)
     result = verify_conversion(plans, before, after, size, seed, differences)
+    result.differences += _surrounding_differences(before_source, after_source, notes)
     result.notes = notes + _evidence_notes(plans, before)
     if before_source.format == after_source.format == KERAS and result:
         from fcconv.api.keras import check_in_keras
 
         result.runtime.append(check_in_keras(str(original), str(converted), plans, seed))
     return result
+
+
+def _surrounding_differences(before: Source, after: Source, notes: list[str]) -> list[str]:
+    """Everything but tensors must be kept: metadata, the training state around the weights."""
+    from fcconv.compare import value_differences
+
+    if before.format != after.format:
+        notes.append(
+            f"only tensors are compared: {before.path} is {before.format} and {after.path} is "
+            f"{after.format}, which keep different things around them"
+        )
+        return []
+    return value_differences(before.surroundings, after.surroundings, "checkpoint")
 
 
 def _evidence_notes(plans: list[LayerPlan], tensors: Mapping[str, Any]) -> list[str]:

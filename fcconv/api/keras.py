@@ -183,7 +183,7 @@ def convert_keras(job: _Job, dst: str | Path | None, fmt: str | None) -> Convert
     record = with_provenance(file.provenance(), records)[PROVENANCE_KEY]
     target = Path(job.output)
     try:
-        with atomic_output(target) as temporary:
+        with atomic_output(target, force=job.force, sources=(job.source.path,)) as temporary:
             _write(file, out, head, plans, converted, record, temporary)
             if job.verify and out == KERAS and head is not None:
                 _run_in_keras(job, head, plans, temporary, verification)

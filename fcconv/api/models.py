@@ -11,7 +11,7 @@ from typing import Any
 from fcconv.api.checkpoints import Size
 from fcconv.errors import SpecError
 from fcconv.geometry import parse_extent
-from fcconv.io.atomic import STDIO, check_output_path
+from fcconv.io.atomic import STDIO, check_output_path, inputs_protected
 
 
 @dataclass
@@ -64,6 +64,7 @@ def _extent(value: Size | int, what: str) -> tuple[int, ...] | None:
     return parse_extent("x".join(str(int(v)) for v in value), what)
 
 
+@inputs_protected("model")
 def convolutionalize_file(
     model: str | Path,
     output: str | Path,
@@ -107,6 +108,16 @@ def convolutionalize_file(
     from fcconv import fcn
 
     step = _extent(stride, "stride")
+    if str(output) == STDIO or (state_dict_out is not None and str(state_dict_out) == STDIO):
+        raise SpecError("convolutionalize writes files; give a file name as {output}, not -")
+    target = Path(output)
+    extra = Path(state_dict_out) if state_dict_out is not None else None
+    if extra is not None and extra.resolve() == target.resolve():
+        raise SpecError("the state dict output must differ from the program's output path")
+    inputs = (Path(model),) if str(model) != STDIO else ()
+    check_output_path(target, force, inputs)  # refused now, not after the slow part
+    if extra is not None:
+        check_output_path(extra, force, inputs)
     if Path(str(model)).suffix.lower() == ".onnx":
         from fcconv.api.onnx import convolutionalize_onnx
 
@@ -122,7 +133,7 @@ def convolutionalize_file(
         return convolutionalize_onnx(  # type: ignore[return-value]
             model, output, input_size=native_size, stride=step, force=force
         )
-    suffix = Path(str(output)).suffix.lower()
+    suffix = target.suffix.lower()
     if suffix not in (".pt2", ".onnx"):
         raise SpecError(
             f"the output's suffix says what to write: name the {{output}} .pt2 (a "
@@ -132,16 +143,6 @@ def convolutionalize_file(
     if native is None:
         raise SpecError("give the size the model was trained at with {input_size}")
     larger = _extent(check_size, "check size")
-    if str(output) == STDIO or (state_dict_out is not None and str(state_dict_out) == STDIO):
-        raise SpecError("convolutionalize writes files; give a file name as {output}, not -")
-    target = Path(output)
-    extra = Path(state_dict_out) if state_dict_out is not None else None
-    if extra is not None and extra.resolve() == target.resolve():
-        raise SpecError("the state dict output must differ from the program's output path")
-    inputs = (Path(model),) if str(model) != STDIO else ()
-    check_output_path(target, force, inputs)  # refused now, not after the slow part
-    if extra is not None:
-        check_output_path(extra, force, inputs)
 
     original = fcn.load_model(str(model), arch=arch, trust_pickle=trust_pickle)
     convert = partial(fcn.convolutionalize_detailed, original, native)

@@ -14,7 +14,7 @@ from typing import Any
 
 from fcconv.errors import CheckpointError, SpecError
 from fcconv.geometry import Patch
-from fcconv.io.atomic import atomic_output, check_output_path
+from fcconv.io.atomic import atomic_output, check_output_path, inputs_protected
 
 ONNX_SUFFIX = ".onnx"
 
@@ -115,6 +115,7 @@ def _fix_input(model: Any, size: tuple[int, int] | None) -> tuple[int, int]:
     return native[0], native[1]
 
 
+@inputs_protected("model_path")
 def convolutionalize_onnx(
     model_path: str | Path,
     output: str | Path,
@@ -164,7 +165,7 @@ def convolutionalize_onnx(
         layers, check, coordinates,
     )  # fmt: skip
     if check:
-        with atomic_output(target) as temporary:
+        with atomic_output(target, force=force, sources=(model_path,)) as temporary:
             temporary.write_bytes(dense.SerializeToString())
         result.written = True
     return result

@@ -9,6 +9,8 @@ once.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sys
 import traceback
 from collections.abc import Callable
@@ -17,7 +19,8 @@ from typing import Any
 import click
 
 from fcconv import __version__
-from fcconv.errors import CLI_NAMES, FcconvError
+from fcconv.errors import CLI_NAMES, FcconvError, OutputError
+from fcconv.io import stdio
 from fcconv.report import printable
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2
@@ -28,6 +31,7 @@ class FcconvGroup(click.Group):
     """A click group that owns the exit codes and the one-line error format."""
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        stdio.ensure_standard_fds()  # before anything is opened: nothing may land on fd 0-2
         args = list(sys.argv[1:] if args is None else args)
         extra.pop("standalone_mode", None)
         debug = "--debug" in args
@@ -36,18 +40,25 @@ class FcconvGroup(click.Group):
         except FcconvError as error:
             code = _fail(error.render(CLI_NAMES), debug)
         except click.exceptions.NoArgsIsHelpError as error:
-            click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
+            _echo(error.ctx.get_help() if error.ctx else str(error))
             code = EXIT_TROUBLE
         except click.ClickException as error:
             hint = (
                 f" (see '{error.ctx.command_path} --help')" if getattr(error, "ctx", None) else ""
             )
             code = _fail(f"{error.format_message()}{hint}", debug)
-        except click.exceptions.Abort:
-            click.echo("fcconv: aborted", err=True)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            _echo("fcconv: aborted")
             code = 130
-        except BrokenPipeError:
-            code = EXIT_TROUBLE
+        except MemoryError:
+            code = _fail(
+                "ran out of memory; the checkpoint needs more memory than this machine has",
+                debug,
+            )
+        except OSError as error:  # the system refused something no check could foresee
+            where = f" ({error.filename})" if error.filename else ""
+            reason = error.strerror or str(error)
+            code = _fail(f"{reason}{where}; check the paths, the disk and its permissions", debug)
         except Exception as error:  # a bug: still one line and exit 2, never 1
             detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             code = _fail(
@@ -56,13 +67,39 @@ class FcconvGroup(click.Group):
                 f"{BUG_REPORT}",
                 debug,
             )
-        sys.exit(code if isinstance(code, int) else EXIT_OK)
+        code = code if isinstance(code, int) else EXIT_OK
+        failure = stdio.flush_standard_streams()
+        if failure is not None and code == EXIT_OK:  # the payload did not all arrive
+            code = _fail(failure.render(CLI_NAMES), debug)
+        sys.exit(code)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as error:
+            # click turns a broken pipe into exit 1, which means "different" here
+            if error.errno != errno.EPIPE:
+                raise
+            stdio.silence()
+            raise OutputError(
+                "a pipe fcconv was writing to was closed by its reader (broken pipe); the "
+                "output is incomplete"
+            ) from error
+
+
+def _echo(message: str) -> None:
+    """A line on stderr, if stderr can still take one."""
+    try:
+        click.echo(message, err=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _fail(message: str, debug: bool) -> int:
     if debug:
-        traceback.print_exc()
-    click.echo(f"fcconv: error: {printable(message)}", err=True)
+        with contextlib.suppress(OSError, ValueError):
+            traceback.print_exc()
+    _echo(f"fcconv: error: {printable(message)}")
     return EXIT_TROUBLE
 
 

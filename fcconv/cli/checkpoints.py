@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
 
 from fcconv.cli import DEBUG, JSON, TRUST, cli, finish, with_options
 from fcconv.errors import SpecError
+from fcconv.io import stdio
 from fcconv.report import printable
 
 LAYER_OPTIONS = with_options(
@@ -122,7 +122,7 @@ def _check_stdout_takes_data(as_json: bool) -> None:
             "--json puts its report on stdout, so the checkpoint cannot go there too; "
             "write it to a file with -o"
         )
-    if sys.stdout.isatty():
+    if stdio.is_terminal(stdio.STDOUT):
         raise SpecError(
             "refusing to write a binary checkpoint to the terminal; redirect stdout "
             "or write to a file with -o"

@@ -12,6 +12,7 @@ coordinate map) as the extra file ``fcconv.json``::
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -231,8 +232,12 @@ def save_exported(
     meta = getattr(model, "meta", None)
     facts = meta.get("fcconv") if isinstance(meta, dict) else None
     extra = {METADATA: json.dumps(facts)} if facts else None
-    with atomic_output(target) as temporary, open(temporary, "wb") as handle:
-        torch.export.save(program, handle, extra_files=extra)
+    # Serialized in memory first: torch.export.save aborts the process when the disk
+    # fills under it; a failed write of the bytes is an OSError the guard reports.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files=extra)
+    with atomic_output(target, force=force) as temporary, open(temporary, "wb") as handle:
+        handle.write(buffer.getbuffer())
     return ExportInfo(
         path=str(target),
         dynamic=kind == "dynamic",
@@ -260,7 +265,7 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike[str], *, force: bo
     target = Path(path)
     check_output_path(target, force)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_output(target) as temporary:
+    with atomic_output(target, force=force) as temporary:
         if target.suffix == ".safetensors":
             from safetensors.torch import save
 

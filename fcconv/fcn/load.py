@@ -36,6 +36,7 @@ from fcconv.errors import (
     UserCodeError,
 )
 from fcconv.fcn.usercode import running_user_code, shown_path
+from fcconv.io.stdio import read_stdin
 from fcconv.plan import suffix_matches
 
 _ARCH_EXAMPLE = "e.g. fcconv.samples_models:tiny_vgg or mypkg.models:Net(depth=3)"
@@ -291,7 +292,7 @@ def load_model(
     """
     from fcconv.io.checkpoint import _load_bytes, load_state_dict
 
-    data = sys.stdin.buffer.read() if str(source) == "-" else None
+    data = read_stdin() if str(source) == "-" else None
     name = "<stdin>" if data is not None else str(source)
 
     def state_dict(trust: bool) -> dict[str, Any]:

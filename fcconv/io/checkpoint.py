@@ -9,10 +9,10 @@ weights, and safetensors metadata.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 import struct
-import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fcconv.errors import CheckpointError, UnsafeCheckpointError
-from fcconv.io.atomic import STDIO, atomic_output, check_output_path
+from fcconv.io import stdio
+from fcconv.io.atomic import STDIO, atomic_output, check_output_path, check_stdout
+from fcconv.io.files import open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +37,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _UNREADABLE = (
     pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError,
     KeyError, IndexError, TypeError, AssertionError, ImportError, struct.error,
+    OverflowError, MemoryError, ZeroDivisionError,
 )  # fmt: skip
 # How the weights_only unpickler refuses code, as opposed to bytes it cannot parse
 # ("Unsupported operand 177", which --trust-pickle would not cure).
@@ -68,6 +71,8 @@ class Checkpoint:
             inside it at ``location``); ``None`` when the file is the mapping.
         location: the keys leading from ``container`` to the tensor mapping.
         metadata: safetensors ``__metadata__`` (strings only), if any.
+        extras: entries of the mapping that are not tensors (a step counter,
+            a version), kept in place when the checkpoint is written.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -76,8 +81,10 @@ class Checkpoint:
     container: Any = None
     location: tuple[Any, ...] = ()
     metadata: dict[str, str] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
     _mapping_type: type = field(default=dict, repr=False)
     _mapping_attrs: dict[str, Any] = field(default_factory=dict, repr=False)
+    _keys: tuple[str, ...] = field(default=(), repr=False)
 
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> Checkpoint:
         """The same checkpoint with a new tensor mapping (same container and metadata)."""
@@ -85,12 +92,27 @@ class Checkpoint:
 
     def payload(self) -> Any:
         """The object to pickle: the container with the new mapping put back in place."""
-        mapping = self._mapping_type(self.tensors)
+        keys = [k for k in self._keys if k in self.tensors or k in self.extras]
+        keys += [k for k in self.tensors if k not in keys]
+        values = {**self.extras, **self.tensors}
+        mapping = self._mapping_type({k: values[k] for k in keys})
         for name, value in self._mapping_attrs.items():
             setattr(mapping, name, value)
         if not self.location:
             return mapping
         return _replace_at(self.container, self.location, mapping)
+
+    def surroundings(self) -> Any:
+        """Everything of the checkpoint but the tensors of its state dict, to compare.
+
+        The container with the state dict replaced by its non-tensor entries,
+        its type and its attributes (``_metadata`` of a module's
+        ``state_dict()``): what a conversion must leave exactly as it was.
+        """
+        state: dict[str, Any] = {**self.extras, "(type)": self._mapping_type.__name__}
+        if self._mapping_attrs:
+            state["(attributes)"] = self._mapping_attrs
+        return _replace_at(self.container, self.location, state) if self.location else state
 
 
 def _replace_at(container: Any, location: tuple[Any, ...], value: Any) -> Any:
@@ -103,10 +125,20 @@ def _replace_at(container: Any, location: tuple[Any, ...], value: Any) -> Any:
 # --------------------------------------------------------------------- reading
 
 
-def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path, *, trust_pickle: bool = False, mmap: bool = False
+) -> Checkpoint:
     """Read a checkpoint from ``path`` (or stdin for ``-``), refusing unsafe pickles.
 
-    The format is told by the file's content, not its name.
+    The format is told by the file's content, not its name. Only regular
+    files are read (a FIFO or a device is refused without blocking on it),
+    and a pipe on stdin is read up to :data:`fcconv.io.stdio.MAX_STDIN_BYTES`.
+
+    Torch files are read into memory, not memory-mapped: another process
+    truncating the file meanwhile then makes a read fail (one line), where a
+    mapping would kill fcconv with ``SIGBUS``. ``mmap=True`` maps a zip
+    checkpoint instead, for callers that only describe it and never touch
+    its tensors' bytes (``inspect``).
 
     Raises:
         CheckpointError: the file is missing, empty, corrupt or not a checkpoint.
@@ -114,33 +146,24 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
             is false.
     """
     if str(path) == STDIO:
-        data = sys.stdin.buffer.read()
-        return _load_bytes(data, "<stdin>", trust_pickle)
+        return _load_bytes(stdio.read_stdin(), "<stdin>", trust_pickle)
     file = Path(path)
-    _check_readable(file)
-    with open(file, "rb") as handle:
-        head = handle.read(16)
-    kind = _sniff(head, file.stat().st_size, str(file))
-    if kind == SAFETENSORS:
-        return _load_safetensors_file(file)
-    return _load_torch(file, str(file), trust_pickle, zipped=kind == "zip")
+    with open_regular(file) as descriptor:
+        size = os.fstat(descriptor).st_size
+        if size == 0:
+            raise CheckpointError(f"{file} is empty (0 bytes); it is not a checkpoint")
+        kind = _sniff(os.pread(descriptor, 16, 0), size, str(file))
+        if kind == SAFETENSORS:
+            return _load_safetensors_file(file)
+        if mmap and kind == "zip":
+            return _load_torch(file, str(file), trust_pickle, zipped=True)
+        with os.fdopen(os.dup(descriptor), "rb") as handle:
+            return _load_torch(handle, str(file), trust_pickle, zipped=False)
 
 
 def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
     """Just the tensor mapping of a checkpoint (see :func:`load_checkpoint`)."""
     return load_checkpoint(path, trust_pickle=trust_pickle).tensors
-
-
-def _check_readable(file: Path) -> None:
-    if not file.exists():
-        raise CheckpointError(f"no such file: {file}; check the path")
-    if file.is_dir():
-        raise CheckpointError(
-            f"{file} is a directory; give a checkpoint file (.pt, .pth, .bin, .ckpt "
-            "or .safetensors)"
-        )
-    if file.stat().st_size == 0:
-        raise CheckpointError(f"{file} is empty (0 bytes); it is not a checkpoint")
 
 
 def _sniff(head: bytes, size: int, source: str) -> str:
@@ -180,15 +203,26 @@ def _load_torch(file: Path | BinaryIO, source: str, trust_pickle: bool, zipped: 
     mapping = loaded
     for key in location:
         mapping = mapping[key]
+    tensors, extras = _split(mapping)
     return Checkpoint(
-        tensors=dict(mapping),
+        tensors=tensors,
         format=TORCH,
         source=source,
         container=loaded if location else None,
         location=location,
+        extras=extras,
         _mapping_type=type(mapping),
         _mapping_attrs=dict(getattr(mapping, "__dict__", {})),
+        _keys=tuple(mapping),
     )
+
+
+def _split(mapping: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a state dict, and its other entries."""
+    import torch
+
+    tensors = {k: v for k, v in mapping.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in mapping.items() if k not in tensors}
 
 
 def _torch_load(file: Path | BinaryIO, trust_pickle: bool, zipped: bool) -> Any:
@@ -197,7 +231,7 @@ def _torch_load(file: Path | BinaryIO, trust_pickle: bool, zipped: bool) -> Any:
     if isinstance(file, Path) and str(file).endswith(".safetensors"):
         # torch.load hands any path named *.safetensors to safetensors, whatever the
         # bytes are; the content said torch, so give it an open file instead.
-        with open(file, "rb") as handle:
+        with open_regular(file) as descriptor, os.fdopen(os.dup(descriptor), "rb") as handle:
             return _torch_load(handle, trust_pickle, zipped=False)
     with warnings.catch_warnings():
         # Legacy storages and pickle protocols make torch warn while loading: noise
@@ -205,7 +239,7 @@ def _torch_load(file: Path | BinaryIO, trust_pickle: bool, zipped: bool) -> Any:
         warnings.simplefilter("ignore")
         if trust_pickle:
             return torch.load(file, map_location="cpu", weights_only=False)
-        # mmap keeps a large zip checkpoint out of memory until its bytes are used.
+        # mmap (for describing only) keeps a zip checkpoint's bytes on disk.
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
 
 
@@ -232,15 +266,22 @@ def _corrupt_message(source: str, error: BaseException) -> str:
     )
 
 
-def _is_tensor_mapping(value: Any) -> bool:
+def _holds_tensors(value: Any) -> bool:
+    """A mapping with string keys and at least one tensor: a state dict, maybe with extras."""
     import torch
 
     return (
         isinstance(value, Mapping)
         and len(value) > 0
         and all(isinstance(k, str) for k in value)
-        and all(isinstance(v, torch.Tensor) for v in value.values())
+        and any(isinstance(v, torch.Tensor) for v in value.values())
     )
+
+
+def _only_tensors(value: Any) -> bool:
+    import torch
+
+    return _holds_tensors(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def find_state_dict(loaded: Any, source: str = "checkpoint") -> tuple[Any, ...]:
@@ -248,30 +289,43 @@ def find_state_dict(loaded: Any, source: str = "checkpoint") -> tuple[Any, ...]:
 
     A plain state dict is its own mapping (``()``). A training checkpoint such
     as ``{"state_dict": ..., "optimizer": ..., "epoch": 3}`` gives
-    ``("state_dict",)``; well-known names are tried first, then any nested
-    mapping of tensors up to two levels down.
+    ``("state_dict",)``: the well-known names are tried first, in order, and
+    win even when their mapping holds a few non-tensor entries (which are
+    kept). Otherwise the one mapping holding tensors (the top level, or up to
+    two levels down) is the state dict; several are an error listing them,
+    never a silent pick.
+
+    Raises:
+        CheckpointError: no mapping holds tensors, or several do.
     """
-    if _is_tensor_mapping(loaded):
+    if _only_tensors(loaded):
         return ()
-    if isinstance(loaded, Mapping):
-        for key in STATE_DICT_KEYS:
-            if key in loaded and _is_tensor_mapping(loaded[key]):
-                return (key,)
-        for key, value in loaded.items():
-            if isinstance(value, Mapping):
-                for inner, nested in value.items():
-                    if _is_tensor_mapping(nested):
-                        return (key, inner)
-                if _is_tensor_mapping(value):
-                    return (key,)
-        keys = ", ".join(map(str, list(loaded)[:8]))
+    if not isinstance(loaded, Mapping):
         raise CheckpointError(
-            f"{source} holds no mapping of tensors (top-level keys: {keys}); "
-            "give a state dict or a training checkpoint with a 'state_dict' entry"
+            f"{source} holds a {type(loaded).__name__}, not a state dict; save "
+            "model.state_dict() instead of the model"
         )
+    for key in STATE_DICT_KEYS:
+        if key in loaded and _holds_tensors(loaded[key]):
+            return (key,)
+    found = [()] if _holds_tensors(loaded) else []
+    for key, value in loaded.items():
+        if _holds_tensors(value):
+            found.append((key,))
+        elif isinstance(value, Mapping):
+            found += [(key, inner) for inner, nested in value.items() if _holds_tensors(nested)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        names = ", ".join(".".join(map(str, where)) or "(the top level)" for where in found[:6])
+        raise CheckpointError(
+            f"{source} holds several mappings of tensors ({names}) and none under a well-known "
+            "name such as 'state_dict'; save the one to convert as its own state dict"
+        )
+    keys = ", ".join(map(str, list(loaded)[:8]))
     raise CheckpointError(
-        f"{source} holds a {type(loaded).__name__}, not a state dict; save "
-        "model.state_dict() instead of the model"
+        f"{source} holds no mapping of tensors (top-level keys: {keys}); "
+        "give a state dict or a training checkpoint with a 'state_dict' entry"
     )
 
 
@@ -355,29 +409,63 @@ def save_checkpoint(
             "weights, which safetensors cannot hold; write a .pt output instead"
         )
     if str(path) == STDIO:
-        data = serialize(checkpoint, fmt)
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        check_stdout(sources)
+        stdio.write_stdout(serialize(checkpoint, fmt))
         return fmt
     target = Path(path)
-    check_output_path(target, force, tuple(Path(s) for s in sources if str(s) != STDIO))
-    with atomic_output(target) as temporary, open(temporary, "wb") as handle:
+    check_output_path(target, force, sources)
+    with (
+        atomic_output(target, force=force, sources=sources) as temporary,
+        open(temporary, "wb") as handle,
+    ):
         _write(checkpoint, fmt, handle)
     return fmt
+
+
+class _RecordingWriter:
+    """A file's ``write`` that remembers the ``OSError`` torch turns into a RuntimeError."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def _write(checkpoint: Checkpoint, fmt: str, handle: BinaryIO) -> None:
     if fmt == TORCH:
         import torch
 
-        torch.save(checkpoint.payload(), handle)
+        writer = _RecordingWriter(handle)
+        try:
+            torch.save(checkpoint.payload(), writer)
+        except RecursionError:  # pickling recurses; the (iterative) unpickler did not
+            raise CheckpointError(
+                f"{checkpoint.source} nests its values too deeply for torch.save to write them "
+                "back; save the state dict on its own and convert that"
+            ) from None
+        except RuntimeError:
+            if writer.error is not None:  # disk full, file too large: say so, not torch's words
+                raise writer.error from None
+            raise
         return
     from safetensors.torch import save
 
-    tensors = {name: tensor.contiguous() for name, tensor in checkpoint.tensors.items()}
     try:
-        handle.write(save(tensors, metadata=checkpoint.metadata))
-    except (ValueError, RuntimeError) as error:
+        tensors = {name: tensor.contiguous() for name, tensor in checkpoint.tensors.items()}
+        data = save(tensors, metadata=checkpoint.metadata)
+    except Exception as error:  # a dtype, layout or device safetensors cannot hold
+        detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise CheckpointError(
-            f"cannot write {checkpoint.source} as safetensors ({error}); write a .pt output instead"
+            f"cannot write {checkpoint.source} as safetensors ({type(error).__name__}"
+            f"{': ' + detail if detail else ''}); write a .pt output instead"
         ) from None
+    handle.write(data)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
 from fcconv.errors import CheckpointError, LayerError
+from fcconv.io.files import describe_read_error, open_regular
 from fcconv.plan import TensorInfo
 
 if TYPE_CHECKING:
@@ -26,8 +29,24 @@ if TYPE_CHECKING:
 MAX_HEADER_BYTES = 100_000_000
 """The largest header safetensors itself accepts."""
 
+MAX_TENSORS = 1 << 18
+"""The most tensors fcconv reads in one file (262,144; real checkpoints hold a few
+thousand): a bound on the memory and time a header of up to 100 MB may take."""
+
+MAX_JSON_DEPTH = 127
+"""The deepest nesting of the header's JSON that safetensors' parser (serde_json) accepts."""
+
+U64_LIMIT = 1 << 64
+"""Shapes and offsets are ``usize`` to safetensors: each, and the running product of a
+shape, must stay below this."""
+
+TORCH_DIM_LIMIT = (1 << 63) - 1
+"""The largest dimension torch can give a tensor (``int64``)."""
+
 _DAMAGED = "the file is damaged or not safetensors; re-download or re-export it"
 _TRUNCATED = "the file is truncated or its header is wrong; re-download or re-export it"
+_TOO_MANY = "fcconv reads at most that many in one file; shard the checkpoint"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -100,12 +119,9 @@ def _bad(path: Path, problem: str, advice: str = _DAMAGED) -> CheckpointError:
 
 
 def read_error(path: Path, error: OSError) -> CheckpointError:
-    if isinstance(error, FileNotFoundError):
-        return CheckpointError(f"{path} does not exist; check the path")
     if isinstance(error, IsADirectoryError):
         return CheckpointError(f"{path} is a folder, not a safetensors file; name the file")
-    reason = error.strerror or str(error)
-    return CheckpointError(f"could not read {path}: {reason}; check the path and its permissions")
+    return describe_read_error(path, error)
 
 
 class _DuplicateKey(ValueError):
@@ -122,7 +138,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _is_count(value: Any) -> bool:
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value < U64_LIMIT
 
 
 def read_header(path: str | Path) -> SafetensorsHeader:
@@ -144,27 +160,40 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         (4096, 25088)
     """
     path = Path(path)
+    with open_regular(path) as descriptor:
+        return _header_of(path, descriptor)
+
+
+def _header_of(path: Path, descriptor: int) -> SafetensorsHeader:
+    """The validated header of the open file ``descriptor`` (named ``path`` in messages)."""
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise _bad(path, f"only {size} bytes long, shorter than the 8-byte header length")
-            length = int.from_bytes(prefix, "little")
-            if length > size - 8:
-                raise _bad(
-                    path,
-                    f"header length {length} runs past the end of the {size}-byte file",
-                    _TRUNCATED,
-                )
-            if length > MAX_HEADER_BYTES:
-                raise _bad(path, f"header length {length} exceeds safetensors' 100 MB limit")
-            raw = handle.read(length)
+        size = os.fstat(descriptor).st_size
+        prefix = os.pread(descriptor, 8, 0)
+        if len(prefix) < 8:
+            raise _bad(path, f"only {size} bytes long, shorter than the 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            problem = f"header length {length} runs past the end of the {size}-byte file"
+            raise _bad(path, problem, _TRUNCATED)
+        if length > MAX_HEADER_BYTES:
+            raise _bad(path, f"header length {length} exceeds safetensors' 100 MB limit")
+        raw = _pread_all(descriptor, length, 8)
     except OSError as error:
         raise read_error(path, error) from None
     if len(raw) != length:
         raise _bad(path, "the file changed size while being read", _TRUNCATED)
     return _parse_header(path, raw, size - 8 - length)
+
+
+def _pread_all(descriptor: int, length: int, offset: int) -> bytes:
+    chunks, done = [], 0
+    while done < length:
+        chunk = os.pread(descriptor, min(length - done, 1 << 24), offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
 
 
 def header_from_bytes(data: bytes, source: str) -> SafetensorsHeader:
@@ -176,6 +205,99 @@ def header_from_bytes(data: bytes, source: str) -> SafetensorsHeader:
     return _parse_header(path, data[8 : 8 + length], len(data) - 8 - length)
 
 
+class _NotStrictJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotStrictJson(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotStrictJson(f"number {text[:20]} is out of range")
+    return value
+
+
+class _NegativeZero(int):
+    """``-0``, which safetensors reads as a float: valid JSON, never a size."""
+
+
+def _integer(text: str) -> int:
+    if text == "-0":
+        return _NegativeZero(0)
+    value = int(text)
+    if value.bit_length() > 1000:  # serde_json reads it as a float: beyond f64 it refuses
+        try:
+            float(value)
+        except OverflowError:
+            raise _NotStrictJson(f"number {text[:20]}... is out of range") from None
+    return value
+
+
+def _load_json(path: Path, text: str) -> dict[str, Any]:
+    """The header as strict JSON, refusing what safetensors' parser refuses.
+
+    Before parsing, the count of objects bounds the work: Python holds each
+    parsed entry in about 600 bytes, so 100 MB of tiny entries would take
+    gigabytes and most of a minute; more than :data:`MAX_TENSORS` tensors are
+    refused at once.
+    """
+    if text.count("{") > 2 * MAX_TENSORS + 64:  # every entry is an object
+        raise _bad(path, f"header describes more than {MAX_TENSORS} tensors", _TOO_MANY)
+    try:
+        document = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            parse_int=_integer,
+        )
+    except _DuplicateKey as error:
+        raise _bad(path, f"header names {error.args[0]!r} twice") from None
+    except RecursionError:
+        raise _bad(path, f"header nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as error:
+        problem = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+        where = f" at byte {error.pos}" if isinstance(error, json.JSONDecodeError) else ""
+        raise _bad(path, f"header is not valid JSON ({problem[:120]}{where})") from None
+    if not isinstance(document, dict):
+        raise _bad(path, "header is not a JSON object")
+    if len(document) > MAX_TENSORS + 1:
+        raise _bad(path, f"header describes more than {MAX_TENSORS} tensors", _TOO_MANY)
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # else it cannot nest that deep
+        _check_depth(path, document)
+    if _SURROGATE_ESCAPE.search(text):  # decoded UTF-8 holds no surrogates: only escapes do
+        _check_surrogates(path, document)
+    return document
+
+
+def _containers(document: Any) -> Iterator[tuple[Any, int]]:
+    """Every list and dict in ``document`` with its depth, without recursion."""
+    pending = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        yield value, depth
+        items = value.values() if isinstance(value, dict) else value
+        pending += [(item, depth + 1) for item in items if isinstance(item, dict | list)]
+
+
+def _check_depth(path: Path, document: Any) -> None:
+    if any(depth > MAX_JSON_DEPTH for _, depth in _containers(document)):
+        raise _bad(path, f"header nests deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _check_surrogates(path: Path, document: Any) -> None:
+    for container, _ in _containers(document):
+        texts = [*container, *container.values()] if isinstance(container, dict) else container
+        for text in texts:
+            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                raise _bad(
+                    path, "header holds a lone UTF-16 surrogate (\\uD800-\\uDFFF) in a string"
+                )
+
+
 def _parse_header(path: Path, raw: bytes, data_bytes: int) -> SafetensorsHeader:
     try:
         text = raw.decode("utf-8")
@@ -183,16 +305,7 @@ def _parse_header(path: Path, raw: bytes, data_bytes: int) -> SafetensorsHeader:
         raise _bad(path, f"header is not UTF-8 text (byte {error.start})") from None
     if not text.lstrip().startswith("{"):
         raise _bad(path, "header does not start with a JSON object")
-    try:
-        document = json.loads(text, object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as error:
-        raise _bad(path, f"header names {error.args[0]!r} twice") from None
-    except ValueError as error:
-        problem = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
-        where = f" at byte {error.pos}" if isinstance(error, json.JSONDecodeError) else ""
-        raise _bad(path, f"header is not valid JSON ({problem}{where})") from None
-    if not isinstance(document, dict):
-        raise _bad(path, "header is not a JSON object")
+    document = _load_json(path, text)
 
     metadata = document.pop("__metadata__", None)
     if metadata is not None and not (
@@ -243,50 +356,136 @@ def _parse_entry(path: Path, name: str, entry: Any) -> HeaderEntry:
     if not isinstance(dtype, str) or dtype not in dtypes.SAFETENSORS_CODES:
         raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
-        raise _bad(path, f"tensor {name!r} has malformed shape {shape!r}")
+        raise _bad(path, f"tensor {name!r} has malformed shape {_short(shape)}")
+    if any(n > TORCH_DIM_LIMIT for n in shape):
+        raise _bad(path, f"tensor {name!r} has a dimension above 2**63-1, more than torch can hold")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_count(n) for n in offsets)
         or offsets[1] < offsets[0]
     ):
-        raise _bad(path, f"tensor {name!r} has malformed data_offsets {offsets!r}")
-    bits = math.prod(shape) * dtypes.by_code(dtype).bits
+        raise _bad(path, f"tensor {name!r} has malformed data_offsets {_short(offsets)}")
+    bits = _bits(shape, dtypes.by_code(dtype).bits)
+    if bits is None:
+        raise _bad(path, f"tensor {name!r}: the size of shape {_short(shape)} overflows 64 bits")
     begin, end = offsets
     if bits % 8 or bits // 8 != end - begin:
         raise _bad(
             path,
-            f"tensor {name!r} of shape {shape} and dtype {dtype} needs {bits / 8:g} bytes but "
-            f"its data_offsets span {end - begin}",
+            f"tensor {name!r} of shape {_short(shape)} and dtype {dtype} needs {bits / 8:g} "
+            f"bytes but its data_offsets span {end - begin}",
         )
     extra = {k: v for k, v in entry.items() if k not in ("dtype", "shape", "data_offsets")}
     return HeaderEntry(name, dtype, tuple(shape), begin, end, extra)
 
 
+def _bits(shape: list[int], width: int) -> int | None:
+    """``prod(shape) · width``, or None where safetensors' 64-bit arithmetic overflows.
+
+    Like safetensors, the product is taken from the left, so ``[2**40, 2**40, 0]``
+    overflows while ``[0, 2**40, 2**40]`` does not.
+    """
+    count = 1
+    for n in shape:
+        count *= n
+        if count >= U64_LIMIT:
+            return None
+    bits = count * width
+    return None if bits >= U64_LIMIT else bits
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def read_tensors(path: str | Path, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Read only the named tensors of a ``.safetensors`` file, for verification.
 
+    The bytes are read with ``pread`` from the descriptor the header was
+    validated on, never memory-mapped: a file truncated by another process
+    meanwhile is a one-line error, not a ``SIGBUS``.
+
     Raises:
         LayerError: a name the file does not hold.
-        CheckpointError: the file is not valid safetensors.
+        CheckpointError: the file is not valid safetensors, or changed.
     """
-    header = read_header(path)
-    missing = [name for name in names if name not in header.tensors]
-    if missing:
-        raise LayerError(
-            f"{header.path} has no tensor {', '.join(map(repr, missing))}; run fcconv inspect "
-            f"{header.path} to list its tensors"
-        )
-    from safetensors import SafetensorError, safe_open
+    return _read(path, {name: None for name in names})
+
+
+def read_rows(path: str | Path, name: str, rows: list[int]) -> torch.Tensor:
+    """Rows of the 2-D tensor ``name``, reading only those rows' bytes."""
+    return _read(path, {name: rows})[name]
+
+
+def _read(path: str | Path, wanted: Mapping[str, list[int] | None]) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    with open_regular(path) as descriptor:
+        header = _header_of(path, descriptor)
+        missing = [name for name in wanted if name not in header.tensors]
+        if missing:
+            raise LayerError(
+                f"{header.path} has no tensor {', '.join(map(repr, missing))}; run fcconv "
+                f"inspect {header.path} to list its tensors"
+            )
+        if sys.byteorder != "little" or any(
+            dtypes.by_code(header.tensors[name].dtype).bits % 8 for name in wanted
+        ):
+            return _read_with_safetensors(header, wanted)
+        return {
+            name: _read_entry(descriptor, header, header.tensors[name], rows)
+            for name, rows in wanted.items()
+        }
+
+
+def _read_entry(
+    descriptor: int, header: SafetensorsHeader, entry: HeaderEntry, rows: list[int] | None
+) -> torch.Tensor:
+    import torch
+
+    dtype = getattr(torch, dtypes.by_code(entry.dtype).name)
+    start = header.data_start + entry.begin
+    if rows is None:
+        spans, shape = [(start, entry.nbytes)], entry.shape
+    else:
+        row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+        spans = [(start + row * row_bytes, row_bytes) for row in rows]
+        shape = (len(rows), *entry.shape[1:])
+    buffer = bytearray(sum(length for _, length in spans))
+    view, done = memoryview(buffer), 0
+    for offset, length in spans:
+        try:
+            got = os.preadv(descriptor, [view[done : done + length]], offset)
+        except OSError as error:
+            raise read_error(header.path, error) from None
+        if got != length:
+            raise _bad(header.path, "the file changed while being read", _TRUNCATED)
+        done += length
+    if not buffer:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _read_with_safetensors(
+    header: SafetensorsHeader, wanted: Mapping[str, list[int] | None]
+) -> dict[str, torch.Tensor]:
+    """Packed sub-byte dtypes (and big-endian hosts) go through safetensors itself."""
+    import torch
+    from safetensors import safe_open
 
     try:
         with safe_open(str(header.path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in names}
-    except (SafetensorError, OSError, ValueError, TypeError) as error:
+            tensors = {name: handle.get_tensor(name) for name in wanted}
+    except Exception as error:  # a foreign reader of an untrusted file: any failure is the file's
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"could not read tensors of {header.path} ({detail[:160]}); {_DAMAGED}"
         ) from None
+    return {
+        name: tensors[name] if rows is None else torch.stack([tensors[name][r] for r in rows])
+        for name, rows in wanted.items()
+    }
 
 
 def encode_header(metadata: Mapping[str, str] | None, entries: dict[str, Any]) -> bytes:

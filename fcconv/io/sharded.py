@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,8 +26,29 @@ from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import CheckpointError, LayerError
 from fcconv.geometry import Patch
-from fcconv.io.atomic import TEMP_SUFFIX, describe_os_error, fsync_folder
-from fcconv.io.safetensors import HeaderEntry, SafetensorsHeader, read_header, read_tensors
+from fcconv.io.atomic import (
+    TEMP_SUFFIX,
+    check_output_folder,
+    describe_os_error,
+    fsync_folder,
+    install_folder,
+    mark_folder,
+    temp_prefix,
+)
+from fcconv.io.files import (
+    MAX_INDEX_BYTES,
+    describe_read_error,
+    is_folder,
+    probe,
+    read_regular,
+)
+from fcconv.io.safetensors import (
+    MAX_TENSORS,
+    HeaderEntry,
+    SafetensorsHeader,
+    read_header,
+    read_tensors,
+)
 from fcconv.io.streaming import (
     DEFAULT_BLOCK_BYTES,
     ProgressCallback,
@@ -87,17 +109,21 @@ class ShardedCheckpoint:
 def is_sharded(path: str | Path) -> bool:
     """True for a folder or an ``*.index.json`` file: inputs :func:`load_index` takes."""
     path = Path(path)
-    return path.is_dir() or path.name.endswith(".index.json")
+    return path.name.endswith(".index.json") or is_folder(path)
 
 
 def find_index(path: str | Path) -> Path:
     """The index file itself, or the one ``*.safetensors.index.json`` in a folder."""
     path = Path(path)
-    if not path.is_dir():
-        if not path.exists():
+    if not is_folder(path):
+        if probe(path) is None:
             raise CheckpointError(f"{path} does not exist; check the path")
         return path
-    found = sorted(p for p in path.iterdir() if p.name.endswith(INDEX_SUFFIX) and p.is_file())
+    try:
+        names = [p for p in path.iterdir() if p.name.endswith(INDEX_SUFFIX)]
+    except OSError as error:
+        raise describe_read_error(path, error) from None
+    found = sorted(p for p in names if _is_regular(p))
     if not found:
         raise CheckpointError(
             f"{path} is a directory with no *{INDEX_SUFFIX}; give a checkpoint file (.pt, "
@@ -107,6 +133,11 @@ def find_index(path: str | Path) -> Path:
         names = ", ".join(p.name for p in found)
         raise CheckpointError(f"{path} holds several indexes ({names}); give the one you mean")
     return found[0]
+
+
+def _is_regular(path: Path) -> bool:
+    found = probe(path)
+    return found is not None and stat.S_ISREG(found.st_mode)
 
 
 def load_index(path: str | Path) -> ShardedCheckpoint:
@@ -127,13 +158,11 @@ def load_index(path: str | Path) -> ShardedCheckpoint:
         'model-00002-of-00002.safetensors'
     """
     index_path = find_index(path)
+    raw = read_regular(index_path, MAX_INDEX_BYTES, "index")
     try:
-        document = json.loads(index_path.read_bytes())
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise CheckpointError(f"could not read {index_path}: {reason}; check the path") from None
-    except ValueError as error:
-        detail = str(error).splitlines()[0][:120]
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:120]
         raise CheckpointError(
             f"{index_path} is not a valid index: not JSON ({detail}); re-download it"
         ) from None
@@ -149,8 +178,14 @@ def load_index(path: str | Path) -> ShardedCheckpoint:
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{index_path} is not a valid index: its metadata is not an object")
 
+    if len(weight_map) > MAX_TENSORS:
+        raise CheckpointError(
+            f"{index_path} maps more than {MAX_TENSORS} tensors, more than fcconv reads in one "
+            "checkpoint; check that it is the right index"
+        )
     folder = index_path.parent
     shards: dict[str, SafetensorsHeader] = {}
+    described = 0  # tensors the shards' headers describe: bounded like the index
     for name, shard in weight_map.items():
         if shard in shards:
             continue
@@ -161,12 +196,18 @@ def load_index(path: str | Path) -> ShardedCheckpoint:
                 "refusing to read it"
             )
         file = folder / relative
-        if not file.is_file():
+        if probe(file) is None:
             raise CheckpointError(
                 f"{index_path} names shard {shard}, which is not in {folder}; the download is "
                 "incomplete: fetch the missing shard"
             )
-        shards[shard] = read_header(file)
+        shards[shard] = read_header(file)  # refuses anything but a regular file
+        described += len(shards[shard].tensors)
+        if described > MAX_TENSORS:
+            raise CheckpointError(
+                f"the shards of {index_path} describe more than {MAX_TENSORS} tensors, more "
+                f"than it maps ({len(weight_map)}); {_MISMATCH}"
+            )
 
     holders: dict[str, list[str]] = {}
     for shard, header in shards.items():
@@ -219,27 +260,6 @@ def _shard_metadata(
     if callable(metadata):
         return metadata(header, layers)
     return {**(header.metadata or {}), **metadata}
-
-
-def check_output_folder(target: Path, force: bool, source_folder: Path) -> None:
-    """Refuse an output folder that is (or holds) the input, or exists without ``force``."""
-    resolved, source = target.resolve(), source_folder.resolve()
-    if resolved == source or source.is_relative_to(resolved):
-        raise CheckpointError(
-            f"output {target} is or holds the input folder {source_folder}; fcconv never "
-            "overwrites its input, choose another {output}"
-        )
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"output {target} is a file; give a folder name as {{output}}")
-    if target.exists() and not force:
-        raise CheckpointError(
-            f"output {target} already exists; pass {{force}} to replace it or choose "
-            "another {output}"
-        )
-    if not target.parent.is_dir():
-        raise CheckpointError(
-            f"output folder {target.parent} does not exist; create it or choose another {{output}}"
-        )
 
 
 def convert_sharded(
@@ -299,7 +319,9 @@ def convert_sharded(
         shard_metadata[shard] = _shard_metadata(metadata, header, shard_layers)
         new_header = converted_header(header, shard_layers, shard_metadata[shard])
         sizes[shard] = len(new_header) + header.data_bytes
-    check_output_folder(target, force, checkpoint.folder)
+    inputs = (checkpoint.folder, checkpoint.index_path)
+    check_output_folder(target, force, inputs)
+    existed = probe(target, follow=False) is not None
 
     total = sum(sizes.values()) + checkpoint.index_path.stat().st_size
     done = 0
@@ -309,9 +331,8 @@ def convert_sharded(
             progress(done + count, total)
 
     try:
-        building = Path(
-            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
-        )
+        prefix = temp_prefix(target.name)
+        building = Path(tempfile.mkdtemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=target.parent))
     except OSError as error:
         raise CheckpointError(describe_os_error(error, target)) from error
     try:
@@ -337,8 +358,9 @@ def convert_sharded(
         copy_file(checkpoint.index_path, index, progress=advance)
         if check is not None:
             check(load_index(index))
+        mark_folder(building, [*checkpoint.shards, checkpoint.index_path.name])
         _fsync_folders(building, {p.parent for p in building.rglob("*")})
-        _install(building, target)
+        install_folder(building, target, force, inputs, existed)
     except OSError as error:
         shutil.rmtree(building, ignore_errors=True)
         raise CheckpointError(describe_os_error(error, target)) from error
@@ -362,26 +384,3 @@ def _fsync_folders(root: Path, folders: set[Path]) -> None:
     # The files are fsynced as written; this makes their names durable too.
     for folder in sorted(folders | {root}, key=lambda p: -len(p.parts)):
         fsync_folder(folder)
-
-
-def _install(building: Path, target: Path) -> None:
-    """Rename the finished folder onto ``target``, replacing an existing one.
-
-    A folder cannot be renamed over a non-empty one, so an existing output is
-    first renamed aside (to another ``.NAME.*.fcconv-tmp``), then removed.
-    """
-    if not target.exists():
-        os.rename(building, target)
-    else:
-        aside = Path(
-            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
-        )
-        os.rename(target, aside / "previous")
-        try:
-            os.rename(building, target)
-        except BaseException:
-            os.rename(aside / "previous", target)
-            shutil.rmtree(aside, ignore_errors=True)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-    _fsync_folders(target.parent, set())

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
+from fcconv.errors import CheckpointError
 from fcconv.geometry import unravel_index
 from fcconv.io.atomic import STDIO
 from fcconv.io.checkpoint import SAFETENSORS, Checkpoint, load_checkpoint
+from fcconv.io.files import describe_read_error, open_regular, probe
 from fcconv.io.provenance import PROVENANCE_KEY, layer_records
 from fcconv.plan import TensorInfo
 
@@ -42,18 +45,19 @@ class Source:
     span: Callable[[str], tuple[Path, int, int]] | None = (
         None  # (file, offset, length) of its bytes
     )
+    inputs: tuple[str | Path, ...] = ()
+    """Every file and folder the source reads (``-`` for stdin): never to be written."""
+    surroundings: Any = None
+    """Everything that is not a tensor and must survive a conversion (metadata, the
+    training state around the weights), fcconv's provenance record excepted."""
 
     def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         """Rows of a 2-D tensor, reading only those rows' bytes when it is on disk."""
-        import torch
-
         if self.locate is None:
             return self.read([name])[name][rows]
-        from safetensors import safe_open
+        from fcconv.io.safetensors import read_rows
 
-        with safe_open(str(self.locate(name)), framework="pt") as handle:
-            block = handle.get_slice(name)
-            return torch.cat([block[row : row + 1] for row in rows])
+        return read_rows(self.locate(name), name, rows)
 
     @property
     def records(self) -> dict[str, dict[str, Any]]:
@@ -70,8 +74,14 @@ def _info(entries: Mapping[str, Any]) -> dict[str, TensorInfo]:
     return {name: entry.info for name, entry in entries.items()}
 
 
-def open_source(path: str, *, trust_pickle: bool = False, lazy: bool = True) -> Source:
-    """Describe ``path``: from headers when it is safetensors or sharded and ``lazy``."""
+def open_source(
+    path: str, *, trust_pickle: bool = False, lazy: bool = True, describe_only: bool = False
+) -> Source:
+    """Describe ``path``: from headers when it is safetensors or sharded and ``lazy``.
+
+    ``describe_only`` promises that no tensor's bytes will be read, which lets
+    a zip torch checkpoint be memory-mapped instead of read whole.
+    """
     from fcconv.io.sharded import is_sharded
 
     if path != STDIO and is_sharded(path):
@@ -80,13 +90,17 @@ def open_source(path: str, *, trust_pickle: bool = False, lazy: bool = True) -> 
         return _safetensors_source(path)
     if path != STDIO and _is_keras_file(Path(path)):
         return _keras_source(path)
-    return _loaded_source(path, load_checkpoint(path, trust_pickle=trust_pickle))
+    loaded = load_checkpoint(path, trust_pickle=trust_pickle, mmap=describe_only)
+    return _loaded_source(path, loaded)
 
 
 def _loaded_source(path: str, loaded: Checkpoint) -> Source:
     """A source whose tensors are all in memory."""
     from fcconv.plan import describe
 
+    surroundings = (
+        loaded.surroundings() if loaded.format != SAFETENSORS else _metadata_of(loaded.metadata)
+    )
     return Source(
         path=path,
         format=loaded.format,
@@ -94,14 +108,22 @@ def _loaded_source(path: str, loaded: Checkpoint) -> Source:
         metadata=loaded.metadata,
         read=lambda names: {name: loaded.tensors[name] for name in names},
         loaded=loaded,
+        inputs=(path,),
+        surroundings=surroundings,
     )
 
 
+def _metadata_of(metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    """A safetensors file's surroundings: its metadata without fcconv's record."""
+    return {"__metadata__": {k: v for k, v in (metadata or {}).items() if k != PROVENANCE_KEY}}
+
+
 def _is_safetensors_file(file: Path) -> bool:
-    if not file.is_file():
-        return False
-    with open(file, "rb") as handle:
-        head = handle.read(9)
+    found = probe(file)
+    if found is None or not stat.S_ISREG(found.st_mode):
+        return False  # loading it says what is wrong
+    with open_regular(file) as descriptor:
+        head = os.pread(descriptor, 9, 0)
     return len(head) == 9 and head[8:9] == b"{"
 
 
@@ -134,6 +156,8 @@ def _safetensors_source(path: str) -> Source:
         read=lambda names: read_tensors(path, list(names)),
         locate=lambda name: Path(path),
         span=lambda name: _span(header, name),
+        inputs=(path,),
+        surroundings=_metadata_of(header.metadata),
     )
 
 
@@ -147,6 +171,10 @@ def _sharded_source(path: str) -> Source:
         layers.update(layer_records(header.metadata))
     if layers:
         metadata[PROVENANCE_KEY] = json.dumps({"layers": layers})
+    surroundings = {
+        "index": {"metadata": checkpoint.metadata, "weight_map": checkpoint.weight_map},
+        "shards": {name: _metadata_of(h.metadata) for name, h in checkpoint.shards.items()},
+    }
     return Source(
         path=path,
         format=SHARDED,
@@ -155,6 +183,8 @@ def _sharded_source(path: str) -> Source:
         read=lambda names: read_sharded_tensors(checkpoint, list(names)),
         locate=lambda name: checkpoint.header_of(name).path,
         span=lambda name: _span(checkpoint.header_of(name), name),
+        inputs=(checkpoint.folder, checkpoint.index_path),
+        surroundings=surroundings,
     )
 
 
@@ -237,17 +267,29 @@ def _compare_spans(
     (path_a, start_a, length), (path_b, start_b, _) = a, b
     chunk = max(itemsize, _CHUNK // itemsize * itemsize)
     count, first = 0, -1
-    with open(path_a, "rb") as file_a, open(path_b, "rb") as file_b:
+    with open_regular(path_a) as file_a, open_regular(path_b) as file_b:
         for done in range(0, length, chunk):
             size = min(chunk, length - done)
-            left = np.frombuffer(os.pread(file_a.fileno(), size, start_a + done), np.uint8)
-            right = np.frombuffer(os.pread(file_b.fileno(), size, start_b + done), np.uint8)
+            left = np.frombuffer(_pread(file_a, size, start_a + done, path_a), np.uint8)
+            right = np.frombuffer(_pread(file_b, size, start_b + done, path_b), np.uint8)
             differs = (left.reshape(-1, itemsize) != right.reshape(-1, itemsize)).any(axis=1)
             found = int(differs.sum())
             if found and first < 0:
                 first = done // itemsize + int(differs.argmax())
             count += found
     return count, first
+
+
+def _pread(descriptor: int, size: int, offset: int, path: Path) -> bytes:
+    try:
+        data = os.pread(descriptor, size, offset)
+    except OSError as error:
+        raise describe_read_error(path, error) from None
+    if len(data) != size:
+        raise CheckpointError(
+            f"{path} ended early while being compared (did it change?); check the file and retry"
+        )
+    return data
 
 
 def read_all(source: Source) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ from fcconv import dtypes
 from fcconv.errors import CheckpointError, LayerError, SpecError
 from fcconv.geometry import AXES, Patch, parse_order
 from fcconv.io.atomic import atomic_output, check_output_path
+from fcconv.io.files import open_regular
 from fcconv.io.safetensors import (
     HeaderEntry,
     SafetensorsHeader,
@@ -179,7 +180,7 @@ def stream_convert(
     targets = _targets(header, layers)
     new_header = _new_header(header, targets, metadata)
     check_output_path(dst, force, (src,))
-    with atomic_output(dst) as temporary:
+    with atomic_output(dst, force=force, sources=(src,)) as temporary:
         _write_converted(header, targets, new_header, temporary, progress, block_bytes)
         if check is not None:
             check(temporary)
@@ -232,11 +233,7 @@ def _write_converted(
         if end > position:
             copies.append((old_start + position, new_start + position, end - position))
         position = target.info.end if target else end
-    try:
-        source = os.open(src, os.O_RDONLY)
-    except OSError as error:
-        raise read_error(src, error) from None
-    try:
+    with open_regular(src) as source:
         # No O_TRUNC: the file is new and empty, and truncating makes ext4
         # (auto_da_alloc) flush the whole file synchronously on close.
         output = os.open(path, os.O_WRONLY)
@@ -246,11 +243,9 @@ def _write_converted(
             writer.write(new_header, 0)
             writer.run(copies, [(old_start, new_start, t) for t in moved])
             if os.fstat(output).st_size != total:
-                raise AssertionError("stream_convert wrote a file of the wrong size")
+                raise CheckpointError(f"{src} changed while being copied; check the file and retry")
         finally:
             os.close(output)
-    finally:
-        os.close(source)
 
 
 def copy_file(
@@ -266,8 +261,7 @@ def copy_file(
     temporary (as :func:`fcconv.io.sharded.convert_sharded` does). ``dst`` must
     not exist. ``OSError`` propagates for the caller to describe.
     """
-    source = os.open(src, os.O_RDONLY)
-    try:
+    with open_regular(src) as source:
         output = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             size = os.fstat(source).st_size
@@ -276,8 +270,6 @@ def copy_file(
             os.fsync(output)
         finally:
             os.close(output)
-    finally:
-        os.close(source)
 
 
 # Errors after which the next copy method is tried instead of giving up.

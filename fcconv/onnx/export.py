@@ -107,7 +107,7 @@ def save_onnx(
             f"the ONNX export of the converted model refuses or mis-computes input(s) {shown} "
             "in onnxruntime; write a .pt2 program instead"
         )
-    with atomic_output(target) as temporary:
+    with atomic_output(target, force=force) as temporary:
         temporary.write_bytes(data)
     return ExportInfo(
         path=str(target),

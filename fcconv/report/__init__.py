@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -52,9 +53,26 @@ def stderr_console() -> Console:
 
 
 def emit_json(document: Mapping[str, Any]) -> None:
-    """Write exactly one JSON document to stdout."""
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    """Write exactly one strict JSON document to stdout (NaN and infinities become null).
+
+    Raises:
+        OutputError: stdout is closed, full, or its reader went away.
+    """
+    from fcconv.io.stdio import write_stdout
+
+    text = json.dumps(_strict(document), indent=2, default=str, allow_nan=False)
+    write_stdout(text + "\n")
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(item) for item in value]
+    return value
 
 
 def num(value: float | None, digits: int = 3) -> str:
