@@ -11,7 +11,7 @@ maps one weight onto the other exactly. Every claim is then checked by
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import LayerError
@@ -115,20 +115,23 @@ def plan_verification(
             raise LayerError(f"{name} is not Linear-shaped in {source}; nothing to verify")
         entry = entries[name]
         if entry.weight_key not in pairs:
-            shape = (
-                tuple(converted[entry.weight_key].shape) if entry.weight_key in converted else None
-            )
+            after = info_after.get(entry.weight_key)
+            shape = tuple(after.shape) if after is not None else None
             raise LayerError(
                 f"{name} is not converted in the second file ({entry.weight_key} has "
                 f"shape {shape}); check the layer name and the file order"
             )
-        kernel = converted[entry.weight_key]
-        patch = patch_of_kernel(tuple(kernel.shape))
+        patch = patch_of_kernel(tuple(info_after[entry.weight_key].shape))
         spec = specs.get(getattr(requested, "name", requested)) or default_patch
         claimed_patch = resolve_patch(spec, entry.in_features, name) if spec else patch
         record = provenance.get(name, {})
+        # the weights are read only when neither flags nor provenance name the order
         layer_order, note = _claimed_order(
-            name, original[entry.weight_key], kernel, patch, order, record
+            name,
+            lambda key=entry.weight_key: (original[key], converted[key]),
+            patch,
+            order,
+            record,
         )
         notes.append(note)
         recorded = tuple(record.get("stride", ())) or None
@@ -151,8 +154,7 @@ def plan_verification(
 
 def _claimed_order(
     name: str,
-    weight: torch.Tensor,
-    kernel: torch.Tensor,
+    weights: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     patch: Patch,
     order: str | None,
     record: Mapping[str, Any],
@@ -161,6 +163,7 @@ def _claimed_order(
         return order, f"{name}: order {order} as given"
     if record.get("order") in ORDERS:
         return record["order"], f"{name}: order {record['order']} from the file's metadata"
+    weight, kernel = weights()
     matches = matching_orders(weight, kernel)
     if not matches:
         closest = closest_order(weight, kernel)
