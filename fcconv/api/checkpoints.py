@@ -35,7 +35,7 @@ from fcconv.geometry import (
     resolve_patch,
 )
 from fcconv.io.atomic import STDIO, check_output_path, default_output
-from fcconv.io.checkpoint import SAFETENSORS, format_for, save_checkpoint
+from fcconv.io.checkpoint import SAFETENSORS, TORCH, format_for, save_checkpoint
 from fcconv.io.provenance import with_provenance
 from fcconv.io.sources import SHARDED, Source, open_source
 from fcconv.plan import (
@@ -343,6 +343,12 @@ def convert_checkpoint(
         from fcconv.api.streamed import convert_streaming
 
         return convert_streaming(job, progress)
+    if source.format == out_format == TORCH and STDIO not in (source.path, job.output):
+        from fcconv.api.streamed import convert_torch_streaming
+
+        streamed = convert_torch_streaming(job, progress, trust_pickle)
+        if streamed is not None:
+            return streamed
     if source.on_disk:
         job.source = open_source(str(src), trust_pickle=trust_pickle, lazy=False)
     return _convert_in_memory(job, out_format)

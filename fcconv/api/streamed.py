@@ -2,13 +2,15 @@
 
 :func:`streamed` is the pipeline they share: plan, write into a temporary
 output, check it while the disk is still busy writing it, rename. The
-writers: safetensors (:func:`convert_streaming`) and sharded folders
+writers: safetensors (:func:`convert_streaming`), torch zip checkpoints
+(:func:`convert_torch_streaming`), and sharded folders
 (:func:`fcconv.api.checkpoints.convert_checkpoint`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv.api.checkpoints import ConvertResult, Progress
@@ -81,3 +83,38 @@ def convert_streaming(job: Job, progress: Progress | None) -> ConvertResult:
         )  # fmt: skip
 
     return streamed(job, write, lambda temporary: (open_source(str(temporary)), []), "safetensors")
+
+
+def convert_torch_streaming(
+    job: Job, progress: Progress | None, trust_pickle: bool
+) -> ConvertResult | None:
+    """A torch zip checkpoint rewritten record by record; None when it must go in memory."""
+    from fcconv.io import torch_streaming as torchzip
+
+    try:
+        archive = torchzip.open_archive(job.source.path, trust_pickle=trust_pickle)
+    except torchzip.Unsupported:
+        return None
+    loaded, job.source = job.source, torchzip.archive_source(archive)
+
+    def write(layers: dict, plans: list[LayerPlan], check: Any) -> None:
+        for plan in plans:  # a bias the checks cannot read by its bytes: in memory instead
+            if plan.bias_key is not None:
+                archive.span(plan.bias_key)
+        torchzip.stream_convert_torch(
+            archive, job.output, layers, force=job.force, progress=progress,
+            check=(lambda temporary, rewrite: check((temporary, rewrite))) if check else None,
+        )  # fmt: skip
+
+    def read_output(built: tuple[Path, Any]) -> tuple[Source, list[str]]:
+        after = torchzip.read_back(built[0], trust_pickle)
+        return torchzip.archive_source(after), torchzip.differences(archive, after, built[1])
+
+    try:
+        return streamed(job, write, read_output, "torch")
+    except torchzip.Unsupported:
+        job.source = loaded
+        job.evidence.clear()
+        job.notes.clear()
+        job.warnings.clear()
+        return None

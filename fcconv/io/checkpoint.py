@@ -167,9 +167,23 @@ def _load_bytes(data: bytes, source: str, trust_pickle: bool) -> Checkpoint:
     return _load_torch(io.BytesIO(data), source, trust_pickle, zipped=False)
 
 
-def _load_torch(file: Path | BinaryIO, source: str, trust_pickle: bool, zipped: bool) -> Checkpoint:
+def load_torch_meta(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
+    """A torch zip checkpoint's structure without its data: every tensor on the meta device.
+
+    Each storage records where its bytes start in the file
+    (``untyped_storage()._checkpoint_offset``), as torch's meta loading
+    computes it. Raises like :func:`load_checkpoint`.
+    """
+    file = Path(path)
+    _check_readable(file)
+    return _load_torch(file, str(file), trust_pickle, zipped=True, meta=True)
+
+
+def _load_torch(
+    file: Path | BinaryIO, source: str, trust_pickle: bool, zipped: bool, meta: bool = False
+) -> Checkpoint:
     try:
-        loaded = _torch_load(file, trust_pickle, zipped)
+        loaded = _torch_load(file, trust_pickle, zipped, meta)
     except pickle.UnpicklingError as error:
         if not trust_pickle and _REFUSES_CODE.search(str(error)):
             raise UnsafeCheckpointError(_unsafe_message(source, str(error))) from None
@@ -191,22 +205,24 @@ def _load_torch(file: Path | BinaryIO, source: str, trust_pickle: bool, zipped: 
     )
 
 
-def _torch_load(file: Path | BinaryIO, trust_pickle: bool, zipped: bool) -> Any:
+def _torch_load(file: Path | BinaryIO, trust_pickle: bool, zipped: bool, meta: bool = False) -> Any:
     import torch
 
     if isinstance(file, Path) and str(file).endswith(".safetensors"):
         # torch.load hands any path named *.safetensors to safetensors, whatever the
         # bytes are; the content said torch, so give it an open file instead.
         with open(file, "rb") as handle:
-            return _torch_load(handle, trust_pickle, zipped=False)
+            return _torch_load(handle, trust_pickle, zipped=False, meta=meta)
+    where = "meta" if meta else "cpu"
     with warnings.catch_warnings():
         # Legacy storages and pickle protocols make torch warn while loading: noise
         # the user cannot act on, and stderr must stay one line when we refuse.
         warnings.simplefilter("ignore")
         if trust_pickle:
-            return torch.load(file, map_location="cpu", weights_only=False)
+            return torch.load(file, map_location=where, weights_only=False)
         # mmap keeps a large zip checkpoint out of memory until its bytes are used.
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+        mmap = zipped and not meta
+        return torch.load(file, map_location=where, weights_only=True, mmap=mmap)
 
 
 def _unsafe_message(source: str, detail: str) -> str:
