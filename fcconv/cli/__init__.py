@@ -16,7 +16,6 @@ from typing import Any
 
 import click
 
-from fcconv import __version__
 from fcconv.errors import CLI_NAMES, FcconvError
 from fcconv.report import printable
 
@@ -96,7 +95,7 @@ TRUST = click.option(
 
 
 @click.group(cls=FcconvGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="fcconv")
+@click.version_option(package_name="fcconv", prog_name="fcconv")  # looked up only if asked
 @DEBUG
 def cli() -> None:
     """Rewrite Linear layers of a PyTorch checkpoint as the equivalent strided Conv2d.
