@@ -77,7 +77,6 @@ class TorchArchive:
     path: Path
     checkpoint: Checkpoint  # every tensor on the meta device
     records: dict[int, Record]  # storage records by the offset of their data
-    trust_pickle: bool = False
 
     def span(self, key: str) -> tuple[Path, int, int]:
         """(file, offset, length) of the bytes of the tensor ``key`` of the state dict."""
@@ -127,7 +126,7 @@ def open_archive(path: str | Path, *, trust_pickle: bool = False) -> TorchArchiv
         if handle.read(4) != b"PK\x03\x04":
             raise Unsupported(f"{file} is not in torch's zip format")
     checkpoint = load_torch_meta(file, trust_pickle=trust_pickle)
-    archive = TorchArchive(file, checkpoint, _storage_records(file), trust_pickle)
+    archive = TorchArchive(file, checkpoint, _storage_records(file))
     storages = {_record_of(archive, tensor).offset for _, tensor in tensors_in(_root(archive))}
     if storages != set(archive.records):
         # a tensor the walk cannot see (inside an object that is not a container)
@@ -353,6 +352,8 @@ class _StandIns:
             return NotImplemented
         if type(obj) not in (torch.Tensor, torch.nn.Parameter) or obj.layout != torch.strided:
             raise Unsupported(f"a {type(obj).__name__} ({obj.layout}) in the checkpoint")
+        if obj.is_conj() or obj.is_neg():  # lazy bits a placeholder would not carry
+            raise Unsupported("a tensor with a lazy conjugate or negative bit")
         # Tensors that share a storage in the file share one here: a meta load gives
         # each its own meta storage, but they start at the same record.
         origin = self._origin(obj)
