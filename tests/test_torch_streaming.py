@@ -213,3 +213,34 @@ def test_a_trusted_pickle_streams_too(tmp_path) -> None:
     assert document["mode"] == "streamed"
     loaded = load_checkpoint(tmp_path / "out.pt", trust_pickle=True)
     assert loaded.container["config"] == Path("runs/7")
+
+
+def test_a_refusal_while_torch_lays_out_the_archive_converts_in_memory(
+    tmp_path, monkeypatch
+) -> None:
+    """Unsupported raised mid-write: the temporary file goes, the in-memory path takes over."""
+
+    def refuse(self, obj):
+        raise torchzip.Unsupported("a tensor this cannot stand in for")
+
+    checkpoint = training_checkpoint()
+    torch.save(checkpoint, tmp_path / "in.pt")
+    monkeypatch.setattr(torchzip._StandIns, "reduce", refuse)
+    document = convert(tmp_path / "in.pt", tmp_path / "out.pt")
+    assert document["mode"] == "in memory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "out.pt"]
+    assert same_object(
+        torch.load(tmp_path / "out.pt", weights_only=True), expected_after(checkpoint, "hwc")
+    )
+
+
+def test_a_non_ascii_output_name(tmp_path) -> None:
+    """torch writes such a path through a Python file: slower, the same archive."""
+    checkpoint = training_checkpoint()
+    torch.save(checkpoint, tmp_path / "in.pt")
+    document = convert(tmp_path / "in.pt", tmp_path / "poids-été.pt")
+    assert document["mode"] == "streamed"
+    loaded = torch.load(tmp_path / "poids-été.pt", weights_only=True)
+    assert same_object(loaded, expected_after(checkpoint, "hwc"))
+    with zipfile.ZipFile(tmp_path / "poids-été.pt") as archive:
+        assert archive.testzip() is None

@@ -461,41 +461,53 @@ def differences(before: TorchArchive, after: TorchArchive, rewrite: Rewrite) -> 
     its record filled from the same tensor's record of the input. A converted
     weight's bytes are judged by the layer checks instead.
     """
-    found: list[str] = []
-    _compare(_root(before), _root(after), "", before, after, rewrite, found)
-    return found
+    walk = _SideBySide(before, after, rewrite)
+    walk.compare(_root(before), _root(after), "")
+    return walk.found
 
 
-def _compare(
-    a: Any,
-    b: Any,
-    path: str,
-    before: TorchArchive,
-    after: TorchArchive,
-    rewrite: Rewrite,
-    found: list[str],
-) -> None:
-    import torch
+@dataclass
+class _SideBySide:
+    before: TorchArchive
+    after: TorchArchive
+    rewrite: Rewrite
+    found: list[str] = field(default_factory=list)
 
-    where = path or "the checkpoint"
-    if type(a) is not type(b):
-        found.append(f"{where} changed type: {type(a).__name__} → {type(b).__name__}")
-    elif isinstance(a, torch.Tensor):
-        _compare_tensor(a, b, path, before, after, rewrite, found)
-    elif isinstance(a, Mapping):
-        if list(a) != list(b):
-            found.append(f"{where} has other keys: {list(a)[:5]} → {list(b)[:5]}")
+    def compare(self, a: Any, b: Any, path: str) -> None:
+        import torch
+
+        where = path or "the checkpoint"
+        if type(a) is not type(b):
+            self.found.append(f"{where} changed type: {type(a).__name__} → {type(b).__name__}")
+        elif isinstance(a, torch.Tensor):
+            self.tensor(a, b, path)
+        elif isinstance(a, Mapping):
+            if list(a) != list(b):
+                self.found.append(f"{where} has other keys: {list(a)[:5]} → {list(b)[:5]}")
+                return
+            for key in a:
+                self.compare(a[key], b[key], f"{path}[{key!r}]")
+        elif isinstance(a, list | tuple):
+            if len(a) != len(b):
+                self.found.append(f"{where} changed length: {len(a)} → {len(b)}")
+                return
+            for index, (x, y) in enumerate(zip(a, b, strict=True)):
+                self.compare(x, y, f"{path}[{index}]")
+        elif not _same_value(a, b):
+            self.found.append(f"{where} changed: {a!r} → {b!r}"[:200])
+
+    def tensor(self, a: torch.Tensor, b: torch.Tensor, path: str) -> None:
+        origin = self.rewrite.origins.get(_record_of(self.after, b).offset)
+        if isinstance(origin, str):  # a converted weight: the layer checks judge its bytes
+            if a is not self.before.checkpoint.tensors.get(origin):
+                self.found.append(f"{path} reads the converted {origin}")
             return
-        for key in a:
-            _compare(a[key], b[key], f"{path}[{key!r}]", before, after, rewrite, found)
-    elif isinstance(a, list | tuple):
-        if len(a) != len(b):
-            found.append(f"{where} changed length: {len(a)} → {len(b)}")
-            return
-        for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            _compare(x, y, f"{path}[{index}]", before, after, rewrite, found)
-    elif not _same_value(a, b):
-        found.append(f"{where} changed: {a!r} → {b!r}"[:200])
+        layout_a = (a.dtype, tuple(a.shape), a.stride(), a.storage_offset(), a.requires_grad)
+        layout_b = (b.dtype, tuple(b.shape), b.stride(), b.storage_offset(), b.requires_grad)
+        if layout_a != layout_b:
+            self.found.append(f"{path} changed: {layout_a} → {layout_b}")
+        elif origin != _record_of(self.before, a).offset:
+            self.found.append(f"{path} reads another storage than the original's")
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -503,28 +515,6 @@ def _same_value(a: Any, b: Any) -> bool:
         return bool(a == b) or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
     except Exception:  # an object whose == does not answer a bool: compare what it shows
         return repr(a) == repr(b)
-
-
-def _compare_tensor(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    path: str,
-    before: TorchArchive,
-    after: TorchArchive,
-    rewrite: Rewrite,
-    found: list[str],
-) -> None:
-    origin = rewrite.origins.get(_record_of(after, b).offset)
-    if isinstance(origin, str):  # a converted weight: the layer checks judge its bytes
-        if a is not before.checkpoint.tensors.get(origin):
-            found.append(f"{path} reads the converted {origin}")
-        return
-    layout_a = (a.dtype, tuple(a.shape), a.stride(), a.storage_offset(), a.requires_grad)
-    layout_b = (b.dtype, tuple(b.shape), b.stride(), b.storage_offset(), b.requires_grad)
-    if layout_a != layout_b:
-        found.append(f"{path} changed: {layout_a} → {layout_b}")
-    elif origin != _record_of(before, a).offset:
-        found.append(f"{path} reads another storage than the original's")
 
 
 def read_back(path: Path, trust_pickle: bool) -> TorchArchive:
