@@ -25,8 +25,8 @@ every other storage keeps its bytes. So the rewrite:
 
 Memory stays at a few blocks plus torch; the input is never mapped. What this
 cannot do exactly (a legacy-format file, a torch without ``skip_data``, a
-weight that is a view into a larger storage) raises :class:`Unsupported`
-before anything is written, and the caller converts in memory instead.
+weight that is a view into a larger storage) raises :class:`Unsupported`,
+leaving no file behind, and the caller converts in memory instead.
 """
 
 from __future__ import annotations
@@ -242,9 +242,9 @@ def stream_convert_torch(
             records, before the rename; whatever it raises aborts the write.
 
     Raises:
-        Unsupported: a weight this cannot rewrite in place, before anything
-            is written.
-        CheckpointError: a failed write; the target is left as it was.
+        Unsupported: a weight or tensor this cannot rewrite record by record;
+            the target is left as it was and no temporary file remains.
+        CheckpointError: a failed write; the same holds.
     """
     import torch
 
