@@ -1,25 +1,30 @@
-"""Rewriting a large safetensors checkpoint costs about what copying it costs.
+"""Verified conversion against a durable copy: whole fcconv processes, side by side.
 
-Builds a VGG-16-shaped fp32 checkpoint (``classifier.0.weight`` 4096×25088,
-patch 7×7×512, plus filler tensors up to ``--size-gb``) in a scratch folder,
-then times each case as a whole process, side by side in one run, against
-``cp`` of the same file:
+Builds a VGG-16-shaped fp32 safetensors checkpoint (``classifier.0.weight``
+4096×25088, patch 7×7×512, plus filler up to ``--size-gb``) and its
+``torch.save`` twin in a scratch folder, then times every case below as a
+whole process, each round running every case once, so that each ratio is
+taken between commands that ran moments apart on the same disk and CPUs.
 
-- ``cp``, and ``cp`` followed by ``sync FILE`` (a durable copy: fcconv fsyncs
-  its output before renaming it into place, ``cp`` does not);
-- the streaming rewrite, order ``chw`` (only the header changes);
-- the streaming rewrite, order ``hwc`` (the 411 MB weight is permuted);
-- for reference, the naive rewrite: ``safetensors.torch.load_file``, convert,
-  ``save_file``.
+Anchors (SPEC §7):
 
-Peak RSS is each process's own (``os.wait4``). Runs are interleaved and the
-median is reported; the page cache holds the input throughout, as it would
-right after a download. Targets (SPEC §7): ``chw`` ≤ 1.1× ``cp`` and
-``hwc`` ≤ 1.3× ``cp``, both in ≤ 256 MiB.
+- **a durable copy**: ``cp`` then ``sync FILE`` (an fsync of the copy), since
+  fcconv fsyncs its output before renaming it into place;
+- **reading both files once**: ``cat ORIGINAL CONVERTED > /dev/null``, for
+  ``verify``; both it and ``verify`` start with the two files evicted from the
+  page cache (``posix_fadvise(DONTNEED)``), as for files on disk, and are also
+  timed warm, for information;
+- **importing torch**: ``python -c "import torch"``, for the seed sample.
+
+Every timed command starts with no dirty pages left by the one before it (an
+untimed ``sync``); the inputs of ``convert`` are in the page cache, as right
+after a download. Peak RSS is each process's own, mapped file pages
+included (``getrusage(RUSAGE_CHILDREN)`` in a launcher that runs only that
+process). Each ratio is the median over rounds of the per-round ratio.
 
     python benchmarks/bench_rewrite.py              # 2 GB, 3 rounds
-    python benchmarks/bench_rewrite.py --quick      # 200 MB, for a smoke test
-    FCCONV_BENCH_GB=4 python benchmarks/bench_rewrite.py --rounds 5
+    python benchmarks/bench_rewrite.py --quick      # 200 MB, 1 round: a smoke test
+    python benchmarks/bench_rewrite.py --rounds 5 --dir /tmp/fcconv-bench --keep
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,35 +47,30 @@ MiB = 1 << 20
 LAYER = "classifier.0"
 TARGET = f"{LAYER}.weight"
 PATCH = (7, 7, 512)  # H, W, C
-LIMITS = {"chw": (1.1, 256), "hwc": (1.3, 256)}
-
-
-# ----------------------------------------------------------------------------
 FCCONV = str(Path(sys.executable).parent / "fcconv")
+SEED = ROOT / "sample_checkpoints" / "seed_fc.pt"
 
 
-def convert_command(src: Path, dst: Path, order: str, *, verify: bool = False) -> list[str]:
-    """``fcconv convert`` of ``src`` into ``dst`` with ``classifier.0`` in ``order``."""
-    command = [FCCONV, "convert", str(src), "-o", str(dst), "--layer", f"{LAYER}=7x7x512"]
-    command += ["--order", order, "--force", "-q"]
-    return command if verify else [*command, "--no-verify"]
+@dataclass
+class Case:
+    """One timed command and what it is judged against."""
+
+    name: str
+    command: list[str]
+    anchor: str | None = None  # the case whose time it is a ratio of
+    ratio: float | None = None  # target: at most this many times the anchor
+    rss_mib: float | None = None  # target: peak RSS at most this
+    seconds: float | None = None  # target: at most this long
+    cold: tuple[Path, ...] = ()  # files evicted from the page cache before it runs
+    output: Path | None = None  # removed before it runs
+    times: list[float] | None = None
+    peak_mib: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.times = []
 
 
-def naive_command(src: Path, dst: Path, order: str) -> list[str]:
-    """Load everything, convert, save everything: the reference the streaming path beats."""
-    code = (
-        "import sys\n"
-        "from safetensors import safe_open\n"
-        "from safetensors.torch import load_file, save_file\n"
-        "from fcconv.geometry import Patch, linear_weight_to_conv\n"
-        "with safe_open(sys.argv[1], 'pt') as f:\n"
-        "    metadata = f.metadata()\n"
-        "tensors = load_file(sys.argv[1])\n"
-        f"tensors[{TARGET!r}] = linear_weight_to_conv(tensors[{TARGET!r}],"
-        " Patch(7, 7, 512), sys.argv[3])\n"
-        "save_file(tensors, sys.argv[2], metadata=metadata)\n"
-    )
-    return [sys.executable, "-c", code, str(src), str(dst), order]
+# ------------------------------------------------------------------ the files
 
 
 def make_checkpoint(path: Path, size_bytes: int) -> int:
@@ -111,15 +113,52 @@ def make_checkpoint(path: Path, size_bytes: int) -> int:
     return rows
 
 
-# Measures one process from a small launcher: a child forked from this (large)
-# process would count this process's memory in its own peak RSS until it execs.
+def make_pt_twin(src: Path, pt: Path) -> None:
+    """The same tensors written by torch.save (zip format), for the pickle path."""
+    code = (
+        "import sys, torch\n"
+        "from safetensors.torch import load_file\n"
+        "torch.save(load_file(sys.argv[1]), sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(src), str(pt)], check=True)
+
+
+def check_output(src: Path, dst: Path, rows: int, order: str) -> None:
+    """The rewritten weight, checked on a few rows against a plain numpy permutation."""
+    from fcconv.io.safetensors import read_header
+
+    before, after = read_header(src), read_header(dst)
+    assert after.tensors[TARGET].shape == (rows, PATCH[2], PATCH[0], PATCH[1])
+    features = PATCH[0] * PATCH[1] * PATCH[2]
+    sizes = {"c": PATCH[2], "h": PATCH[0], "w": PATCH[1]}
+    start_before = before.data_start + before.tensors[TARGET].begin
+    start_after = after.data_start + after.tensors[TARGET].begin
+    for row in (0, rows // 2, rows - 1):
+        offset = row * features * 4
+        w = np.fromfile(src, np.float32, features, offset=start_before + offset)
+        k = np.fromfile(dst, np.float32, features, offset=start_after + offset)
+        expected = w.reshape([sizes[a] for a in order]).transpose([order.index(a) for a in "chw"])
+        assert np.array_equal(expected.reshape(-1).view(np.uint32), k.view(np.uint32)), row
+    a = np.fromfile(src, np.uint8, 4096, offset=before.file_bytes - 4096)
+    b = np.fromfile(dst, np.uint8, 4096, offset=after.file_bytes - 4096)
+    assert np.array_equal(a, b), "the last tensor's bytes changed"
+
+
+# ------------------------------------------------------------------ measuring
+
+
+# Runs one command from a small launcher: a child forked from this (large) process
+# would count this process's memory in its peak RSS until it execs. The launcher
+# has no other child, so RUSAGE_CHILDREN is exactly that command's own.
 LAUNCHER = """
-import os, sys, time
-start = time.perf_counter()
+import os, resource, sys, time
 quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_WRONLY, 0) for fd in (1, 2)]
+start = time.perf_counter()
 pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, file_actions=quiet)
-_, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+_, status = os.waitpid(pid, 0)
+elapsed = time.perf_counter() - start
+print(elapsed, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+      os.waitstatus_to_exitcode(status))
 """
 
 
@@ -135,67 +174,163 @@ def run(command: list[str]) -> tuple[float, float]:
     )
     elapsed, peak_kib, code = result.stdout.split()
     if int(code):
-        raise SystemExit(f"benchmark command failed ({code}): {' '.join(command[:3])} ...")
+        raise SystemExit(f"benchmark command failed ({code}): {' '.join(command)}")
     return float(elapsed), int(peak_kib) / 1024  # Linux reports KiB
 
 
-def check_output(src: Path, dst: Path, rows: int, order: str) -> None:
-    """The rewritten weight, checked on a few rows against a plain numpy permutation."""
-    from fcconv.io.safetensors import read_header
-
-    before, after = read_header(src), read_header(dst)
-    assert after.tensors[TARGET].shape == (rows, PATCH[2], PATCH[0], PATCH[1])
-    features = PATCH[0] * PATCH[1] * PATCH[2]
-    sizes = {"c": PATCH[2], "h": PATCH[0], "w": PATCH[1]}
-    for row in (0, rows // 2, rows - 1):
-        offset = row * features * 4
-        w = np.fromfile(
-            src,
-            np.float32,
-            features,
-            offset=before.data_start + before.tensors[TARGET].begin + offset,
-        )
-        k = np.fromfile(
-            dst,
-            np.float32,
-            features,
-            offset=after.data_start + after.tensors[TARGET].begin + offset,
-        )
-        expected = w.reshape([sizes[a] for a in order]).transpose([order.index(a) for a in "chw"])
-        assert np.array_equal(expected.reshape(-1).view(np.uint32), k.view(np.uint32)), row
-    tail = next(reversed(before.tensors))
-    a = np.fromfile(src, np.uint8, 4096, offset=before.file_bytes - 4096)
-    b = np.fromfile(dst, np.uint8, 4096, offset=after.file_bytes - 4096)
-    assert np.array_equal(a, b), tail
+def evict(*paths: Path) -> None:
+    """Drop the files' clean pages from the page cache (call after a sync)."""
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
 
 
-def make_pt_twin(src: Path, pt: Path) -> None:
-    """The same tensors written by torch.save (zip format), for the pickle path."""
+def warm(*paths: Path) -> None:
+    for path in paths:
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+
+
+def measure(cases: list[Case], rounds: int, after_first: Callable[[Case], None]) -> None:
+    """Run every case once per round, in order; before each, an untimed sync."""
+    for round_ in range(rounds):
+        for case in cases:
+            if case.output is not None:
+                case.output.unlink(missing_ok=True)
+            subprocess.run(["sync"], check=True)  # no dirty pages left for the next command
+            if case.cold:
+                evict(*case.cold)
+            elapsed, peak = run(case.command)
+            case.times.append(elapsed)
+            case.peak_mib = max(case.peak_mib, peak)
+            if round_ == 0:
+                after_first(case)
+        print(f"round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ the cases
+
+
+def durable_copy(src: Path, dst: Path) -> list[str]:
+    return ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(dst)]
+
+
+def convert(src: Path, dst: Path, order: str, *extra: str) -> list[str]:
+    command = [FCCONV, "convert", str(src), "-o", str(dst), "--layer", f"{LAYER}=7x7x512"]
+    return [*command, "--order", order, "--force", "-q", *extra]
+
+
+def naive_command(src: Path, dst: Path, order: str) -> list[str]:
+    """Load everything, convert, save everything: what the streaming path replaces."""
     code = (
-        "import sys, torch\n"
-        "from safetensors.torch import load_file\n"
-        "torch.save(load_file(sys.argv[1]), sys.argv[2])\n"
+        "import sys\n"
+        "from safetensors import safe_open\n"
+        "from safetensors.torch import load_file, save_file\n"
+        "from fcconv.geometry import Patch, linear_weight_to_conv\n"
+        "with safe_open(sys.argv[1], 'pt') as f:\n"
+        "    metadata = f.metadata()\n"
+        "tensors = load_file(sys.argv[1])\n"
+        f"tensors[{TARGET!r}] = linear_weight_to_conv(tensors[{TARGET!r}],"
+        " Patch(7, 7, 512), sys.argv[3])\n"
+        "save_file(tensors, sys.argv[2], metadata=metadata)\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(src), str(pt)], check=True)
+    return [sys.executable, "-c", code, str(src), str(dst), order]
 
 
-VERIFY_ONLY = """
-import sys, time
-from safetensors import safe_open
-from fcconv.geometry import Patch, linear_weight_to_conv
-from fcconv.plan import LayerPlan
-from fcconv.verify import check_layer
-with safe_open(sys.argv[1], "pt") as f:
-    weight, bias = f.get_tensor(sys.argv[2] + ".weight"), f.get_tensor(sys.argv[2] + ".bias")
-patch = Patch(7, 7, 512)
-plan = LayerPlan(sys.argv[2], sys.argv[2] + ".weight", sys.argv[2] + ".bias", weight.shape[0],
-                 patch, "hwc", (7, 7), "float32")
-after = {plan.weight_key: linear_weight_to_conv(weight, patch, "hwc"), plan.bias_key: bias}
-start = time.perf_counter()
-check = check_layer(plan, {plan.weight_key: weight, plan.bias_key: bias}, after)
-assert check, check.problems
-print(f"{time.perf_counter() - start:.2f}")
-"""
+def build_cases(folder: Path, args: argparse.Namespace) -> list[Case]:
+    src, out = folder / "vgg16.safetensors", folder / "out.safetensors"
+    conv = folder / "vgg16.conv.safetensors"  # what verify checks, written once
+    pt, pt_out = folder / "vgg16.pt", folder / "out.pt"
+    seed_out = folder / "seed_fc.conv.pt"
+    pt_mib = pt.stat().st_size / MiB if pt.exists() else 0
+    cases = [
+        Case("durable copy", durable_copy(src, out), output=out),
+        Case("convert chw --no-verify", convert(src, out, "chw", "--no-verify"),
+             "durable copy", 1.05, 256, output=out),
+        Case("convert hwc --no-verify", convert(src, out, "hwc", "--no-verify"),
+             "durable copy", 1.2, 256, output=out),
+        Case("convert hwc (verified)", convert(src, out, "hwc"),
+             "durable copy", 2.0, 512, output=out),
+    ]  # fmt: skip
+    if args.naive:
+        cases.append(Case("naive load+save hwc", naive_command(src, out, "hwc"), "durable copy",
+                          output=out))  # fmt: skip
+    if pt.exists():
+        cases += [
+            Case("durable copy .pt", durable_copy(pt, pt_out), output=pt_out),
+            Case(".pt -> .pt hwc (verified)", convert(pt, pt_out, "hwc"), "durable copy .pt",
+                 2.5, 1.2 * pt_mib, output=pt_out),
+        ]  # fmt: skip
+    both = ["cat", str(src), str(conv)]
+    check = [FCCONV, "verify", str(src), str(conv)]
+    cases += [
+        Case("read both files (cold)", ["sh", "-c", 'cat "$@" > /dev/null', "sh", *both[1:]],
+             cold=(src, conv)),
+        Case("verify (cold)", check, "read both files (cold)", 1.5, cold=(src, conv)),
+        Case("read both files (warm)", ["sh", "-c", 'cat "$@" > /dev/null', "sh", *both[1:]]),
+        Case("verify (warm)", check, "read both files (warm)"),
+        Case("import torch", [sys.executable, "-c", "import torch"]),
+        Case("seed sample convert", [FCCONV, "convert", str(SEED), "-o", str(seed_out),
+             "--layer", "fc", "--patch", "20x20x10", "--force", "-q"],
+             "import torch", 1.3, output=seed_out),
+        Case("fcconv --help", [FCCONV, "--help"], seconds=0.3),
+    ]  # fmt: skip
+    return cases
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def ratios(case: Case, by_name: dict[str, Case]) -> list[float]:
+    anchor = by_name[case.anchor]
+    return [t / a for t, a in zip(case.times, anchor.times, strict=True)]
+
+
+def verdict(case: Case, by_name: dict[str, Case]) -> str:
+    if case.seconds is not None:
+        ok = statistics.median(case.times) <= case.seconds
+        return f"≤ {case.seconds} s: {'met' if ok else 'NOT met'}"
+    if case.ratio is None:
+        return ""
+    ratio = statistics.median(ratios(case, by_name))
+    ok = ratio <= case.ratio and (case.rss_mib is None or case.peak_mib <= case.rss_mib)
+    memory = f", ≤ {case.rss_mib:.0f} MiB" if case.rss_mib is not None else ""
+    return f"≤ {case.ratio}×{memory}: {'met' if ok else 'NOT met'}"
+
+
+def report(cases: list[Case], src: Path, rows: int, rounds: int) -> None:
+    by_name = {case.name: case for case in cases}
+    judged = src.stat().st_size >= 1e9  # the targets are stated for a 2 GB file
+    from fcconv.threads import available_cpus
+
+    print(
+        f"\nrewrite of a {src.stat().st_size / 1e9:.2f} GB fp32 checkpoint "
+        f"({TARGET} {rows}x{PATCH[0] * PATCH[1] * PATCH[2]}, patch 7x7x512), {rounds} round(s), "
+        f"{available_cpus()} CPUs available, load average {os.getloadavg()[0]:.1f}\n"
+    )
+    header = f"{'case':<28}{'median s':>9}{'ratio':>8}  {'per round':<22}{'peak RSS':>11}  target"
+    print(header)
+    print("-" * (len(header) + 24))
+    for case in cases:
+        median = statistics.median(case.times)
+        if case.anchor is not None:
+            each = ratios(case, by_name)
+            ratio = f"{statistics.median(each):>7.2f}×"
+            rounds_text = " ".join(f"{r:.2f}" for r in each)
+        else:
+            ratio, rounds_text = f"{'':>8}", ""
+        print(
+            f"{case.name:<28}{median:>9.2f}{ratio}  {rounds_text:<22}"
+            f"{case.peak_mib:>7.0f} MiB  {verdict(case, by_name) if judged else ''}"
+        )
+    if not judged:
+        print("\n(a smoke test: the targets are judged on a checkpoint of 1 GB or more)")
+    print(
+        "\nratio: the median over rounds of (time / its anchor's time in the same round); "
+        "anchors: durable copy = cp + sync FILE, read both files = cat of both"
+    )
 
 
 def main() -> None:
@@ -203,98 +338,37 @@ def main() -> None:
     parser.add_argument(
         "--size-gb", type=float, default=float(os.environ.get("FCCONV_BENCH_GB", "2"))
     )
-    parser.add_argument("--quick", action="store_true", help="a 200 MB checkpoint")
+    parser.add_argument("--quick", action="store_true", help="a 200 MB checkpoint, one round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-naive", action="store_true", help="skip the naive load+save")
+    parser.add_argument("--naive", action="store_true", help="also time a naive load + save")
     parser.add_argument("--no-pt", action="store_true", help="skip the torch pickle cases")
     parser.add_argument("--dir", type=Path, default=ROOT / "bench_out" / "rewrite")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
     size = int((0.2 if args.quick else args.size_gb) * 1e9)
+    rounds = 1 if args.quick else args.rounds
 
     args.dir.mkdir(parents=True, exist_ok=True)
-    src, dst = args.dir / "vgg16.safetensors", args.dir / "out.safetensors"
-    pt, pt_dst = args.dir / "vgg16.pt", args.dir / "out.pt"
+    src = args.dir / "vgg16.safetensors"
     try:
         print(f"making a {size / 1e9:.1f} GB checkpoint in {args.dir} ...", file=sys.stderr)
         rows = make_checkpoint(src, size)
-        # name: (command, output, baseline case, time ratio limit, peak RSS limit in MiB)
-        cases: dict[str, tuple[list[str], Path, str, float | None, float | None]] = {
-            "cp": (["cp", str(src), str(dst)], dst, "cp", None, None),
-            "cp + sync": (
-                ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(dst)],
-                dst, "cp", None, None,
-            ),
-            "convert chw": (convert_command(src, dst, "chw"), dst, "cp", 1.1, 256),
-            "convert hwc": (convert_command(src, dst, "hwc"), dst, "cp", 1.3, 256),
-            "convert hwc verified": (
-                convert_command(src, dst, "hwc", verify=True), dst, "cp", 2.0, None,
-            ),
-        }  # fmt: skip
-        if not args.no_naive:
-            cases["naive load+save hwc"] = (naive_command(src, dst, "hwc"), dst, "cp", None, None)
         if not args.no_pt:
-            make_pt_twin(src, pt)
-            pt_mib = pt.stat().st_size / MiB
-            cases["cp .pt"] = (["cp", str(pt), str(pt_dst)], pt_dst, "cp .pt", None, None)
-            cases[".pt convert hwc"] = (
-                convert_command(pt, pt_dst, "hwc"), pt_dst, "cp .pt", 2.5, 1.2 * pt_mib,
-            )  # fmt: skip
-        cases["fcconv --help"] = ([FCCONV, "--help"], dst, "", None, None)
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        peaks: dict[str, float] = dict.fromkeys(cases, 0.0)
-        for file in (src, pt):
-            if file.exists():  # warm the page cache, as right after a download
-                subprocess.run(["cat", str(file)], stdout=subprocess.DEVNULL, check=True)
-        for round_ in range(args.rounds):
-            for name, (command, output, *_rest) in cases.items():
-                output.unlink(missing_ok=True)
-                subprocess.run(["sync"], check=True)  # earlier writes flushed, not timed
-                elapsed, peak = run(command)
-                times[name].append(elapsed)
-                peaks[name] = max(peaks[name], peak)
-                if name in ("convert chw", "convert hwc") and round_ == 0:
-                    check_output(src, dst, rows, name.split()[-1])
-            print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
-        verify_seconds = subprocess.run(
-            [sys.executable, "-c", VERIFY_ONLY, str(src), LAYER],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.PIPE, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        report(cases, times, peaks, args.rounds, src, rows, verify_seconds)
+            make_pt_twin(src, args.dir / "vgg16.pt")
+        conv = args.dir / "vgg16.conv.safetensors"
+        subprocess.run(convert(src, conv, "hwc"), check=True, stderr=subprocess.DEVNULL)
+        cases = build_cases(args.dir, args)
+        warm(*(p for p in (src, args.dir / "vgg16.pt") if p.exists()))
+
+        def after_first(case: Case) -> None:
+            if case.name.startswith("convert ") and "--no-verify" in case.name:
+                check_output(src, args.dir / "out.safetensors", rows, case.name.split()[1])
+
+        measure(cases, rounds, after_first)
+        report(cases, src, rows, rounds)
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
-
-
-def report(cases, times, peaks, rounds: int, src: Path, rows: int, verify_seconds: str) -> None:
-    """The table: medians, ratios to the case's own cp, peak RSS, and each target's verdict."""
-    median = {name: statistics.median(values) for name, values in times.items()}
-    durable = median["cp + sync"]
-    print(
-        f"\nrewrite of a {src.stat().st_size / 1e9:.2f} GB fp32 checkpoint "
-        f"({TARGET} {rows}x{PATCH[0] * PATCH[1] * PATCH[2]}, patch 7x7x512), "
-        f"median of {rounds}, {os.cpu_count()} CPUs\n"
-    )
-    header = f"{'case':<22}{'time s':>8}{'× cp':>8}{'× cp+sync':>11}{'peak RSS':>12}  target"
-    print(header)
-    print("-" * (len(header) + 30))
-    for name, (_command, _output, baseline, ratio, rss) in cases.items():
-        cp = median[baseline] if baseline else None
-        shown = f"{median[name] / cp:>8.2f}" if cp else f"{'':>8}"
-        target = ""
-        if ratio is not None:
-            ok = median[name] / cp <= ratio and (rss is None or peaks[name] <= rss)
-            limit = f", ≤ {rss:.0f} MiB" if rss is not None else ""
-            target = f"≤ {ratio}× {baseline}{limit}: {'met' if ok else 'NOT met'}"
-        if name == "fcconv --help":
-            target = f"≤ 0.3 s: {'met' if median[name] <= 0.3 else 'NOT met'}"
-        print(
-            f"{name:<22}{median[name]:>8.2f}{shown}{median[name] / durable:>11.2f}"
-            f"{peaks[name]:>9.0f} MiB  {target}"
-        )
-    print(f"\nverification of {TARGET} alone (exact + functional, float64 and float32): "
-          f"{verify_seconds} s")  # fmt: skip
 
 
 if __name__ == "__main__":

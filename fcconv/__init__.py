@@ -20,8 +20,6 @@ is truthy on success, has ``.to_dict()`` (the ``--json`` document) and
 (64, 10, 20, 20)
 """
 
-from importlib import metadata as _metadata
-
 from fcconv.errors import FcconvError
 from fcconv.geometry import (
     ORDERS,
@@ -33,11 +31,6 @@ from fcconv.geometry import (
     parse_patch,
     parse_stride,
 )
-
-try:
-    __version__ = _metadata.version("fcconv")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
-    __version__ = "0+unknown"
 
 # Entry points that need torch (or a lot of code) load on first use, so
 # `fcconv --help` starts fast.
@@ -65,6 +58,13 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "__version__":  # importlib.metadata costs 50 ms of every start: only on demand
+        from importlib import metadata
+
+        try:
+            return metadata.version("fcconv")
+        except metadata.PackageNotFoundError:  # pragma: no cover - a bare source tree
+            return "0+unknown"
     if name in _LAZY:
         import importlib
 

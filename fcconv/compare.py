@@ -136,6 +136,8 @@ def untouched_differences(
         if key in skip or key not in converted:
             continue
         other = converted[key]
+        if other is tensor:  # the very object: nothing was done to it
+            continue
         try:
             same = bitwise_equal(tensor, other)
         except CheckpointError as error:

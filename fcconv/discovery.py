@@ -11,9 +11,10 @@ maps one weight onto the other exactly. Every claim is then checked by
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from fcconv.compare import bitwise_equal, first_mismatch
 from fcconv.errors import LayerError
 from fcconv.geometry import (
     DEFAULT_ORDER,
@@ -37,7 +38,6 @@ from fcconv.plan import (
     module_name,
     resolve_name,
 )
-from fcconv.verify import bitwise_equal, first_mismatch
 
 if TYPE_CHECKING:
     import torch
@@ -127,21 +127,25 @@ def plan_verification(
         bias = info.get(entry.bias_key) if entry.bias_key else None
         check_convertible(name, info[entry.weight_key], bias)
         if entry.weight_key not in pairs:
-            shape = (
-                tuple(converted[entry.weight_key].shape) if entry.weight_key in converted else None
-            )
+            after = info_after.get(entry.weight_key)
+            shape = tuple(after.shape) if after is not None else None
             raise LayerError(
                 f"{name} is not converted in the second file ({entry.weight_key} has "
                 f"shape {shape}); check the layer name and the file order"
             )
-        kernel = converted[entry.weight_key]
-        patch = patch_of_kernel(tuple(kernel.shape))
+        patch = patch_of_kernel(tuple(info_after[entry.weight_key].shape))
         spec = specs.get(getattr(requested, "name", requested)) or default_patch
         claimed_patch = resolve_patch(spec, entry.in_features, name) if spec else patch
         record = provenance.get(name, {})
         flipped = flip if flip is not None else bool(record.get("flip"))
+        # the weights are read only when neither flags nor provenance name the order
         layer_order, note = _claimed_order(
-            name, original[entry.weight_key], kernel, patch, order, record, flipped
+            name,
+            lambda key=entry.weight_key: (original[key], converted[key]),
+            patch,
+            order,
+            record,
+            flipped,
         )
         notes.append(note)
         recorded = tuple(record.get("stride", ())) or None
@@ -165,8 +169,7 @@ def plan_verification(
 
 def _claimed_order(
     name: str,
-    weight: torch.Tensor,
-    kernel: torch.Tensor,
+    weights: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     patch: Patch,
     order: str | None,
     record: Mapping[str, Any],
@@ -179,6 +182,7 @@ def _claimed_order(
         return record["order"], (
             f"{name}: order {record['order']}{as_flipped} from the file's metadata"
         )
+    weight, kernel = weights()
     if weight.numel() == 0:
         return DEFAULT_ORDER, f"{name}: the weight is empty, so every order maps it; checked as chw"
     matches = matching_orders(weight, kernel, flip=flip)

@@ -50,6 +50,7 @@ import torch
 
 from fcconv.errors import SpecError
 from fcconv.geometry import ORDERS, Patch, index_map, parse_order, same_permutation
+from fcconv.threads import torch_threads
 
 MIN_MARGIN = 0.1
 """Smallest lead in score of the best family over the next that counts as clear.
@@ -371,6 +372,13 @@ def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
     >>> rank_orders(torch.randn(8, 12), Patch(1, 1, 12)).winner  # nothing to decide
     'chw'
     """
+    # Many small reductions: on more than one thread they cost more in
+    # synchronisation than they save (fcconv.threads).
+    with torch_threads(min(weight.numel(), READ_ELEMENTS)):
+        return _rank_orders(weight, patch)
+
+
+def _rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
     if weight.dim() != 2 or weight.shape[1] != patch.features:
         raise SpecError(
             f"weight of shape {tuple(weight.shape)} is not a Linear weight for patch "

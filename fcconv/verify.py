@@ -6,30 +6,39 @@ Linear weight bit for bit; biases and every other tensor are identical.
 Functional: on a random input, every cell of the conv output is compared
 with "cut the window, flatten it in ORDER, apply the Linear", computed here
 independently from the *original* weight with ``unfold`` and a matmul.
+
+The exact check reads every element of both weights, a block of rows at a
+time (:mod:`fcconv.exact`). The functional check runs on
+:func:`functional_rows` output channels: all of them in a layer of up to
+``FUNCTIONAL_ELEMENTS`` weight elements, else evenly spaced rows, the first and
+last included. Every row goes through the same permutation, which the exact
+check has proved element by element, so a subset of rows is enough to prove
+that the permutation is the convolution's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
-from fcconv.compare import bitwise_equal, first_mismatch, untouched_differences
+from fcconv.compare import bitwise_equal, untouched_differences
 from fcconv.errors import LayerError, SpecError
+from fcconv.exact import Mismatch, Tensors, as_tensors, permuted_mismatch
 from fcconv.geometry import (
     Patch,
-    conv_weight_to_linear,
     default_input,
-    index_map,
     make_grid,
+    unravel_index,
 )
 from fcconv.plan import (
     LayerPlan,
     layer_inputs,
 )
+from fcconv.threads import torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +48,12 @@ FLOAT64_TOLERANCE = 1e-9
 
 BLOCK_ELEMENTS = 1 << 24
 """Weight elements converted to float64 at a time by the functional check (128 MB)."""
+
+FUNCTIONAL_ELEMENTS = 1 << 22
+"""Weight elements the functional check reads at most (whole rows; at least two rows).
+
+VGG-16's fc6 (4096 × 25088) is checked on 167 evenly spaced output channels.
+"""
 
 MAX_CHECK_ELEMENTS = 1 << 24
 """The most elements the functional check holds in one float64 tensor (128 MB): the
@@ -68,6 +83,7 @@ class FunctionalCheck:
     notes: list[str] = field(default_factory=list)
     nonfinite_cells: int = 0  # cells whose reference is NaN or ±inf (the weight holds them)
     nonfinite_mismatches: int = 0  # of those, cells where the conv gives another kind
+    channels_checked: int | None = None  # output channels compared (see functional_rows)
 
     @property
     def float64_passed(self) -> bool:
@@ -155,15 +171,22 @@ class VerificationFailed(Exception):
 
 def exact_problems(
     plan: LayerPlan,
-    original: Mapping[str, torch.Tensor],
-    converted: Mapping[str, torch.Tensor],
+    original: Tensors | Mapping[str, torch.Tensor],
+    converted: Tensors | Mapping[str, torch.Tensor],
 ) -> list[str]:
-    """Where the converted layer is not a pure permutation of the original, in words."""
-    weight, kernel = original[plan.weight_key], converted[plan.weight_key]
+    """Where the converted layer is not a pure permutation of the original, in words.
+
+    Every element of the weight is compared, bit for bit, a block of rows at a
+    time (:func:`fcconv.exact.permuted_mismatch`); the biases as wholes.
+    """
+    original, converted = as_tensors(original), as_tensors(converted)
+    weight, kernel = original.describe(plan.weight_key), converted.describe(plan.weight_key)
     problems = []
-    if kernel.dtype != weight.dtype:
-        problems.append(f"{plan.weight_key} changed dtype: {_dtype(weight)} → {_dtype(kernel)}")
-    elif kernel.layout != weight.layout or kernel.is_quantized:
+    if kernel is None:
+        problems.append(f"{plan.weight_key} is missing from the converted checkpoint")
+    elif kernel.dtype != weight.dtype:
+        problems.append(f"{plan.weight_key} changed dtype: {weight.dtype} → {kernel.dtype}")
+    elif kernel.layout != weight.layout:
         problems.append(f"{plan.weight_key} changed layout: {weight.layout} → {kernel.layout}")
     elif tuple(kernel.shape) != plan.conv_shape:
         problems.append(
@@ -171,34 +194,33 @@ def exact_problems(
             f"{plan.conv_shape} for patch {plan.patch}"
         )
     else:
-        back = conv_weight_to_linear(kernel, plan.order, flip=plan.flip)
-        count, first = first_mismatch(weight, back)
-        if count:
-            problems.append(_weight_mismatch(plan, weight, back, count, first))
-    if plan.bias_key is not None and not bitwise_equal(
-        original[plan.bias_key], converted.get(plan.bias_key, _missing())
-    ):
+        found = permuted_mismatch(
+            original, converted, plan.weight_key, plan.patch, plan.order, plan.out_features,
+            flip=plan.flip,
+        )  # fmt: skip
+        if found is not None:
+            problems.append(_weight_mismatch(plan, original, converted, found))
+    if plan.bias_key is not None and not _same_tensor(original, converted, plan.bias_key):
         problems.append(f"{plan.bias_key} differs from the original bias")
     return problems
 
 
-def _missing() -> torch.Tensor:
-    import torch
-
-    return torch.empty(0)
+def _same_tensor(original: Tensors, converted: Tensors, key: str) -> bool:
+    if converted.describe(key) is None:
+        return False
+    return bitwise_equal(original.tensor(key), converted.tensor(key))
 
 
 def _weight_mismatch(
-    plan: LayerPlan, weight: torch.Tensor, back: torch.Tensor, count: int, first: int
+    plan: LayerPlan, original: Tensors, converted: Tensors, found: Mismatch
 ) -> str:
-    row, column = divmod(first, weight.shape[1])
-    where = (index_map(plan.patch, plan.order) == column).nonzero()[0].tolist()
-    channel, i, j = where
+    channel, i, j = unravel_index(found.tap, plan.patch.sizes("chw"))
+    kernel = converted.rows(plan.weight_key, [found.row]).reshape(-1)[found.tap]
+    weight = original.rows(plan.weight_key, [found.row]).reshape(-1)[found.column]
     return (
-        f"{plan.weight_key}: {count} element(s) are not the original's under order "
-        f"{plan.order}; first at conv [{row}, {channel}, {i}, {j}] = Linear "
-        f"[{row}, {column}]: {back.reshape(-1)[first].item()!r} vs original "
-        f"{weight.reshape(-1)[first].item()!r}"
+        f"{plan.weight_key}: {found.count} element(s) are not the original's under order "
+        f"{plan.order}; first at conv [{found.row}, {channel}, {i}, {j}] = Linear "
+        f"[{found.row}, {found.column}]: {kernel.item()!r} vs original {weight.item()!r}"
     )
 
 
@@ -253,6 +275,25 @@ _NATIVE_CONV = ("float64", "float32", "float16", "bfloat16")
 """Dtypes torch convolves on the CPU; others (float8) are judged in float64 only."""
 
 
+def functional_rows(out_features: int, in_features: int) -> list[int]:
+    """The output rows the functional check compares: all, or evenly spaced ones.
+
+    Every row of a layer of at most ``FUNCTIONAL_ELEMENTS`` weight elements;
+    else as many rows as that budget holds (at least 2), evenly spaced, the
+    first and the last included.
+
+    >>> functional_rows(5, 100)
+    [0, 1, 2, 3, 4]
+    >>> len(functional_rows(4096, 25088)), functional_rows(4096, 25088)[-1]
+    (167, 4095)
+    """
+    count = max(2, FUNCTIONAL_ELEMENTS // max(1, in_features))
+    if out_features <= count:
+        return list(range(out_features))
+    step = (out_features - 1) / (count - 1)
+    return sorted({round(k * step) for k in range(count)})
+
+
 def functional_check(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -264,19 +305,52 @@ def functional_check(
     input_size: tuple[int, int] | None = None,
     seed: int = 0,
     *,
+    rows: Sequence[int] | None = None,
     flip: bool = False,
 ) -> FunctionalCheck:
     """Compare the conv with the Linear applied to every window of a random input.
 
     ``weight``/``bias`` are the original Linear's; ``kernel``/``kernel_bias``
-    the converted conv's. The reference never touches ``kernel``. With
-    ``flip`` the kernel is run as a framework that convolves runs it (its
-    spatial axes reversed as it slides), which is how a flipped kernel is used.
-    Cells whose reference is not finite (the weight holds NaN or ±inf) must be
-    the same kind in the conv (NaN, +inf or −inf); the others are judged by
-    the tolerances. A dtype torch cannot convolve (float8) is judged in
-    float64, from the same upcast values.
+    the converted conv's. The reference never touches ``kernel``. By default
+    the tensors hold every output row and the check compares
+    :func:`functional_rows` of them; ``rows`` says which output rows they hold
+    when they hold only some (read that way from disk). With ``flip`` the
+    kernel is run as a framework that convolves runs it (its spatial axes
+    reversed as it slides), which is how a flipped kernel is used. Cells whose
+    reference is not finite (the weight holds NaN or ±inf) must be the same
+    kind in the conv (NaN, +inf or −inf); the others are judged by the
+    tolerances. A dtype torch cannot convolve (float8) is judged in float64,
+    from the same upcast values.
     """
+    import torch
+
+    if rows is None:
+        rows = functional_rows(kernel.shape[0], patch.features)
+        if len(rows) < kernel.shape[0]:
+            index = torch.tensor(rows, dtype=torch.long)
+            weight, kernel = weight[index], kernel[index]
+            bias = bias[index] if bias is not None else None
+            kernel_bias = kernel_bias[index] if kernel_bias is not None else None
+    with torch_threads(len(rows) * patch.features):
+        check = _compare_on_windows(
+            weight, bias, kernel, kernel_bias, patch, order, stride, input_size, seed, flip
+        )
+    check.channels_checked = len(rows)
+    return check
+
+
+def _compare_on_windows(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel: torch.Tensor,
+    kernel_bias: torch.Tensor | None,
+    patch: Patch,
+    order: str,
+    stride: tuple[int, int],
+    input_size: tuple[int, int] | None,
+    seed: int,
+    flip: bool,
+) -> FunctionalCheck:
     import torch
     import torch.nn.functional as F
 
@@ -444,33 +518,38 @@ def _max_ratio(error: torch.Tensor, allowed: torch.Tensor) -> float:
 
 def check_layer(
     plan: LayerPlan,
-    original: Mapping[str, torch.Tensor],
-    converted: Mapping[str, torch.Tensor],
+    original: Tensors | Mapping[str, torch.Tensor],
+    converted: Tensors | Mapping[str, torch.Tensor],
     input_size: tuple[int, int] | None = None,
     seed: int = 0,
 ) -> LayerCheck:
     """The exact check, then the functional check, for one layer.
 
+    ``original`` and ``converted`` are mappings of tensors, or
+    :class:`~fcconv.exact.Tensors` that read them from disk a part at a time.
+
     Raises:
         LayerError: the original weight is not one fcconv converts (integer,
             boolean, quantized or sparse): there is no conversion to judge.
     """
-    _check_judgeable(plan, original[plan.weight_key])
+    original, converted = as_tensors(original), as_tensors(converted)
+    _check_judgeable(plan, original)
     problems = exact_problems(plan, original, converted)
     exact = not problems
-    kernel = converted[plan.weight_key]
     functional = None
     if _runnable(plan, original, converted):
+        rows = functional_rows(plan.out_features, plan.patch.features)
         functional = functional_check(
-            original[plan.weight_key],
-            original.get(plan.bias_key) if plan.bias_key else None,
-            kernel,
-            converted.get(plan.bias_key) if plan.bias_key else None,
+            original.rows(plan.weight_key, rows),
+            original.rows(plan.bias_key, rows) if plan.bias_key else None,
+            converted.rows(plan.weight_key, rows),
+            converted.rows(plan.bias_key, rows) if plan.bias_key else None,
             plan.patch,
             plan.order,
             plan.stride,
             input_size,
             seed,
+            rows=rows,
             flip=plan.flip,
         )
         if functional.nonfinite_mismatches:
@@ -493,13 +572,11 @@ def check_layer(
     return LayerCheck(plan, exact=exact, problems=problems, functional=functional)
 
 
-def _check_judgeable(plan: LayerPlan, weight: torch.Tensor) -> None:
-    import torch
-
-    if weight.layout == torch.strided and not weight.is_quantized:
-        if dtypes.is_convertible(_dtype(weight)):
-            return
-    kind = _dtype(weight) if weight.layout == torch.strided else f"{weight.layout} {_dtype(weight)}"
+def _check_judgeable(plan: LayerPlan, original: Tensors) -> None:
+    weight = original.describe(plan.weight_key)
+    if weight is not None and weight.floating:
+        return
+    kind = weight.kind if weight is not None else "missing"
     raise LayerError(
         f"{plan.weight_key} is {kind}; fcconv converts and verifies dense floating-point "
         "weights only",
@@ -507,23 +584,29 @@ def _check_judgeable(plan: LayerPlan, weight: torch.Tensor) -> None:
     )
 
 
-def _runnable(
-    plan: LayerPlan, original: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor]
-) -> bool:
+def _runnable(plan: LayerPlan, original: Tensors, converted: Tensors) -> bool:
     """Whether the conv can run at all; when it cannot, the exact check already says why."""
-    kernel, dtype = converted[plan.weight_key], original[plan.weight_key].dtype
-    if tuple(kernel.shape) != plan.conv_shape or kernel.dtype != dtype:
+    kernel, weight = converted.describe(plan.weight_key), original.describe(plan.weight_key)
+    if kernel is None or weight is None:
+        return False
+    if tuple(kernel.shape) != plan.conv_shape or kernel.dtype != weight.dtype:
+        return False
+    if kernel.layout != weight.layout:
         return False
     if plan.bias_key is None:
         return True
-    bias = converted.get(plan.bias_key)
-    return bias is not None and bias.dtype == dtype and tuple(bias.shape) == (plan.out_features,)
+    bias = converted.describe(plan.bias_key)
+    return (
+        bias is not None
+        and bias.dtype == weight.dtype
+        and tuple(bias.shape) == (plan.out_features,)
+    )
 
 
 def verify_conversion(
     plans: list[LayerPlan],
-    original: Mapping[str, torch.Tensor],
-    converted: Mapping[str, torch.Tensor],
+    original: Tensors | Mapping[str, torch.Tensor],
+    converted: Tensors | Mapping[str, torch.Tensor],
     input_size: tuple[int, int] | None = None,
     seed: int = 0,
     differences: list[str] | None = None,
@@ -531,7 +614,8 @@ def verify_conversion(
     """All layer checks plus the untouched-tensor comparison.
 
     ``differences`` replaces the in-memory comparison of untouched tensors
-    (e.g. with :func:`fcconv.io.sources.byte_differences` for files on disk).
+    (e.g. with :func:`fcconv.io.sources.byte_differences` for files on disk);
+    it is required when a side is read from disk rather than given as a mapping.
     """
     sizes = layer_inputs(plans, input_size)
     for plan, size in zip(plans, sizes, strict=True):
@@ -541,6 +625,8 @@ def verify_conversion(
         for plan, size in zip(plans, sizes, strict=True)
     ]
     if differences is None:
+        if isinstance(original, Tensors) or isinstance(converted, Tensors):
+            raise TypeError("verify_conversion needs differences= for tensors read from disk")
         differences = untouched_differences(original, converted, [p.weight_key for p in plans])
     return VerifyResult(checks, differences)
 
@@ -554,6 +640,7 @@ __all__ = [
     "check_layer",
     "check_work",
     "functional_check",
+    "functional_rows",
     "untouched_differences",
     "verify_conversion",
 ]

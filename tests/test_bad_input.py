@@ -524,18 +524,27 @@ def test_unwritable_output_folder(work, invoke, monkeypatch) -> None:
     assert_refused(result, work, before, "out.pt", "permission denied", "folder you can write")
 
 
-def test_disk_full_while_writing_leaves_nothing(work, invoke, monkeypatch) -> None:
+@pytest.mark.parametrize("output", ["out.pt", "out.safetensors"])
+def test_disk_full_while_writing_leaves_nothing(work, invoke, monkeypatch, output) -> None:
     """A write that fails half-way: no partial output, no temporary file, one line."""
     import fcconv.io.checkpoint
+    import fcconv.io.torch_streaming
 
     def half_then_full(checkpoint, fmt, handle):
         handle.write(b"partial checkpoint bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def fill_half_then_full(src, dst, *args):
+        with open(dst, "r+b") as handle:
+            handle.write(b"partial checkpoint bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # .pt to .pt streams record by record; to safetensors it is written in memory
     monkeypatch.setattr(fcconv.io.checkpoint, "_write", half_then_full)
+    monkeypatch.setattr(fcconv.io.torch_streaming, "_fill", fill_half_then_full)
     before = snapshot(work)
-    result = run_in(work, invoke, monkeypatch, *CONVERT, "-o", "out.pt")
-    assert_refused(result, work, before, "out.pt", "no space left", "free some space")
+    result = run_in(work, invoke, monkeypatch, *CONVERT, "-o", output)
+    assert_refused(result, work, before, output, "no space left", "free some space")
 
 
 def test_training_checkpoint_to_safetensors_is_refused(work, invoke, monkeypatch, samples) -> None:

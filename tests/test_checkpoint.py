@@ -310,19 +310,27 @@ def test_existing_output_kept_without_force_replaced_with_force(invoke, tmp_path
     assert not temporaries(tmp_path)
 
 
-def test_failed_write_with_force_keeps_the_old_output(invoke, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("path", ["streamed", "in memory"])
+def test_failed_write_with_force_keeps_the_old_output(invoke, tmp_path, monkeypatch, path) -> None:
     import fcconv.io.checkpoint
+    import fcconv.io.torch_streaming
 
-    torch.save(mixed_state(), tmp_path / "m.pt")
+    # a zip checkpoint is rewritten record by record; the legacy format in memory
+    torch.save(mixed_state(), tmp_path / "m.pt", _use_new_zipfile_serialization=path == "streamed")
     out = tmp_path / "out.pt"
     out.write_bytes(b"older result")
-    real_write = fcconv.io.checkpoint._write
+    module, name = (
+        (fcconv.io.torch_streaming, "_fill")
+        if path == "streamed"
+        else (fcconv.io.checkpoint, "_write")
+    )
+    real = getattr(module, name)
 
-    def write_then_fail(checkpoint, fmt, handle):
-        real_write(checkpoint, fmt, handle)  # the whole file, then the disk fills
+    def write_then_fail(*args):
+        real(*args)  # the whole file, then the disk fills
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(fcconv.io.checkpoint, "_write", write_then_fail)
+    monkeypatch.setattr(module, name, write_then_fail)
     result = invoke("convert", tmp_path / "m.pt", "-o", out, *CONVERT, "--force", exit=2)
     assert "No space left on device" in result.stderr
     assert out.read_bytes() == b"older result"

@@ -375,19 +375,44 @@ def test_convert_no_verify_writes_without_checks(invoke, seed_pt, tmp_path) -> N
     assert load_pt(out)["fc.weight"].shape == (64, 10, 20, 20)
 
 
+def _damage_one_element(monkeypatch, path: str) -> None:
+    """Make the conversion put 1 + the right value at kernel [3, 2, 1, 0] (a chw 20x20x10 patch)."""
+    if path == "in memory":
+        from fcconv import plan
+
+        real = plan.linear_weight_to_conv
+
+        def off_by_one_element(weight, patch, order):
+            kernel = real(weight, patch, order).clone()
+            kernel[3, 2, 1, 0] += 1.0
+            return kernel
+
+        monkeypatch.setattr(plan, "linear_weight_to_conv", off_by_one_element)
+        return
+    import os
+    import struct
+
+    from fcconv.io.streaming import _Writer
+
+    real_permute = _Writer.permute
+
+    def permute_then_damage(self, move, checksum=False):
+        crc = real_permute(self, move, checksum)
+        element = 3 * move.features + 2 * 400 + 1 * 20 + 0  # row 3, tap (2, 1, 0)
+        (value,) = struct.unpack("<f", os.pread(self.source, 4, move.src_offset + element * 4))
+        os.pwrite(self.output, struct.pack("<f", value + 1.0), move.dst_offset + element * 4)
+        return crc
+
+    monkeypatch.setattr(_Writer, "permute", permute_then_damage)
+
+
+@pytest.mark.parametrize("path", ["streamed", "in memory"])
 def test_convert_exits_1_and_writes_nothing_when_verification_fails(
-    invoke, seed_pt, tmp_path, monkeypatch
+    invoke, seed_pt, tmp_path, monkeypatch, path
 ) -> None:
-    from fcconv import plan
-
-    real = plan.linear_weight_to_conv
-
-    def off_by_one_element(weight, patch, order):
-        kernel = real(weight, patch, order).clone()
-        kernel[3, 2, 1, 0] += 1.0
-        return kernel
-
-    monkeypatch.setattr(plan, "linear_weight_to_conv", off_by_one_element)
+    if path == "in memory":  # the legacy format is converted in memory
+        torch.save(torch.load(seed_pt), seed_pt, _use_new_zipfile_serialization=False)
+    _damage_one_element(monkeypatch, path)
     out = tmp_path / "o.pt"
     human = invoke("convert", seed_pt, "-o", out, "--layer", "fc", "--patch", "20x20x10", exit=1)
     assert not out.exists()

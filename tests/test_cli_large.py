@@ -20,6 +20,7 @@ from test_sharded import INDEX, PATCH, make_sharded
 import fcconv.io.safetensors
 import fcconv.io.streaming
 from fcconv.geometry import Patch, linear_weight_to_conv
+from fcconv.io.sources import DiskTensors
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
@@ -128,10 +129,18 @@ def test_verify_of_two_files_reads_only_the_layers(invoke, layer_file, monkeypat
         asked.extend(names)
         return real(path, names)
 
+    rows: list[str] = []
+    real_rows = DiskTensors.row_bits
+
+    def recording_rows(self, key, start, stop):
+        rows.append(key)
+        return real_rows(self, key, start, stop)
+
     monkeypatch.setattr(fcconv.io.safetensors, "read_tensors", recording)
+    monkeypatch.setattr(DiskTensors, "row_bits", recording_rows)
     invoke("verify", layer_file, out)
-    assert "backbone.weight" not in asked
-    assert {"head.fc.weight", "head.fc.bias"} <= set(asked)
+    assert "backbone.weight" not in asked + rows  # compared by its bytes, never loaded
+    assert set(rows) == {"head.fc.weight"}  # the weight is compared a block of rows at a time
 
 
 def test_verify_finds_a_changed_untouched_byte_on_disk(invoke, layer_file) -> None:

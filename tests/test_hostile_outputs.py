@@ -229,21 +229,30 @@ def test_an_output_created_meanwhile_is_kept(work: Path) -> None:
     assert read_header(target).tensors["fc.weight"].shape == (5, 2, 3, 4)
 
 
-def test_two_converts_to_one_new_output_cannot_both_win(work: Path, monkeypatch) -> None:
-    """The torch path: the first to finish writes, the second is refused, nothing is mixed."""
-    real_write = fcconv.io.checkpoint._write
-    first = work / "first.pt"
+@pytest.mark.parametrize("output", ["out.pt", "out.safetensors"])
+def test_two_converts_to_one_new_output_cannot_both_win(
+    work: Path, monkeypatch, output: str
+) -> None:
+    """The first to finish writes, the second is refused, nothing is mixed.
 
-    def first_finishes_meanwhile(checkpoint, fmt, handle):
+    The other convert's atomic rename lands while this one is finishing its
+    own file (after writing, before the move into place), whichever writer
+    made it (streamed or in memory).
+    """
+    real_fsync = fcconv.io.atomic._fsync
+    target = work / output
+
+    def first_finishes_meanwhile(path: Path) -> None:
+        real_fsync(path)
+        first = work / "first.tmp"
         shutil.copyfile(work / "model.pt", first)
-        os.replace(first, work / "out.pt")  # the other convert's atomic rename
-        real_write(checkpoint, fmt, handle)
+        os.replace(first, target)
 
-    monkeypatch.setattr(fcconv.io.checkpoint, "_write", first_finishes_meanwhile)
+    monkeypatch.setattr(fcconv.io.atomic, "_fsync", first_finishes_meanwhile)
     with pytest.raises(FcconvError, match="appeared while fcconv was writing"):
-        convert_checkpoint(work / "model.pt", work / "out.pt", layers=["fc"], patch="3x4x2")
-    assert (work / "out.pt").read_bytes() == (work / "model.pt").read_bytes()
-    assert sorted(os.listdir(work)) == ["model.pt", "model.safetensors", "out.pt"]
+        convert_checkpoint(work / "model.pt", target, layers=["fc"], patch="3x4x2")
+    assert target.read_bytes() == (work / "model.pt").read_bytes()
+    assert sorted(os.listdir(work)) == sorted(["model.pt", "model.safetensors", output])
 
 
 def test_a_folder_created_meanwhile_is_kept(work: Path) -> None:

@@ -48,3 +48,24 @@ def test_blocks_agree_with_one_block(monkeypatch) -> None:
     blocked = functional_check(weight, bias, kernel, bias, PATCH, "hwc", (2, 3), (6, 9))
     assert blocked.max_abs_error == whole.max_abs_error
     assert blocked.float64_max_error == pytest.approx(whole.float64_max_error, abs=1e-12)
+
+
+def test_the_functional_check_runs_single_threaded_on_small_work(monkeypatch) -> None:
+    """fcconv.threads: a few rows of a layer are small work, whatever torch is set to."""
+    seen: list[int] = []
+    real = torch.nn.functional.conv2d
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    weight, bias, kernel = _layer("hwc")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    try:
+        assert functional_check(weight, bias, kernel, bias, PATCH, "hwc", (2, 3))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -18,7 +18,7 @@ is written.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,7 @@ from fcconv.geometry import (
     resolve_patch,
 )
 from fcconv.io.atomic import STDIO, check_output_path, default_output, inputs_protected
-from fcconv.io.checkpoint import SAFETENSORS, format_for, save_checkpoint
+from fcconv.io.checkpoint import SAFETENSORS, TORCH, format_for, save_checkpoint
 from fcconv.io.keras import KERAS, KERAS_FORMATS
 from fcconv.io.provenance import PROVENANCE_KEY, with_provenance
 from fcconv.io.sources import SHARDED, Source, open_source
@@ -368,9 +368,18 @@ def convert_checkpoint(
             f"{source.path} is a PyTorch checkpoint, which fcconv writes as .pt or "
             ".safetensors only; choose another {output}"
         )
-    # The streamed rewrite permutes rows; a flipped kernel is made in memory.
+    # The streamed rewrites permute rows; a flipped kernel is made in memory.
     if source.on_disk and out_format == SAFETENSORS and job.output != STDIO and not flip:
-        return _convert_streaming(job, progress)
+        from fcconv.api.streamed import convert_streaming
+
+        return convert_streaming(job, progress)
+    streams = not flip and STDIO not in (source.path, job.output)
+    if source.format == out_format == TORCH and streams:
+        from fcconv.api.streamed import convert_torch_streaming
+
+        streamed = convert_torch_streaming(job, progress, trust_pickle)
+        if streamed is not None:
+            return streamed
     if source.on_disk:
         job.source = open_source(str(src), trust_pickle=trust_pickle, lazy=False)
     return _convert_in_memory(job, out_format)
@@ -398,34 +407,43 @@ def _plan(job: _Job) -> list[LayerPlan]:
 
 
 def _settle_order(plan: LayerPlan, job: _Job) -> LayerPlan:
-    """Resolve ``auto`` from the weights, and warn when they contradict the order given."""
-    if plan.order != AUTO and not job.verify:
-        return plan  # no checks at all: this one would read the weights
+    """Resolve ``auto`` from the weights, before anything is written."""
+    if plan.order != AUTO:
+        return plan
     evidence = order_evidence(job.source, plan)
     job.evidence[plan.name] = evidence
-    if plan.order == AUTO:
-        if evidence.winner is None:
-            raise OrderUndecidedError(
-                f"cannot choose the flatten order of {plan.name}: {evidence.reason}; "
-                f"ranking: {evidence.ranking_text()}; choose it with {{order}}",
-                evidence=evidence,
-                layer=plan.name,
+    if evidence.winner is None:
+        raise OrderUndecidedError(
+            f"cannot choose the flatten order of {plan.name}: {evidence.reason}; "
+            f"ranking: {evidence.ranking_text()}; choose it with {{order}}",
+            evidence=evidence,
+            layer=plan.name,
+        )
+    job.notes.append(
+        f"{plan.name}: order {evidence.winner} chosen from the weights ({evidence.ranking_text()})"
+    )
+    return plan.with_order(evidence.winner)
+
+
+def _weigh_orders(plans: list[LayerPlan], job: _Job) -> None:
+    """Part of the checks: warn where the weights contradict the order given.
+
+    The streaming paths call it after the bytes are written, while the disk
+    is still busy with them, so its torch import and reading cost no time of
+    their own; ``--no-verify`` skips it.
+    """
+    if not job.verify:
+        return
+    for plan in plans:
+        if plan.name in job.evidence:  # order auto: weighed before writing
+            continue
+        evidence = order_evidence(job.source, plan)
+        job.evidence[plan.name] = evidence
+        if evidence.favours_other_than(plan.order):
+            job.warnings.append(
+                f"{evidence.disagreement(plan.name, plan.order)}; converting as {plan.order} "
+                "as asked (order auto takes it from the weights)"
             )
-        job.notes.append(
-            f"{plan.name}: order {evidence.winner} chosen from the weights "
-            f"({evidence.ranking_text()})"
-        )
-        return plan.with_order(evidence.winner)
-    if evidence.favours_other_than(plan.order):
-        job.warnings.append(
-            f"{evidence.disagreement(plan.name, plan.order)}; converting as {plan.order} "
-            "as asked (order auto takes it from the weights)"
-        )
-    return plan
-
-
-def _layer_keys(plans: list[LayerPlan]) -> list[str]:
-    return [p.weight_key for p in plans] + [p.bias_key for p in plans if p.bias_key]
 
 
 def _records(plans: list[LayerPlan]) -> dict[str, dict[str, Any]]:
@@ -439,6 +457,7 @@ def apply_and_verify(job: _Job, plans: list[LayerPlan]) -> tuple[dict[str, Any],
 
     loaded = job.source.loaded
     assert loaded is not None
+    _weigh_orders(plans, job)
     converted = apply_plans(loaded.tensors, plans)
     if not job.verify:
         return converted, None
@@ -467,46 +486,9 @@ def _convert_in_memory(job: _Job, out_format: str) -> ConvertResult:
     return job.result(plans, verification, format=written, mode="in memory")
 
 
-def _streamed(
-    job: _Job, write: Callable[..., None], read_after: Callable[..., Any], label: str
-) -> ConvertResult:
-    """Plan, then let a streaming writer convert, verifying its output before the rename."""
-    from fcconv.verify import VerificationFailed, verify_conversion
-
-    plans = _plan(job)
-    keys = _layer_keys(plans)
-    results: list[VerifyResult] = []
-
-    def check(built: Any) -> None:
-        result = verify_conversion(plans, job.source.read(keys), read_after(built, keys), job.size)
-        results.append(result)
-        if not result:
-            raise VerificationFailed(result)
-
-    layers = {p.weight_key: (p.patch, p.order) for p in plans}
-    try:
-        write(layers, plans, check if job.verify else None)
-    except VerificationFailed as failure:
-        return job.result(plans, failure.result)
-    return job.result(plans, results[0] if results else None, format=label, mode="streamed")
-
-
-def _convert_streaming(job: _Job, progress: Progress | None) -> ConvertResult:
-    from fcconv.io.safetensors import read_tensors
-    from fcconv.io.streaming import stream_convert
-
-    def write(layers: dict, plans: list[LayerPlan], check: Any) -> None:
-        metadata = with_provenance(job.source.metadata, _records(plans))
-        stream_convert(
-            job.source.path, job.output, layers, metadata,
-            force=job.force, progress=progress, check=check,
-        )  # fmt: skip
-
-    return _streamed(job, write, read_tensors, "safetensors")
-
-
 def _convert_sharded(job: _Job, link: bool, progress: Progress | None) -> ConvertResult:
-    from fcconv.io.sharded import convert_sharded, read_sharded_tensors
+    from fcconv.api.streamed import streamed
+    from fcconv.io.sharded import convert_sharded
 
     if job.output == STDIO:
         raise OutputError(
@@ -527,7 +509,10 @@ def _convert_sharded(job: _Job, link: bool, progress: Progress | None) -> Conver
             force=job.force, link=link, progress=progress, check=check,
         )  # fmt: skip
 
-    return _streamed(job, write, read_sharded_tensors, "sharded safetensors")
+    def read_output(built: Any) -> tuple[Source, list[str]]:
+        return open_source(str(built.index_path)), []
+
+    return streamed(job, write, read_output, "sharded safetensors")
 
 
 # -------------------------------------------------------------------- verify
@@ -561,7 +546,8 @@ def verify_checkpoints(
         A :class:`~fcconv.verify.VerifyResult`, truthy when equivalent.
     """
     from fcconv.discovery import plan_verification
-    from fcconv.io.sources import byte_differences, read_all, tensors_of
+    from fcconv.io.sources import DiskTensors, byte_differences, read_all, tensors_of
+    from fcconv.threads import import_torch_early
     from fcconv.verify import verify_conversion
 
     if str(original) == STDIO and str(converted) == STDIO:
@@ -572,6 +558,8 @@ def verify_checkpoints(
     before_source = open_source(str(original), trust_pickle=trust_pickle)
     after_source = open_source(str(converted), trust_pickle=trust_pickle)
     on_disk = before_source.on_disk and after_source.on_disk
+    if on_disk:
+        import_torch_early()  # while the bytes are compared
     before = tensors_of(before_source) if on_disk else read_all(before_source)
     after = tensors_of(after_source) if on_disk else read_all(after_source)
     plans, notes = plan_verification(
@@ -586,12 +574,16 @@ def verify_checkpoints(
         info=(before_source.info, after_source.info),
         flip=flip,
     )
-    skip = {plan.weight_key for plan in plans}
-    differences = byte_differences(before_source, after_source, skip) if on_disk else None
     size = pair(input_size, parse_size)
-    result = verify_conversion(plans, before, after, size, seed, differences)
+    if on_disk:
+        skip = {plan.weight_key for plan in plans}
+        differences = byte_differences(before_source, after_source, skip)
+        sides: tuple[Any, Any] = (DiskTensors(before_source), DiskTensors(after_source))
+        result = verify_conversion(plans, *sides, size, seed, differences)
+    else:
+        result = verify_conversion(plans, before, after, size, seed)
     result.differences += _surrounding_differences(before_source, after_source, notes)
-    result.notes = notes + _evidence_notes(plans, before)
+    result.notes = notes + _evidence_notes(plans, before_source)
     if before_source.format == after_source.format == KERAS and result:
         from fcconv.api.keras import check_in_keras
 
@@ -612,13 +604,11 @@ def _surrounding_differences(before: Source, after: Source, notes: list[str]) ->
     return value_differences(before.surroundings, after.surroundings, "checkpoint")
 
 
-def _evidence_notes(plans: list[LayerPlan], tensors: Mapping[str, Any]) -> list[str]:
+def _evidence_notes(plans: list[LayerPlan], source: Source) -> list[str]:
     """Where the weights clearly favour another order than the one the files agree on."""
-    from fcconv.evidence import rank_orders
-
     notes = []
     for plan in plans:
-        evidence = rank_orders(tensors[plan.weight_key], plan.patch)
+        evidence = order_evidence(source, plan)
         if evidence.favours_other_than(plan.order):
             notes.append(
                 f"{evidence.disagreement(plan.name, plan.order)}: the two files agree, "

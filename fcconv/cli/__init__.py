@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from fcconv import __version__
 from fcconv.errors import CLI_NAMES, FcconvError, OutputError
 from fcconv.io import stdio
 from fcconv.report import printable
@@ -133,7 +132,7 @@ TRUST = click.option(
 
 
 @click.group(cls=FcconvGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="fcconv")
+@click.version_option(package_name="fcconv", prog_name="fcconv")  # looked up only if asked
 @DEBUG
 def cli() -> None:
     """Rewrite Linear layers of a PyTorch checkpoint as the equivalent strided Conv2d.

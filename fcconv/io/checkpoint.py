@@ -190,9 +190,24 @@ def _load_bytes(data: bytes, source: str, trust_pickle: bool) -> Checkpoint:
     return _load_torch(io.BytesIO(data), source, trust_pickle, zipped=False)
 
 
-def _load_torch(file: Path | BinaryIO, source: str, trust_pickle: bool, zipped: bool) -> Checkpoint:
+def load_torch_meta(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
+    """A torch zip checkpoint's structure without its data: every tensor on the meta device.
+
+    Each storage records where its bytes start in the file
+    (``untyped_storage()._checkpoint_offset``), as torch's meta loading
+    computes it. Raises like :func:`load_checkpoint`.
+    """
+    file = Path(path)
+    with open_regular(file):  # a regular file, readable: refused in one line otherwise
+        pass
+    return _load_torch(file, str(file), trust_pickle, zipped=True, meta=True)
+
+
+def _load_torch(
+    file: Path | BinaryIO, source: str, trust_pickle: bool, zipped: bool, meta: bool = False
+) -> Checkpoint:
     try:
-        loaded = _torch_load(file, trust_pickle, zipped)
+        loaded = _torch_load(file, trust_pickle, zipped, meta)
     except pickle.UnpicklingError as error:
         if not trust_pickle and _REFUSES_CODE.search(str(error)):
             raise UnsafeCheckpointError(_unsafe_message(source, str(error))) from None
@@ -225,22 +240,24 @@ def _split(mapping: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, {k: v for k, v in mapping.items() if k not in tensors}
 
 
-def _torch_load(file: Path | BinaryIO, trust_pickle: bool, zipped: bool) -> Any:
+def _torch_load(file: Path | BinaryIO, trust_pickle: bool, zipped: bool, meta: bool = False) -> Any:
     import torch
 
     if isinstance(file, Path) and str(file).endswith(".safetensors"):
         # torch.load hands any path named *.safetensors to safetensors, whatever the
         # bytes are; the content said torch, so give it an open file instead.
         with open_regular(file) as descriptor, os.fdopen(os.dup(descriptor), "rb") as handle:
-            return _torch_load(handle, trust_pickle, zipped=False)
+            return _torch_load(handle, trust_pickle, zipped=False, meta=meta)
+    where = "meta" if meta else "cpu"
     with warnings.catch_warnings():
         # Legacy storages and pickle protocols make torch warn while loading: noise
         # the user cannot act on, and stderr must stay one line when we refuse.
         warnings.simplefilter("ignore")
         if trust_pickle:
-            return torch.load(file, map_location="cpu", weights_only=False)
-        # mmap (for describing only) keeps a zip checkpoint's bytes on disk.
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+            return torch.load(file, map_location=where, weights_only=False)
+        # mmap (for describing only) keeps a zip checkpoint's bytes on disk; the
+        # meta device reads none of them.
+        return torch.load(file, map_location=where, weights_only=True, mmap=zipped and not meta)
 
 
 def _unsafe_message(source: str, detail: str) -> str:

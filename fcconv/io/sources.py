@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
 from fcconv.errors import CheckpointError
+from fcconv.exact import bits_dtype
 from fcconv.geometry import unravel_index
 from fcconv.io.atomic import STDIO
 from fcconv.io.checkpoint import SAFETENSORS, Checkpoint, load_checkpoint
@@ -26,6 +27,7 @@ from fcconv.io.provenance import PROVENANCE_KEY, layer_records
 from fcconv.plan import TensorInfo
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 SHARDED = "sharded"
@@ -41,7 +43,6 @@ class Source:
     metadata: dict[str, str] | None
     read: Callable[[list[str]], dict[str, torch.Tensor]]
     loaded: Checkpoint | None = None  # set when the whole file is in memory
-    locate: Callable[[str], Path] | None = None  # the safetensors file holding a tensor
     span: Callable[[str], tuple[Path, int, int]] | None = (
         None  # (file, offset, length) of its bytes
     )
@@ -53,11 +54,9 @@ class Source:
 
     def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         """Rows of a 2-D tensor, reading only those rows' bytes when it is on disk."""
-        if self.locate is None:
+        if self.span is None:
             return self.read([name])[name][rows]
-        from fcconv.io.safetensors import read_rows
-
-        return read_rows(self.locate(name), name, rows)
+        return DiskTensors(self).rows(name, rows)
 
     @property
     def records(self) -> dict[str, dict[str, Any]]:
@@ -154,7 +153,6 @@ def _safetensors_source(path: str) -> Source:
         info=_info(header.tensors),
         metadata=header.metadata,
         read=lambda names: read_tensors(path, list(names)),
-        locate=lambda name: Path(path),
         span=lambda name: _span(header, name),
         inputs=(path,),
         surroundings=_metadata_of(header.metadata),
@@ -181,7 +179,6 @@ def _sharded_source(path: str) -> Source:
         info=_info(checkpoint.tensors),
         metadata=metadata or None,
         read=lambda names: read_sharded_tensors(checkpoint, list(names)),
-        locate=lambda name: checkpoint.header_of(name).path,
         span=lambda name: _span(checkpoint.header_of(name), name),
         inputs=(checkpoint.folder, checkpoint.index_path),
         surroundings=surroundings,
@@ -222,11 +219,19 @@ def tensors_of(source: Source) -> Mapping[str, torch.Tensor]:
     return source.loaded.tensors if source.loaded is not None else LazyTensors(source)
 
 
-def byte_differences(before: Source, after: Source, skip: set[str]) -> list[str]:
+def byte_differences(
+    before: Source,
+    after: Source,
+    skip: set[str],
+    *,
+    only: Collection[str] | None = None,
+) -> list[str]:
     """Untouched tensors of two on-disk sources compared by their bytes, a chunk at a time.
 
     The same facts as :func:`fcconv.verify.untouched_differences` without
     loading a tensor: memory stays at one chunk whatever the checkpoint's size.
+    Names, dtypes and shapes of every tensor are compared; with ``only``, the
+    bytes of just those tensors.
     """
     differences = [
         f"{k} is missing from the converted checkpoint" for k in before.info if k not in after.info
@@ -242,7 +247,7 @@ def byte_differences(before: Source, after: Source, skip: set[str]) -> list[str]
             differences.append(f"{key} differs: dtype {info.dtype} → {other.dtype}")
         elif info.shape != other.shape:
             differences.append(f"{key} differs: shape {info.shape} → {other.shape}")
-        else:
+        elif only is None or key in only:
             count, first = _compare_spans(before.span(key), after.span(key), _itemsize(info))
             if count:
                 where = list(unravel_index(first, info.shape))
@@ -262,17 +267,20 @@ def _compare_spans(
     a: tuple[Path, int, int], b: tuple[Path, int, int], itemsize: int
 ) -> tuple[int, int]:
     """(count, first index) of the elements whose bytes differ between two byte ranges."""
-    import numpy as np
-
     (path_a, start_a, length), (path_b, start_b, _) = a, b
     chunk = max(itemsize, _CHUNK // itemsize * itemsize)
     count, first = 0, -1
     with open_regular(path_a) as file_a, open_regular(path_b) as file_b:
         for done in range(0, length, chunk):
             size = min(chunk, length - done)
-            left = np.frombuffer(_pread(file_a, size, start_a + done, path_a), np.uint8)
-            right = np.frombuffer(_pread(file_b, size, start_b + done, path_b), np.uint8)
-            differs = (left.reshape(-1, itemsize) != right.reshape(-1, itemsize)).any(axis=1)
+            ahead = min(chunk, length - done - size)  # the disk reads on while this is compared
+            read_ahead(file_a, start_a + done + size, ahead)
+            read_ahead(file_b, start_b + done + size, ahead)
+            left = _pread(file_a, size, start_a + done, path_a)
+            right = _pread(file_b, size, start_b + done, path_b)
+            if left == right:  # memcmp: the common case costs no more than the reads
+                continue
+            differs = _element_differences(left, right, itemsize)
             found = int(differs.sum())
             if found and first < 0:
                 first = done // itemsize + int(differs.argmax())
@@ -290,6 +298,124 @@ def _pread(descriptor: int, size: int, offset: int, path: Path) -> bytes:
             f"{path} ended early while being compared (did it change?); check the file and retry"
         )
     return data
+
+
+def _element_differences(left: bytes, right: bytes, itemsize: int) -> np.ndarray:
+    """Which elements of two equally long byte strings differ, as booleans."""
+    import numpy as np
+
+    if itemsize in (1, 2, 4, 8):
+        width = np.dtype(f"u{itemsize}")
+        return np.frombuffer(left, width) != np.frombuffer(right, width)
+    a, b = np.frombuffer(left, np.uint8), np.frombuffer(right, np.uint8)
+    return (a.reshape(-1, itemsize) != b.reshape(-1, itemsize)).any(axis=1)
+
+
+class DiskTensors:
+    """:class:`fcconv.exact.Tensors` of a source on disk: every read is a byte range of a file.
+
+    Rows are read with ``pread`` straight from the file (from the page cache
+    when it was just written), never through a whole-tensor load.
+    """
+
+    def __init__(self, source: Source) -> None:
+        if source.span is None:
+            raise ValueError(f"{source.path} is not read from disk")
+        self.source = source
+
+    def describe(self, key: str) -> TensorInfo | None:
+        return self.source.info.get(key)
+
+    def _row_span(self, key: str) -> tuple[Path, int, int]:
+        """(file, offset of the tensor's first byte, bytes per first-axis row)."""
+        assert self.source.span is not None
+        path, offset, length = self.source.span(key)
+        rows = self.source.info[key].shape[0] if self.source.info[key].shape else 1
+        return path, offset, length // rows if rows else 0
+
+    def row_bits(self, key: str, start: int, stop: int) -> np.ndarray:
+        path, offset, row_bytes = self._row_span(key)
+        begin, length = offset + start * row_bytes, (stop - start) * row_bytes
+        data = read_span(path, begin, length, ahead=length)  # blocks are read in order
+        return data.view(bits_dtype(self.source.info[key].dtype)).reshape(stop - start, -1)
+
+    def rows(self, key: str, rows: Sequence[int]) -> torch.Tensor:
+        import numpy as np
+
+        path, offset, row_bytes = self._row_span(key)
+        runs = _runs(list(rows))  # consecutive rows are read in one go
+        parts = [read_span(path, offset + a * row_bytes, (b - a) * row_bytes) for a, b in runs]
+        data = parts[0] if len(parts) == 1 else np.concatenate([np.empty(0, np.uint8), *parts])
+        return self._as_tensor(key, data, len(rows))
+
+    def tensor(self, key: str) -> torch.Tensor:
+        path, offset, length = self.source.span(key)  # type: ignore[misc]
+        shape = self.source.info[key].shape
+        return self._as_tensor(key, read_span(path, offset, length), shape[0] if shape else None)
+
+    def _as_tensor(self, key: str, data: np.ndarray, rows: int | None) -> torch.Tensor:
+        import torch
+
+        info = self.source.info[key]
+        dtype = getattr(torch, info.dtype)
+        if data.size == 0:  # no elements (a weight without rows): nothing to view
+            return torch.empty(() if rows is None else (rows, *info.shape[1:]), dtype=dtype)
+        tensor = torch.from_numpy(data).view(dtype)
+        return tensor.reshape(()) if rows is None else tensor.reshape(rows, *info.shape[1:])
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """``rows`` as half-open runs of consecutive indices, in order.
+
+    >>> _runs([0, 1, 2, 5, 7, 8])
+    [(0, 3), (5, 6), (7, 9)]
+    """
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
+
+
+def read_span(path: Path, offset: int, length: int, ahead: int = 0) -> np.ndarray:
+    """``length`` bytes of ``path`` from ``offset``, as a new uint8 array (one ``preadv``).
+
+    ``ahead`` bytes after them are asked of the disk too, to arrive while
+    the caller works on these.
+    """
+    import numpy as np
+
+    from fcconv.io.safetensors import read_error
+
+    data = np.empty(length, np.uint8)
+    view, got = memoryview(data), 0
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            read_ahead(descriptor, offset + length, ahead)
+            while got < length:
+                count = os.preadv(descriptor, [view[got:]], offset + got)
+                if count == 0:
+                    raise CheckpointError(
+                        f"{path} ended early while being read (did it change?); check the file"
+                    )
+                got += count
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        raise read_error(Path(path), error) from None
+    return data
+
+
+def read_ahead(descriptor: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading a byte range that will be needed next (a hint)."""
+    if length > 0 and hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(descriptor, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:  # a file system without read-ahead: the reads still work
+            pass
 
 
 def read_all(source: Source) -> dict[str, torch.Tensor]:

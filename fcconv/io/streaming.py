@@ -22,6 +22,7 @@ arithmetic, so every dtype is moved as unsigned integers of the same width
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 import threading
@@ -71,6 +72,32 @@ class _Target:
         sizes = dict(zip(self.order, self.patch.sizes(self.order), strict=True))
         moving = [axis for axis in self.order if sizes[axis] > 1]
         return moving != [axis for axis in AXES if sizes[axis] > 1]
+
+
+@dataclass(frozen=True)
+class Move:
+    """One Linear weight whose rows are permuted into its conv kernel on the way."""
+
+    src_offset: int  # where its first byte is in the input
+    dst_offset: int  # where the kernel's first byte goes in the output
+    rows: int
+    features: int
+    itemsize: int
+    patch: Patch
+    order: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.features * self.itemsize
+
+
+def _move(target: _Target, old_start: int, new_start: int) -> Move:
+    rows, features = target.info.shape
+    itemsize = dtypes.by_code(target.info.dtype).itemsize
+    begin = target.info.begin
+    return Move(
+        old_start + begin, new_start + begin, rows, features, itemsize, target.patch, target.order
+    )
 
 
 def _targets(
@@ -241,7 +268,7 @@ def _write_converted(
             total = new_start + header.data_bytes
             writer = _Writer(source, output, src, total, progress, block_bytes)
             writer.write(new_header, 0)
-            writer.run(copies, [(old_start, new_start, t) for t in moved])
+            writer.run(copies, [_move(t, old_start, new_start) for t in moved])
             if os.fstat(output).st_size != total:
                 raise CheckpointError(f"{src} changed while being copied; check the file and retry")
         finally:
@@ -346,18 +373,22 @@ class _Writer:
         ]
 
     def run(
-        self, copies: list[tuple[int, int, int]], moves: list[tuple[int, int, _Target]]
-    ) -> None:
-        """Copy ``copies`` and permute ``moves``, overlapped when there are both."""
+        self, copies: list[tuple[int, int, int]], moves: list[Move], *, checksum: bool = False
+    ) -> list[int]:
+        """Copy ``copies`` and permute ``moves``, overlapped when there are both.
+
+        With ``checksum``, returns the CRC-32 of each move's output bytes (what
+        a zip record of them needs), else an empty list.
+        """
         if not moves or not copies:
             self._copy_all(copies)
-            self._permute_all(moves)
-            return
+            return self._permute_all(moves, checksum)
         worker = threading.Thread(target=self._guarded, args=(self._copy_all, copies))
         worker.start()
         failure: BaseException | None = None
+        checksums: list[int] = []
         try:
-            self._permute_all(moves)
+            checksums = self._permute_all(moves, checksum)
         except BaseException as error:
             failure = error
         finally:
@@ -368,6 +399,7 @@ class _Writer:
             raise failure
         if self.failure is not None:
             raise self.failure
+        return checksums
 
     def _guarded(self, function: Callable[..., None], *args: Any) -> None:
         try:
@@ -386,9 +418,9 @@ class _Writer:
         for src_offset, dst_offset, length in copies:
             self.copy(src_offset, dst_offset, length)
 
-    def _permute_all(self, moves: list[tuple[int, int, _Target]]) -> None:
-        for old_start, new_start, target in moves:
-            self.permute(old_start + target.info.begin, new_start + target.info.begin, target)
+    def _permute_all(self, moves: list[Move], checksum: bool) -> list[int]:
+        checksums = [self.permute(move, checksum) for move in moves]
+        return checksums if checksum else []
 
     def _advance(self, count: int) -> None:
         with self.lock:
@@ -470,28 +502,59 @@ class _Writer:
                 written += os.pwrite(self.output, view[written:], dst_offset + written)
         return len(data)
 
-    def permute(self, src_offset: int, dst_offset: int, target: _Target) -> None:
-        """Rewrite one Linear weight as its kernel, a block of whole rows at a time."""
+    def permute(self, move: Move, checksum: bool = False) -> int:
+        """Rewrite one Linear weight as its kernel, a block of whole rows at a time.
+
+        Returns the CRC-32 of the bytes written when ``checksum``, else 0.
+        """
+        import zlib
+
         import numpy as np
 
-        info, patch, order = target.info, target.patch, target.order
-        rows, features = info.shape
-        itemsize = dtypes.by_code(info.dtype).itemsize
-        element = np.dtype(f"<u{itemsize}")  # the bits, never their value
-        row_bytes = features * itemsize
-        block_rows = max(1, min(rows, self.block_bytes // row_bytes))
+        patch, order, features = move.patch, move.order, move.features
+        element = np.dtype(f"<u{move.itemsize}")  # the bits, never their value
+        row_bytes = features * move.itemsize
+        block_rows = max(1, min(move.rows, self.block_bytes // row_bytes))
         source = np.empty(block_rows * features, dtype=element)
         kernel = np.empty_like(source)
-        axes = (0, *(1 + order.index(axis) for axis in AXES))
-        pending = dst_offset
-        for first in range(0, rows, block_rows):
+        sizes, axes = merged_axes(patch, order)
+        pending, crc = move.dst_offset, 0
+        for first in range(0, move.rows, block_rows):
             self._check()
-            count = min(block_rows, rows - first)
+            count = min(block_rows, move.rows - first)
             length = count * row_bytes
             offset = first * row_bytes
-            self._read_into(memoryview(source).cast("B")[:length], src_offset + offset)
-            grouped = source[: count * features].reshape(count, *patch.sizes(order))
-            out = kernel[: count * features].reshape(count, *patch.sizes(AXES))
-            np.copyto(out, grouped.transpose(axes))
-            self.write(memoryview(kernel).cast("B")[:length], dst_offset + offset)
-            pending = self._flush(pending, dst_offset + offset + length)
+            self._read_into(memoryview(source).cast("B")[:length], move.src_offset + offset)
+            grouped = source[: count * features].reshape(count, *sizes)
+            out = kernel[: count * features].reshape(count, *(sizes[a] for a in axes))
+            np.copyto(out, grouped.transpose(0, *(1 + a for a in axes)))
+            written = memoryview(kernel).cast("B")[:length]
+            self.write(written, move.dst_offset + offset)
+            if checksum:
+                crc = zlib.crc32(written, crc)
+            pending = self._flush(pending, move.dst_offset + offset + length)
+        return crc
+
+
+def merged_axes(patch: Patch, order: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The permutation from ``order`` to ``chw`` with axes that move together merged.
+
+    Returns the sizes of the merged source axes (in ``order``) and the
+    transpose that puts them in ``chw`` order. Axes that stay neighbours in the
+    same order move as one (``hwc`` → ``chw`` is a 2-D transpose of
+    ``(H·W, C)``): fewer, longer runs copy about twice as fast.
+
+    >>> merged_axes(Patch(7, 7, 512), "hwc")
+    ((49, 512), (1, 0))
+    >>> merged_axes(Patch(7, 7, 512), "whc")
+    ((7, 7, 512), (2, 1, 0))
+    """
+    sizes = dict(zip(AXES, (patch.channels, patch.height, patch.width), strict=True))
+    groups: list[str] = []
+    for axis in order:
+        if groups and AXES.find(groups[-1][-1] + axis) >= 0:
+            groups[-1] += axis  # the next axis of chw follows this one in both orders
+        else:
+            groups.append(axis)
+    merged = tuple(math.prod(sizes[a] for a in group) for group in groups)
+    return merged, tuple(sorted(range(len(groups)), key=lambda g: AXES.index(groups[g][0])))

@@ -1,0 +1,185 @@
+"""The exact check of SPEC §4, a block of rows at a time: every element, bit for bit.
+
+A converted kernel must hold ``K[o, c, i, j] == W[o, column(c, i, j)]``, where
+``column`` is the mixed-radix number of ``(c, i, j)`` in the flatten order
+(SPEC §1). :func:`linear_columns` computes that map from its definition with
+numpy, independently of the reshape-and-permute that wrote the kernel
+(:mod:`fcconv.geometry`, :mod:`fcconv.io.streaming`); the original rows are
+gathered through it and compared with the kernel's rows as unsigned integers
+of the element's width: bits, never values (NaN equals NaN, −0.0 differs
+from 0.0).
+
+Both sides are read through :class:`Tensors`: tensors in memory
+(:class:`MemoryTensors`), or byte ranges of files
+(:class:`fcconv.io.sources.DiskTensors`), whose blocks come from the page
+cache right after they were written. Memory stays at a few blocks whatever
+the layer's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from fcconv import dtypes
+from fcconv.geometry import AXES, Patch, parse_order
+from fcconv.plan import TensorInfo, describe
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+BLOCK_BYTES = 32 << 20
+"""Bytes of rows read from each side at once."""
+
+
+@runtime_checkable
+class Tensors(Protocol):
+    """One side of a comparison: its tensors described, and read a part at a time."""
+
+    def describe(self, key: str) -> TensorInfo | None:
+        """Shape and dtype of ``key``, or None when this side has no such tensor."""
+
+    def row_bits(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``key`` as unsigned ints of the element's width, ``[n, row]``."""
+
+    def rows(self, key: str, rows: Sequence[int]) -> torch.Tensor:
+        """The listed rows (first-axis indices) of ``key``, as a tensor."""
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """All of ``key`` (for small tensors such as biases)."""
+
+
+def bits_dtype(dtype: str) -> np.dtype:
+    """The unsigned integer type as wide as one element of ``dtype``."""
+    import numpy as np
+
+    known = dtypes.by_name(dtype)
+    return np.dtype(f"u{known.itemsize if known is not None else 1}")
+
+
+def tensor_bits(tensor: torch.Tensor) -> np.ndarray:
+    """The elements of a CPU tensor as unsigned ints of their width, ``[rows, row]``.
+
+    A view of the tensor's memory when it is contiguous (no copy).
+    """
+    import numpy as np
+    import torch
+
+    width = bits_dtype(dtypes.name_of(tensor.dtype))
+    rows = tensor.shape[0] if tensor.dim() else 1
+    if tensor.numel() == 0:
+        return np.empty((rows, 0), dtype=width)
+    flat = tensor.detach().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy().view(width)
+    return raw.reshape(rows, raw.size // rows if rows else 0)
+
+
+class MemoryTensors:
+    """:class:`Tensors` over a mapping of tensors in memory."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.mapping = tensors
+        self._bits: dict[str, np.ndarray] = {}
+
+    def describe(self, key: str) -> TensorInfo | None:
+        tensor = self.mapping.get(key)
+        return None if tensor is None else describe({key: tensor})[key]
+
+    def row_bits(self, key: str, start: int, stop: int) -> np.ndarray:
+        if key not in self._bits:
+            self._bits[key] = tensor_bits(self.mapping[key])
+        return self._bits[key][start:stop]
+
+    def rows(self, key: str, rows: Sequence[int]) -> torch.Tensor:
+        import torch
+
+        tensor = self.mapping[key]
+        if len(rows) == tensor.shape[0] and list(rows) == list(range(tensor.shape[0])):
+            return tensor
+        return tensor[torch.tensor(list(rows), dtype=torch.long)]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.mapping[key]
+
+
+def as_tensors(side: Tensors | Mapping[str, torch.Tensor]) -> Tensors:
+    """``side`` as :class:`Tensors`: a mapping of tensors is wrapped, anything else kept."""
+    return side if isinstance(side, Tensors) else MemoryTensors(side)
+
+
+def linear_columns(patch: Patch, order: str, flip: bool = False) -> np.ndarray:
+    """For each kernel tap ``(c, i, j)``, in ``[C, kh, kw]`` row-major order, its Linear column.
+
+    The column is the mixed-radix number of the tap's coordinates, the
+    flatten order's first axis the most significant (SPEC §1). A flipped
+    kernel (for a framework that convolves) holds at tap ``(c, i, j)`` what
+    the plain one holds at ``(c, kh−1−i, kw−1−j)``.
+
+    >>> linear_columns(Patch(1, 2, 3), "hwc").tolist()  # C=3 fastest: tap (c, 0, j) reads 3j + c
+    [0, 3, 1, 4, 2, 5]
+    >>> linear_columns(Patch(1, 2, 3), "hwc", flip=True).tolist()
+    [3, 0, 4, 1, 5, 2]
+    """
+    import numpy as np
+
+    order = parse_order(order)
+    size = dict(zip(AXES, (patch.channels, patch.height, patch.width), strict=True))
+    taps = np.indices((size["c"], size["h"], size["w"])).reshape(3, -1)
+    coordinate = dict(zip(AXES, taps, strict=True))
+    if flip:
+        coordinate["h"] = size["h"] - 1 - coordinate["h"]
+        coordinate["w"] = size["w"] - 1 - coordinate["w"]
+    column = np.zeros(patch.features, dtype=np.int64)
+    for axis in order:
+        column = column * size[axis] + coordinate[axis]
+    return column
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Where a kernel is not the permuted original: how many elements, and the first."""
+
+    count: int
+    row: int
+    tap: int  # flat index in [C, kh, kw]
+    column: int  # the Linear column that tap should hold
+
+
+def permuted_mismatch(
+    original: Tensors,
+    converted: Tensors,
+    key: str,
+    patch: Patch,
+    order: str,
+    rows: int,
+    *,
+    flip: bool = False,
+) -> Mismatch | None:
+    """Compare every element of the kernel ``converted[key]`` with the permuted ``original[key]``.
+
+    Both must already have the expected dtypes and shapes (``[rows, N]`` and
+    ``[rows, C, kh, kw]``). Returns None when every bit agrees.
+    """
+    import numpy as np
+
+    if rows == 0:  # no elements: nothing can differ (and the patch may be only declared)
+        return None
+    columns = linear_columns(patch, order, flip)
+    info = original.describe(key)
+    itemsize = bits_dtype(info.dtype if info is not None else "uint8").itemsize
+    block = max(1, BLOCK_BYTES // (patch.features * itemsize))
+    count, first = 0, (-1, -1)
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        expected = np.take(original.row_bits(key, start, stop), columns, axis=1)
+        differ = expected != converted.row_bits(key, start, stop)
+        found = int(np.count_nonzero(differ))
+        if found and first[0] < 0:
+            row, tap = divmod(int(np.flatnonzero(differ)[0]), patch.features)
+            first = (start + row, tap)
+        count += found
+    if not count:
+        return None
+    return Mismatch(count, first[0], first[1], int(columns[first[1]]))
