@@ -285,19 +285,35 @@ def _compare_dense(check: DenseCheck, an: Analysis, dense, wanted, rtol: float) 
 
 
 def _cell_kinds(
-    tensor: torch.Tensor, cells: OutputCells, plan: CropPlan, native, total
+    tensor: torch.Tensor, cells: OutputCells, plan: CropPlan, native, total, phases=None
 ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """The map's cells (one index per input axis) that equal their crop, and the others."""
     geometry = cells.cells
     counts = [tensor.shape[axis] for axis in cells.map_axes]
+    phases = phases or (1,) * len(counts)
     exact, other = [], []
     for index in _grid(counts):
         fits = all(
-            plan.exact_along(a, i, native[a], total[a], geometry.stride[a])
+            exact_along(plan, a, i, native[a], total[a], geometry.stride[a], phases[a])
             for a, i in enumerate(index)
         )
         (exact if fits else other).append(index)
     return exact, other
+
+
+def exact_along(
+    plan: CropPlan, axis: int, index: int, native: int, total: int, step: int, phases: int = 1
+) -> bool:
+    """Whether cell ``index`` along ``axis`` of a map at ``step`` equals the model on its crop.
+
+    A map stitched from ``phases`` shifted runs (:mod:`fcconv.fcn.stride`)
+    takes cell ``index`` from run ``index % phases``, a dense map at stride
+    ``step·phases`` over ``total − (phases−1)·step`` input positions starting
+    where its crops' positions start: the cell equals its crop when cell
+    ``index // phases`` of that run does.
+    """
+    run = total - (phases - 1) * step
+    return plan.exact_along(axis, index // phases, native, run, step * phases)
 
 
 def _grid(counts: list[int]) -> list[tuple[int, ...]]:
@@ -313,7 +329,9 @@ def _crop_fits(index, geometry, native, total) -> bool:
     )
 
 
-def _account_crops(check, reference, big, dense, cells, plan, native, max_crops, seed) -> None:
+def _account_crops(
+    check, reference, big, dense, cells, plan, native, max_crops, seed, phases=None
+) -> None:
     total = check.larger_size
     accounts: list[CropAccount] = []
     sampler = random.Random(seed)
@@ -323,7 +341,7 @@ def _account_crops(check, reference, big, dense, cells, plan, native, max_crops,
             reason = cell_map.unknown or "the trunk's geometry is unknown"
             result.crops = CropAccount(math.prod(tensor.shape[2:]), None, reasons=[reason])
             continue
-        exact, other = _cell_kinds(tensor, cell_map, plan, native, total)
+        exact, other = _cell_kinds(tensor, cell_map, plan, native, total, phases)
         others = [i for i in other if _crop_fits(i, cell_map.cells, native, total)]
         picked = (_sample(exact, max_crops, sampler), _sample(others, max_crops, sampler))
         needed[result.name] = picked
