@@ -307,10 +307,14 @@ def exact_along(
     """Whether cell ``index`` along ``axis`` of a map at ``step`` equals the model on its crop.
 
     A map stitched from ``phases`` shifted runs (:mod:`fcconv.fcn.stride`)
-    takes cell ``index`` from run ``index % phases``, a dense map at stride
-    ``step·phases`` over ``total − (phases−1)·step`` input positions starting
-    where its crops' positions start: the cell equals its crop when cell
-    ``index // phases`` of that run does.
+    takes the cell from run ``index % phases``: a dense map at stride
+    ``step·phases`` over the ``total − (phases−1)·step`` positions starting
+    where that run's first crop starts. The cell equals its crop when cell
+    ``index // phases`` of that run does
+    (:meth:`~fcconv.fcn.cells.CropPlan.exact_along`): its crop lies inside
+    the run, and touches the run's borders that the model reads past. (A
+    crop reaching past its run is not counted even where the whole input
+    holds it: the run may end in a partial ``ceil_mode`` window there.)
     """
     run = total - (phases - 1) * step
     return plan.exact_along(axis, index // phases, native, run, step * phases)
