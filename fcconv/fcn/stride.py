@@ -142,8 +142,9 @@ class StitchedMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         ndim = len(self.phases)
-        for axis, least in enumerate(self.smallest):
-            torch._check(x.shape[x.dim() - ndim + axis] >= least)
+        if not torch.jit.is_tracing():  # torch.export learns the smallest size from it
+            for axis, least in enumerate(self.smallest):
+                torch._check(x.shape[x.dim() - ndim + axis] >= least)
         maps = self.dense(torch.cat(shifted_runs(x, self.step, self.phases)))
         leaves, spec = pytree.tree_flatten(maps)
         stitched = [
