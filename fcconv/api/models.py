@@ -167,9 +167,9 @@ def convolutionalize_file(
     check = _verify(original, conversion, native, larger, layers or None, channels)
     result = ConvolutionalizeResult(str(model), conversion, check)
     if check:
-        smallest = native
+        smallest = conversion.input_size  # one number for a 2-D model is a square
         if finer is not None:
-            smallest = fcn.smallest_size(native, conversion.output_stride, conversion.phases)
+            smallest = fcn.smallest_size(smallest, conversion.output_stride, conversion.phases)
             result.cost = fcn.measure_cost(
                 original,
                 coarse.model,
