@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fcconv.errors import FcconvError, SpecError
-from fcconv.fcn import convolutionalize_detailed, measure_cost, with_output_stride
+from fcconv.fcn import convolutionalize_detailed, measure_cost, verify_dense, with_output_stride
 from fcconv.fcn.stride import interleave, verify_output_stride
 
 CHANNELS = 2
@@ -269,7 +269,7 @@ def test_verification_catches_a_wrong_interleave() -> None:
     finer = with_output_stride(convolutionalize_detailed(model, (4, 4)), 1)
     finer.model.phases = (2, 2)
     finer.model.map_axes = [(3, 2)]  # rows and columns swapped in the stitching
-    check = verify_output_stride(model, finer, (8, 7))
+    check = verify_output_stride(model, finer.model, (4, 4), (8, 7))
     assert not check and check.problems
     assert check.to_dict()["passed"] is False
 
@@ -277,7 +277,7 @@ def test_verification_catches_a_wrong_interleave() -> None:
 def test_verification_figures_of_a_good_stitch() -> None:
     model = _tiny()
     finer = with_output_stride(convolutionalize_detailed(model, (4, 4)), 1)
-    check = verify_output_stride(model, finer)
+    check = verify_dense(model, finer.model, 4)  # hands a stitched map to verify_output_stride
     assert check, check.problems
     facts = check.to_dict()
     assert facts["method"] == "shift-and-stitch" and facts["runs"] == 4
@@ -384,3 +384,30 @@ def test_errors_name_the_output_stride_parameter() -> None:
     error = SpecError("choose one with {output_stride}")
     assert str(error).endswith("output_stride=")
     assert isinstance(error, FcconvError)
+
+
+def test_python_convolutionalize_takes_an_output_stride() -> None:
+    import fcconv
+    from fcconv.fcn import StitchedMap
+
+    model = _tiny()
+    finer = fcconv.convolutionalize(model, (4, 4), output_stride=1)
+    assert isinstance(finer, StitchedMap) and finer.phases == (2, 2)
+    x = torch.randn(1, 1, 9, 7)
+    with torch.no_grad():
+        got = finer(x)
+        want = reference_map_sequential(model, x)
+    torch.testing.assert_close(got, want)
+    assert fcconv.verify_dense(model, finer, (4, 4))
+
+
+def reference_map_sequential(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The stride-1 map of ``_tiny`` by its definition: runs of one length, cell by cell."""
+    rows, columns = x.shape[-2] - 1, x.shape[-1] - 1  # each run drops one pixel per axis
+    cells = [[None] * ((columns - 4) // 2 + 1) * 2 for _ in range(((rows - 4) // 2 + 1) * 2)]
+    for j_h in range(len(cells)):
+        for j_w in range(len(cells[0])):
+            k_h, i_h, k_w, i_w = j_h % 2, j_h // 2, j_w % 2, j_w // 2
+            run = x[..., k_h : k_h + rows, k_w : k_w + columns]
+            cells[j_h][j_w] = model(run[..., 2 * i_h : 2 * i_h + 4, 2 * i_w : 2 * i_w + 4])
+    return torch.stack([torch.stack(row, -1) for row in cells], -2)

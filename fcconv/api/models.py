@@ -164,7 +164,9 @@ def convolutionalize_file(
     coarse = conversion
     if finer is not None:
         conversion = fcn.with_output_stride(conversion, finer)
-    check = _verify(original, conversion, native, larger, layers or None, channels)
+    check = fcn.verify_dense(
+        original, conversion.model, native, larger, layers=layers or None, in_channels=channels
+    )
     result = ConvolutionalizeResult(str(model), conversion, check)
     if check:
         smallest = conversion.input_size  # one number for a 2-D model is a square
@@ -193,16 +195,3 @@ def convolutionalize_file(
         if extra is not None:
             result.state_dict = fcn.save_state_dict(conversion.model, extra, force=force)
     return result
-
-
-def _verify(original: Any, conversion: Any, native, larger, layers, channels) -> Any:
-    """The float64 proof: every cell of the (stitched) map against the original head."""
-    from fcconv import fcn
-
-    if conversion.phases is not None and any(p > 1 for p in conversion.phases):
-        return fcn.verify_output_stride(
-            original, conversion, larger, layers=layers, in_channels=channels
-        )
-    return fcn.verify_dense(
-        original, conversion.model, native, larger, layers=layers, in_channels=channels
-    )

@@ -176,7 +176,9 @@ def verify_dense(
        map.
 
     Both within ``rtol · max(1, max|reference|)``: float64 rounding is far
-    below that, a wrong order or weight is of the size of the output. Then
+    below that, a wrong order or weight is of the size of the output. (A map
+    at a finer stride, :class:`~fcconv.fcn.stride.StitchedMap`, is checked by
+    :func:`~fcconv.fcn.stride.verify_output_stride` against shifted runs.) Then
     the crop account: which cells equal the whole original model run on
     their native-size crop (their receptive field never meets padding, a
     pool's padding or a partial ``ceil_mode`` window), checked on up to
@@ -200,6 +202,22 @@ def verify_dense(
     Returns:
         A :class:`DenseCheck`, truthy on pass.
     """
+    from fcconv.fcn.stride import StitchedMap, verify_output_stride
+
+    if isinstance(converted, StitchedMap):  # a map at a finer stride (--output-stride)
+        return verify_output_stride(
+            original,
+            converted,
+            input_size,
+            larger_size,
+            layers=layers,
+            in_channels=in_channels,
+            outputs=outputs,
+            batch=batch,
+            seed=seed,
+            max_crops=max_crops,
+            rtol=rtol,
+        )
     native = size_tuple(input_size, "input_size")
     recorded = getattr(converted, "meta", {}).get("fcconv", {})
     kept = outputs if outputs is not None else recorded.get("selected")

@@ -348,11 +348,13 @@ def shifted_reference(
 
 def verify_output_stride(
     original: nn.Module,
-    conversion: Conversion,
+    stitched: StitchedMap,
+    input_size: Sequence[int] | int,
     larger_size: Sequence[int] | int | None = None,
     *,
     layers: Sequence[str] | None = None,
     in_channels: int | None = None,
+    outputs: Sequence[str] | None = None,
     batch: int = 2,
     seed: int = 0,
     max_crops: int = 16,
@@ -365,10 +367,23 @@ def verify_output_stride(
     stitched map takes and on ``larger_size`` (default: two coarse steps past
     the native size), against :func:`shifted_reference`, each within
     ``rtol · max(1, max|reference|)``; then the crop account.
+    :func:`fcconv.fcn.verify_dense` hands a :class:`StitchedMap` here.
+
+    Args:
+        original: the model before conversion (copied, never modified).
+        stitched: the map at the finer stride, from :func:`with_output_stride`.
+        input_size: the native size.
+        larger_size: the larger size of the check.
+        layers, in_channels: as for :func:`~fcconv.fcn.convolutionalize`.
+        outputs: the outputs kept; default: as recorded.
+        batch, seed, max_crops, rtol: as for :func:`~fcconv.fcn.verify_dense`.
     """
-    if conversion.output_stride is None or conversion.phases is None:
-        raise SpecError("this conversion has no {output_stride}")
-    native, step, phases = conversion.input_size, conversion.output_stride, conversion.phases
+    recorded = stitched.meta.get("fcconv", {})
+    kept = outputs if outputs is not None else recorded.get("selected")
+    step, phases = stitched.step, stitched.phases
+    reference = copy.deepcopy(original).double().eval()
+    an = analyze(reference, input_size, layers, in_channels or recorded.get("in_channels"), kept)
+    native = an.layout.size  # one number for a 2-D model means a square
     coarse = tuple(s * f for s, f in zip(step, phases, strict=True))
     smallest = smallest_size(native, step, phases)
     larger = (
@@ -381,11 +396,7 @@ def verify_output_stride(
             f"the check size {'x'.join(map(str, larger))} is smaller than the stitched map's "
             f"smallest input {'x'.join(map(str, smallest))}; give a larger {{check_size}}"
         )
-    reference = copy.deepcopy(original).double().eval()
-    candidate = copy.deepcopy(conversion.model).double().eval()
-    kept = [o.name for o in conversion.outputs]
-    chosen = None if kept == conversion.output_names else kept
-    an = analyze(reference, native, layers, in_channels or conversion.in_channels, chosen)
+    candidate = copy.deepcopy(stitched).double().eval()
     geometry = trunk_geometry(an)
     cells = [_finer_cells(c, step) for c in output_cells(an, geometry, (1,) * len(native))]
     check = StrideCheck(
