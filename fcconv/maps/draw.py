@@ -105,27 +105,22 @@ def draw_map(
     return Placement(MARGIN, TITLE, scale)
 
 
+def _frame(axes: Any, rectangle: Any, spans: tuple[tuple[int, int], ...], **style: Any) -> None:
+    """An unfilled rectangle over the image pixels ``((top, bottom), (left, right))``."""
+    (top, bottom), (left, right) = spans
+    axes.add_patch(rectangle((left, top), right - left, bottom - top, fill=False, **style))
+
+
 def _hatch(axes: Any, grid: MapGrid, rectangle: Any) -> None:
     """Hatch the tiles of cells that differ from the model run on their crop."""
     if grid.crop_exact is None:
         return
     rows, columns = grid.size
+    hatch = {"hatch": "//", "edgecolor": (1.0, 1.0, 1.0, 0.55), "linewidth": 0}
     for p in range(rows):
         for q in range(columns):
-            if grid.crop_exact[p][q]:
-                continue
-            (top, bottom), (left, right) = tile(grid.cells, p, q)
-            axes.add_patch(
-                rectangle(
-                    (left, top),
-                    right - left,
-                    bottom - top,
-                    fill=False,
-                    hatch="//",
-                    edgecolor=(1.0, 1.0, 1.0, 0.55),
-                    linewidth=0,
-                )
-            )
+            if not grid.crop_exact[p][q]:
+                _frame(axes, rectangle, tile(grid.cells, p, q), **hatch)
 
 
 def _outline_best(axes: Any, grid: MapGrid, rectangle: Any) -> None:
@@ -133,18 +128,7 @@ def _outline_best(axes: Any, grid: MapGrid, rectangle: Any) -> None:
     rows, columns = grid.size
     if not rows or not columns:
         return
-    best = max(
-        ((p, q) for p in range(rows) for q in range(columns)), key=lambda c: grid.values[c[0]][c[1]]
-    )
-    (top, bottom), (left, right) = grid.cells.box(*best)
-    axes.add_patch(
-        rectangle(
-            (left, top),
-            right - left,
-            bottom - top,
-            fill=False,
-            edgecolor="white",
-            linestyle="--",
-            linewidth=1.2,
-        )
-    )
+    cells = [(p, q) for p in range(rows) for q in range(columns)]
+    best = max(cells, key=lambda cell: grid.values[cell[0]][cell[1]])
+    style = {"edgecolor": "white", "linestyle": "--", "linewidth": 1.2}
+    _frame(axes, rectangle, grid.cells.box(*best), **style)

@@ -22,7 +22,7 @@ METADATA = "fcconv.json"
 
 
 @dataclass(frozen=True)
-class OutputFacts:
+class ProgramOutput:
     """One output of a dense program: its name, coordinate map and the tensor axes of its map."""
 
     name: str
@@ -53,7 +53,7 @@ class DenseProgram:
     run: Callable[[Any], list[Any]]
     native_size: tuple[int, ...]
     in_channels: int
-    outputs: list[OutputFacts]
+    outputs: list[ProgramOutput]
     output_stride: tuple[int, ...] | None
     phases: tuple[int, ...]
     reads_past: dict[str, tuple[bool, ...]] | None
@@ -66,7 +66,7 @@ class DenseProgram:
             n + (f - 1) * s for n, s, f in zip(self.native_size, step, self.phases, strict=True)
         )
 
-    def output(self, name: str | None) -> tuple[int, OutputFacts]:
+    def output(self, name: str | None) -> tuple[int, ProgramOutput]:
         """The index and facts of output ``name`` (default: the first)."""
         if name is None:
             return 0, self.outputs[0]
@@ -124,7 +124,7 @@ def parse_facts(text: str, path: str) -> dict[str, Any]:
         if min(geometry.stride) < 1 or min(geometry.window) < 1:
             raise CheckpointError(f"{path}: fcconv's facts hold a malformed cell map", path=path)
         axes = _ints(entry.get("map_axes"), 2, "map axes", path)
-        outputs.append(OutputFacts(entry["name"], geometry, axes))
+        outputs.append(ProgramOutput(entry["name"], geometry, axes))
     if not outputs:
         raise CheckpointError(f"{path}: fcconv's facts list no outputs", path=path)
     stride = facts.get("output_stride")
