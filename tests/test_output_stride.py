@@ -411,3 +411,31 @@ def reference_map_sequential(model: nn.Sequential, x: torch.Tensor) -> torch.Ten
             run = x[..., k_h : k_h + rows, k_w : k_w + columns]
             cells[j_h][j_w] = model(run[..., 2 * i_h : 2 * i_h + 4, 2 * i_w : 2 * i_w + 4])
     return torch.stack([torch.stack(row, -1) for row in cells], -2)
+
+
+def test_one_dimensional_and_two_headed_models_stitch_every_output() -> None:
+    from fcconv.samples_models import detector_stage
+
+    class Audio(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(1)
+            self.conv, self.fc = nn.Conv1d(1, 3, 5, stride=2), nn.Linear(3 * 6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(nn.functional.max_pool1d(self.conv(x).relu(), 2), 1))
+
+    audio = Audio().eval()
+    finer = with_output_stride(convolutionalize_detailed(audio, 28), 1)
+    assert finer.phases == (4,) and finer.outputs[0].cells.stride == (1,)
+    x = torch.randn(1, 1, 40)
+    with torch.no_grad():
+        got = finer.model(x)  # valid layers only: every cell is the model on its crop
+        for j in range(got.shape[-1]):
+            torch.testing.assert_close(got[..., j], audio(x[..., j : j + 28]))
+    detector = detector_stage()
+    both = with_output_stride(convolutionalize_detailed(detector, (24, 24)), 2)
+    check = verify_dense(detector, both.model, (24, 24))
+    assert check, check.problems
+    assert [o.name for o in check.outputs] == ["face", "box"] and check.map_size == (6, 6)
+    assert check.crops.cells == 72 and check.warnings  # ceil_mode pools: no interior crop

@@ -20,7 +20,7 @@ Examples:
       --input 1024 -o crepe.pt2 --keep-output 0
   fcconv convolutionalize model.onnx -o dense.onnx
   fcconv convolutionalize sample_checkpoints/blob_net.safetensors \\
-      --arch fcconv.samples_models:blob_net --input 64x64 -o blobs_s8.pt2 --output-stride 8
+      --arch fcconv.samples_models:blob_net --input 96x96 -o blobs_s8.pt2 --output-stride 8
 
 \b
 --arch takes literal arguments (numbers, strings, tuples, lists, dicts,
