@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,keras,onnx]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,keras,onnx,map]"
 	touch $(STAMP)
 
 demo: install

@@ -11,6 +11,7 @@ is truthy on success, has ``.to_dict()`` (the ``--json`` document) and
   an ``.onnx`` graph; :func:`convolutionalize_onnx`, :func:`verify_onnx`: ONNX
   graphs, checked in onnxruntime;
 - :func:`convolutionalize`, :func:`verify_dense`: the same on an ``nn.Module``;
+- :func:`map_image`: a dense model's map drawn over an image (``fcconv map``);
 - :func:`linear_weight_to_conv`, :func:`linear_to_conv`: tensors and modules.
 
 >>> import torch
@@ -39,6 +40,8 @@ _LAZY = {
     "convert_checkpoint": "fcconv.api",
     "verify_checkpoints": "fcconv.api",
     "convolutionalize_file": "fcconv.api",
+    "map_image": "fcconv.api",
+    "MapResult": "fcconv.api",
     "convolutionalize_onnx": "fcconv.api.onnx",
     "verify_onnx": "fcconv.api.onnx",
     "InspectResult": "fcconv.api",
@@ -78,6 +81,7 @@ __all__ = [
     "ConvolutionalizeResult",
     "FcconvError",
     "InspectResult",
+    "MapResult",
     "Patch",
     "PatchSpec",
     "VerifyResult",
@@ -93,6 +97,7 @@ __all__ = [
     "linear_to_conv",
     "linear_weight_to_conv",
     "load_checkpoint",
+    "map_image",
     "parse_order",
     "parse_patch",
     "parse_stride",

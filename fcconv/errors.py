@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 PARAMETERS = (
     "arch",
+    "channel",
     "channels",
     "check_size",
     "flip",
@@ -34,13 +35,17 @@ PARAMETERS = (
     "input_size",
     "layers",
     "link",
+    "map_output",
+    "mean",
     "no_verify",
     "order",
     "output",
+    "output_stride",
     "outputs",
     "patch",
     "state_dict_out",
     "seed",
+    "std",
     "stride",
     "trust_pickle",
 )
@@ -48,6 +53,7 @@ PARAMETERS = (
 
 LIBRARY_NAMES: Mapping[str, str] = {
     "arch": "arch=",
+    "channel": "channel=",
     "channels": "in_channels=",
     "check_size": "larger_size=",
     "flip": "flip=True",
@@ -56,13 +62,17 @@ LIBRARY_NAMES: Mapping[str, str] = {
     "input_size": "input_size=",
     "layers": "layers=",
     "link": "link=True",
+    "map_output": "output=",
+    "mean": "mean=",
     "no_verify": "verify=False",
     "order": "order=",
     "output": "output path",
+    "output_stride": "output_stride=",
     "outputs": "outputs=",
     "patch": "patch=",
     "state_dict_out": "state_dict_out=",
     "seed": "seed=",
+    "std": "std=",
     "stride": "stride=",
     "trust_pickle": "trust_pickle=True",
 }
@@ -70,6 +80,7 @@ LIBRARY_NAMES: Mapping[str, str] = {
 
 CLI_NAMES: Mapping[str, str] = {
     "arch": "--arch",
+    "channel": "--channel",
     "channels": "--channels",
     "check_size": "--check-size",
     "flip": "--flip",
@@ -78,13 +89,17 @@ CLI_NAMES: Mapping[str, str] = {
     "input_size": "--input",
     "layers": "--layer",
     "link": "--link",
+    "map_output": "--output",
+    "mean": "--mean",
     "no_verify": "--no-verify",
     "order": "--order",
     "output": "-o",
+    "output_stride": "--output-stride",
     "outputs": "--keep-output",
     "patch": "--patch",
     "state_dict_out": "--state-dict-out",
     "seed": "--seed",
+    "std": "--std",
     "stride": "--stride",
     "trust_pickle": "--trust-pickle",
 }
@@ -161,6 +176,10 @@ class UserCodeError(FcconvError):
 
 class ArchitectureError(UserCodeError):
     """An ``arch`` (``package.module:callable``) that cannot be imported or called."""
+
+
+class ImageError(FcconvError):
+    """An image that cannot be read, or that does not fit the model it is fed to."""
 
 
 class MissingExtraError(FcconvError):

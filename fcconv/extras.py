@@ -2,7 +2,8 @@
 
 The core install (torch, safetensors, click, rich) stays small; Keras files
 need ``h5py`` (and ``keras`` to run the models), ONNX graphs need ``onnx``
-and ``onnxruntime``. Each comes with an extra of the ``fcconv`` package.
+and ``onnxruntime``, pictures of maps need ``pillow`` and ``matplotlib``.
+Each comes with an extra of the ``fcconv`` package.
 
 >>> require("json", "keras").__name__
 'json'
@@ -16,7 +17,11 @@ from types import ModuleType
 
 from fcconv.errors import MissingExtraError
 
-INSTALL = {"keras": "pip install 'fcconv[keras]'", "onnx": "pip install 'fcconv[onnx]'"}
+INSTALL = {
+    "keras": "pip install 'fcconv[keras]'",
+    "onnx": "pip install 'fcconv[onnx]'",
+    "map": "pip install 'fcconv[map]'",
+}
 """The command that installs each extra."""
 
 

@@ -18,9 +18,13 @@ import torch
 from torch import nn
 
 __all__ = [
+    "BLOBS",
+    "BlobNet",
     "DetectorStage",
     "KerasStyle",
     "VGGStyle",
+    "blob_image",
+    "blob_net",
     "detector_stage",
     "keras_style",
     "tiny_vgg",
@@ -190,3 +194,90 @@ def vgg_style(
         stages=stages, hidden=hidden, num_classes=num_classes, native=native, dropout=None
     )
     return _seeded_init(model, seed=2).eval()
+
+
+class BlobNet(nn.Module):
+    """A colour-blob classifier: 3×96×96 in, scores for red, green and blue blobs.
+
+    Valid 3×3 convs and 2×2 max pools (stride 32 in all), no padding: at
+    96×96 the feature map is 3×2×2, flattened into ``Linear(12 → 3) → ReLU →
+    Linear(3 → 3)``. Every cell of its dense map equals the model run on its
+    crop, since no layer reads past a crop's border.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3)
+        self.conv2 = nn.Conv2d(3, 3, 3)
+        self.conv3 = nn.Conv2d(3, 3, 3)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(3 * 2 * 2, 3)
+        self.fc2 = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))  # 94 → 47
+        x = self.pool(torch.relu(self.conv2(x)))  # 45 → 22
+        x = self.pool(torch.relu(self.conv3(x)))  # 20 → 10
+        x = self.pool(self.pool(x))  # 10 → 5 → 2
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _blur_kernel() -> torch.Tensor:
+    """A 3×3 binomial blur (1 2 1 ⊗ 1 2 1) / 16: exact in binary floating point."""
+    row = torch.tensor([1.0, 2.0, 1.0])
+    return torch.outer(row, row) / 16
+
+
+def blob_net() -> BlobNet:
+    """The map sample's classifier, with weights set by hand so that its map means something.
+
+    ``conv1`` turns each colour into its opponency (the colour minus half of
+    each other one, blurred), ``conv2`` and ``conv3`` blur each channel, the
+    head averages each channel over the 2×2 map and scores class ``c`` as 4×
+    its own colour minus the others. Weights are small dyadic fractions, so
+    they are the same bits on every machine.
+
+    >>> import torch
+    >>> red = torch.zeros(1, 3, 96, 96)
+    >>> red[:, 0, 24:72, 24:72] = 1.0
+    >>> int(blob_net()(red).argmax())
+    0
+    """
+    model = BlobNet()
+    blur = _blur_kernel()
+    with torch.no_grad():
+        opponency = torch.full((3, 3), -0.5) + 1.5 * torch.eye(3)
+        model.conv1.weight.copy_(opponency[:, :, None, None] * blur)
+        model.conv1.bias.fill_(-0.0625)
+        for conv in (model.conv2, model.conv3):
+            conv.weight.copy_(torch.eye(3)[:, :, None, None] * blur)
+            conv.bias.zero_()
+        model.fc1.weight.copy_(torch.eye(3).repeat_interleave(4, dim=1) / 4)
+        model.fc1.bias.zero_()
+        model.fc2.weight.copy_(5 * torch.eye(3) - 1)
+        model.fc2.bias.zero_()
+    return model.eval()
+
+
+BLOBS = (
+    # (row, column, radius, (red, green, blue)) of the sample image's blobs
+    (60, 70, 22, (1.0, 0.15, 0.1)),
+    (150, 240, 30, (0.1, 0.9, 0.2)),
+    (180, 90, 18, (0.15, 0.3, 1.0)),
+    (70, 250, 14, (1.0, 0.2, 0.15)),
+)
+
+
+def blob_image(height: int = 240, width: int = 320, blobs: Sequence = BLOBS) -> torch.Tensor:
+    """The map sample's picture: soft coloured discs on a dark background, ``[H, W, 3]`` uint8.
+
+    >>> tuple(blob_image(24, 32, [(12, 16, 6, (1.0, 0.0, 0.0))]).shape)
+    (24, 32, 3)
+    """
+    rows = torch.arange(height, dtype=torch.float64)[:, None]
+    columns = torch.arange(width, dtype=torch.float64)[None, :]
+    image = torch.full((height, width, 3), 0.08, dtype=torch.float64)
+    for row, column, radius, colour in blobs:
+        inside = ((rows - row) ** 2 + (columns - column) ** 2).sqrt() <= radius
+        image[inside] = torch.tensor(colour, dtype=torch.float64)
+    return (image * 255).round().to(torch.uint8)

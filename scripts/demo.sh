@@ -90,3 +90,12 @@ faces = maps["face"][0, 1]
 p, q = divmod(int(faces.argmax()), faces.shape[1])
 print(f"best face cell {(p, q)} reads the image box {cells.box(p, q)}")
 PY
+
+# Pictures: a blob classifier (trunk stride 32) made dense, then denser at stride 8 by
+# shift-and-stitch (every cell verified, its cost reported), each map drawn over an image.
+run "$BIN/fcconv" convolutionalize sample_checkpoints/blob_net.safetensors \
+    --arch fcconv.samples_models:blob_net --input 96x96 -o "$OUT/blobs.pt2"
+run "$BIN/fcconv" convolutionalize sample_checkpoints/blob_net.safetensors \
+    --arch fcconv.samples_models:blob_net --input 96x96 -o "$OUT/blobs_s8.pt2" --output-stride 8
+run "$BIN/fcconv" map "$OUT/blobs.pt2" sample_checkpoints/blobs.png -o "$OUT/map.png" --channel 0
+run "$BIN/fcconv" map "$OUT/blobs_s8.pt2" sample_checkpoints/blobs.png -o "$OUT/map_s8.png" --channel 0

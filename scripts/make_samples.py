@@ -15,6 +15,9 @@
   classifiers (see make_format_samples.py).
 - detector_stage.safetensors: weights of fcconv.samples_models.detector_stage,
   a two-headed face-detector stage (random init), for the README's walk-through.
+- blob_net.safetensors / blobs.png: weights of fcconv.samples_models.blob_net (set
+  by hand: red, green and blue blob scores) and a synthetic 320x240 picture of
+  coloured blobs, for `fcconv map` (Pillow writes the PNG).
 """
 
 from __future__ import annotations
@@ -62,6 +65,16 @@ def two_layer_head() -> dict[str, torch.Tensor]:
     }
 
 
+def write_map_samples(out_dir: Path) -> None:
+    """The blob classifier's weights and the picture `make demo` maps."""
+    from PIL import Image
+
+    from fcconv.samples_models import blob_image, blob_net
+
+    save_file(blob_net().state_dict(), str(out_dir / "blob_net.safetensors"))
+    Image.fromarray(blob_image().numpy()).save(out_dir / "blobs.png", optimize=True)
+
+
 def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
@@ -83,6 +96,7 @@ def main(out_dir: Path) -> None:
     write_keras_samples(out_dir)
     write_onnx_samples(out_dir)
     save_file(detector_stage().state_dict(), str(out_dir / "detector_stage.safetensors"))
+    write_map_samples(out_dir)
     for path in sorted(out_dir.iterdir()):
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
 

@@ -33,6 +33,7 @@ RANDOM_INIT = (
     "head_fc6_fc7.safetensors",
     "tiny_vgg.safetensors",
     "detector_stage.safetensors",
+    "blob_net.safetensors",
 )
 # Regenerating means training two CNNs: seconds, so these run under `make test-slow`.
 regenerated = pytest.mark.slow
@@ -63,10 +64,23 @@ def test_the_script_makes_every_shipped_sample_and_nothing_else(made: Path) -> N
 
 KERAS_SAMPLES = ("keras_cnn.keras", "keras_cnn.weights.h5")
 ONNX_SAMPLES = ("tiny_cnn.onnx",)
+IMAGE_SAMPLES = ("blobs.png",)
 
 
 def checkpoint_names() -> list[str]:
-    return [name for name in shipped_names() if name not in KERAS_SAMPLES + ONNX_SAMPLES]
+    others = KERAS_SAMPLES + ONNX_SAMPLES + IMAGE_SAMPLES
+    return [name for name in shipped_names() if name not in others]
+
+
+@regenerated
+@pytest.mark.parametrize("name", IMAGE_SAMPLES)
+def test_image_samples_agree_pixel_by_pixel(made: Path, name: str) -> None:
+    from PIL import Image
+
+    shipped = np.asarray(Image.open(SAMPLES / name), dtype=np.int16)
+    fresh = np.asarray(Image.open(made / name), dtype=np.int16)
+    assert shipped.shape == fresh.shape
+    assert np.abs(shipped - fresh).max() <= 1  # rounding of float64 discs to 8 bits
 
 
 def _without_object_ids(value: object) -> object:

@@ -13,15 +13,18 @@ from fcconv.api.checkpoints import (
     order_evidence,
     verify_checkpoints,
 )
+from fcconv.api.maps import MapResult, map_image
 from fcconv.api.models import ConvolutionalizeResult, convolutionalize_file
 
 __all__ = [
     "ConvertResult",
     "ConvolutionalizeResult",
     "InspectResult",
+    "MapResult",
     "convert_checkpoint",
     "convolutionalize_file",
     "inspect_checkpoint",
+    "map_image",
     "order_evidence",
     "verify_checkpoints",
 ]

@@ -28,6 +28,7 @@ class ConvolutionalizeResult:
     verification: Any
     export: Any = None
     state_dict: str | None = None
+    cost: Any = None
 
     def __bool__(self) -> bool:
         return bool(self.verification)
@@ -49,6 +50,7 @@ class ConvolutionalizeResult:
             "verification": self.verification.to_dict(),
             "export": self.export.to_dict() if self.export is not None else None,
             "state_dict": self.state_dict,
+            "cost": None if self.cost is None else self.cost.to_dict(),
             "warnings": self.warnings,
         }
 
@@ -79,6 +81,7 @@ def convolutionalize_file(
     state_dict_out: str | Path | None = None,
     trust_pickle: bool = False,
     force: bool = False,
+    output_stride: Size | int = None,
 ) -> ConvolutionalizeResult:
     """Make the model in ``model`` fully convolutional and save it as a ``.pt2`` program.
 
@@ -99,6 +102,11 @@ def convolutionalize_file(
         state_dict_out: also write the converted weights here.
         trust_pickle: allow unpickling ``model`` (runs code from the file).
         force: replace existing outputs.
+        output_stride: the map's stride in input pixels (``8`` or ``8x8``), a
+            divisor of the trunk's: the map is made denser by shift-and-stitch
+            (:mod:`fcconv.fcn.stride`), verified on every cell against the
+            original trunk run on the shifted inputs, and its cost measured
+            (``result.cost``).
 
     Nothing is written unless the dense model passes verification. The output's
     suffix decides its format: ``.pt2`` (a ``torch.export`` program) or
@@ -118,10 +126,17 @@ def convolutionalize_file(
     check_output_path(target, force, inputs)  # refused now, not after the slow part
     if extra is not None:
         check_output_path(extra, force, inputs)
+    finer = _extent(output_stride, "output stride")
+    if step is not None and finer is not None and any(s != 1 for s in step):
+        raise SpecError(
+            "give either {stride} (the head's stride in feature-map cells) or "
+            "{output_stride} (the map's stride in input pixels), not both"
+        )
     if Path(str(model)).suffix.lower() == ".onnx":
         from fcconv.api.onnx import convolutionalize_onnx
 
         given = {"arch": arch, "layers": layers, "channels": channels, "outputs": outputs}
+        given["output_stride"] = output_stride
         given |= {"check_size": check_size, "state_dict_out": state_dict_out}
         unused = [name for name, value in given.items() if value]
         if unused:
@@ -147,11 +162,26 @@ def convolutionalize_file(
     original = fcn.load_model(str(model), arch=arch, trust_pickle=trust_pickle)
     convert = partial(fcn.convolutionalize_detailed, original, native)
     conversion = convert(layers=layers or None, stride=step, in_channels=channels, outputs=outputs)
+    coarse = conversion
+    if finer is not None:
+        conversion = fcn.with_output_stride(conversion, finer)
     check = fcn.verify_dense(
         original, conversion.model, native, larger, layers=layers or None, in_channels=channels
     )
     result = ConvolutionalizeResult(str(model), conversion, check)
     if check:
+        smallest = conversion.input_size  # one number for a 2-D model is a square
+        if finer is not None:
+            smallest = fcn.smallest_size(smallest, conversion.output_stride, conversion.phases)
+            result.cost = fcn.measure_cost(
+                original,
+                coarse.model,
+                conversion.model,
+                conversion.layout,
+                check.larger_size,
+                conversion.output_stride,
+                conversion.outputs[0].cells_map.map_axes,
+            )
         save = fcn.save_exported
         if suffix == ".onnx":
             from fcconv.onnx.export import save_onnx as save
@@ -160,7 +190,7 @@ def convolutionalize_file(
             target,
             larger or check.larger_size,
             in_channels=conversion.in_channels,
-            native_size=conversion.input_size,
+            native_size=smallest,
             force=force,
         )
         if extra is not None:

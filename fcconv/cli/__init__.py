@@ -156,6 +156,7 @@ main = cli
 
 # The commands register themselves on `cli` when their modules are imported.
 from fcconv.cli import checkpoints as _checkpoints  # noqa: E402, F401
+from fcconv.cli import maps as _maps  # noqa: E402, F401
 from fcconv.cli import models as _models  # noqa: E402, F401
 from fcconv.cli.models import convolutionalize  # noqa: E402, F401
 

@@ -19,6 +19,8 @@ Examples:
   fcconv convolutionalize crepe.pt --arch 'mypkg.models:Crepe(capacity="tiny")' \\
       --input 1024 -o crepe.pt2 --keep-output 0
   fcconv convolutionalize model.onnx -o dense.onnx
+  fcconv convolutionalize sample_checkpoints/blob_net.safetensors \\
+      --arch fcconv.samples_models:blob_net --input 96x96 -o blobs_s8.pt2 --output-stride 8
 
 \b
 --arch takes literal arguments (numbers, strings, tuples, lists, dicts,
@@ -72,6 +74,13 @@ structure, each a map [B, O, *cells]:
     "--stride",
     metavar="S|SHxSW",
     help="The first convs' stride in feature-map cells (default 1: a window at every offset).",
+)
+@click.option(
+    "--output-stride",
+    metavar="S|SHxSW",
+    help="The map's stride in input pixels, a divisor of the trunk's (e.g. 8 for a "
+    "stride-32 trunk): a denser map by shift-and-stitch, every cell verified, its cost "
+    "reported.",
 )
 @click.option(
     "--channels",

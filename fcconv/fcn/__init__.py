@@ -19,6 +19,9 @@ nothing is recomputed. :func:`verify_dense` proves the equivalence on random
 inputs in float64 (:mod:`~fcconv.fcn.check`), :func:`save_exported` writes a
 ``torch.export`` program (``.pt2``) with dynamic batch and sizes that loads
 without the model's code (:mod:`~fcconv.fcn.export`).
+:func:`with_output_stride` makes the map denser by shift-and-stitch
+(:mod:`~fcconv.fcn.stride`), :func:`verify_output_stride` proves every cell
+and :func:`measure_cost` says what it costs (:mod:`~fcconv.fcn.cost`).
 
 >>> import torch
 >>> from torch import nn
@@ -38,6 +41,7 @@ from fcconv.errors import (
 )
 from fcconv.fcn.cells import OutputCells
 from fcconv.fcn.check import head_on_windows, verify_dense
+from fcconv.fcn.cost import MapCost, measure_cost
 from fcconv.fcn.export import METADATA, save_exported, save_state_dict
 from fcconv.fcn.load import load_model
 from fcconv.fcn.results import (
@@ -50,6 +54,13 @@ from fcconv.fcn.results import (
     OutputFacts,
 )
 from fcconv.fcn.rewrite import convolutionalize, convolutionalize_detailed
+from fcconv.fcn.stride import (
+    StitchedMap,
+    StrideCheck,
+    smallest_size,
+    verify_output_stride,
+    with_output_stride,
+)
 from fcconv.fcn.trace import InputLayout
 from fcconv.geometry import CellGeometry
 
@@ -64,16 +75,23 @@ __all__ = [
     "ExportInfo",
     "InputLayout",
     "LayerChange",
+    "MapCost",
     "OutputCells",
     "OutputCheck",
     "OutputFacts",
+    "StitchedMap",
+    "StrideCheck",
     "UntraceableModelError",
     "UserCodeError",
     "convolutionalize",
     "convolutionalize_detailed",
     "head_on_windows",
     "load_model",
+    "measure_cost",
     "save_exported",
     "save_state_dict",
+    "smallest_size",
     "verify_dense",
+    "verify_output_stride",
+    "with_output_stride",
 ]

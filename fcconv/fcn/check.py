@@ -176,7 +176,9 @@ def verify_dense(
        map.
 
     Both within ``rtol · max(1, max|reference|)``: float64 rounding is far
-    below that, a wrong order or weight is of the size of the output. Then
+    below that, a wrong order or weight is of the size of the output. (A map
+    at a finer stride, :class:`~fcconv.fcn.stride.StitchedMap`, is checked by
+    :func:`~fcconv.fcn.stride.verify_output_stride` against shifted runs.) Then
     the crop account: which cells equal the whole original model run on
     their native-size crop (their receptive field never meets padding, a
     pool's padding or a partial ``ceil_mode`` window), checked on up to
@@ -200,6 +202,22 @@ def verify_dense(
     Returns:
         A :class:`DenseCheck`, truthy on pass.
     """
+    from fcconv.fcn.stride import StitchedMap, verify_output_stride
+
+    if isinstance(converted, StitchedMap):  # a map at a finer stride (--output-stride)
+        return verify_output_stride(
+            original,
+            converted,
+            input_size,
+            larger_size,
+            layers=layers,
+            in_channels=in_channels,
+            outputs=outputs,
+            batch=batch,
+            seed=seed,
+            max_crops=max_crops,
+            rtol=rtol,
+        )
     native = size_tuple(input_size, "input_size")
     recorded = getattr(converted, "meta", {}).get("fcconv", {})
     kept = outputs if outputs is not None else recorded.get("selected")
@@ -285,19 +303,39 @@ def _compare_dense(check: DenseCheck, an: Analysis, dense, wanted, rtol: float) 
 
 
 def _cell_kinds(
-    tensor: torch.Tensor, cells: OutputCells, plan: CropPlan, native, total
+    tensor: torch.Tensor, cells: OutputCells, plan: CropPlan, native, total, phases=None
 ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """The map's cells (one index per input axis) that equal their crop, and the others."""
     geometry = cells.cells
     counts = [tensor.shape[axis] for axis in cells.map_axes]
+    phases = phases or (1,) * len(counts)
     exact, other = [], []
     for index in _grid(counts):
         fits = all(
-            plan.exact_along(a, i, native[a], total[a], geometry.stride[a])
+            exact_along(plan, a, i, native[a], total[a], geometry.stride[a], phases[a])
             for a, i in enumerate(index)
         )
         (exact if fits else other).append(index)
     return exact, other
+
+
+def exact_along(
+    plan: CropPlan, axis: int, index: int, native: int, total: int, step: int, phases: int = 1
+) -> bool:
+    """Whether cell ``index`` along ``axis`` of a map at ``step`` equals the model on its crop.
+
+    A map stitched from ``phases`` shifted runs (:mod:`fcconv.fcn.stride`)
+    takes the cell from run ``index % phases``: a dense map at stride
+    ``step·phases`` over the ``total − (phases−1)·step`` positions starting
+    where that run's first crop starts. The cell equals its crop when cell
+    ``index // phases`` of that run does
+    (:meth:`~fcconv.fcn.cells.CropPlan.exact_along`): its crop lies inside
+    the run, and touches the run's borders that the model reads past. (A
+    crop reaching past its run is not counted even where the whole input
+    holds it: the run may end in a partial ``ceil_mode`` window there.)
+    """
+    run = total - (phases - 1) * step
+    return plan.exact_along(axis, index // phases, native, run, step * phases)
 
 
 def _grid(counts: list[int]) -> list[tuple[int, ...]]:
@@ -313,7 +351,9 @@ def _crop_fits(index, geometry, native, total) -> bool:
     )
 
 
-def _account_crops(check, reference, big, dense, cells, plan, native, max_crops, seed) -> None:
+def _account_crops(
+    check, reference, big, dense, cells, plan, native, max_crops, seed, phases=None
+) -> None:
     total = check.larger_size
     accounts: list[CropAccount] = []
     sampler = random.Random(seed)
@@ -323,7 +363,7 @@ def _account_crops(check, reference, big, dense, cells, plan, native, max_crops,
             reason = cell_map.unknown or "the trunk's geometry is unknown"
             result.crops = CropAccount(math.prod(tensor.shape[2:]), None, reasons=[reason])
             continue
-        exact, other = _cell_kinds(tensor, cell_map, plan, native, total)
+        exact, other = _cell_kinds(tensor, cell_map, plan, native, total, phases)
         others = [i for i in other if _crop_fits(i, cell_map.cells, native, total)]
         picked = (_sample(exact, max_crops, sampler), _sample(others, max_crops, sampler))
         needed[result.name] = picked

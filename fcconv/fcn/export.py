@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +52,23 @@ def _backed_size_oblivious() -> contextlib.AbstractContextManager[Any]:
     if not hasattr(fx_config, "backed_size_oblivious"):
         return contextlib.nullcontext()
     return fx_config.patch(backed_size_oblivious=True)
+
+
+@contextlib.contextmanager
+def _quiet_symbolic_shapes() -> Any:
+    """Keep torch's symbolic-shape reasoning from logging its give-ups on stderr.
+
+    A stitched map (:mod:`fcconv.fcn.stride`) has sizes with floor divisions
+    that sympy cannot always reduce; torch then logs a traceback per attempt
+    at WARNING level and carries on. The probes below judge the program.
+    """
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _finite(value: Any) -> int | None:
@@ -207,7 +225,7 @@ def save_exported(
     with running_eval(model), torch.no_grad():
         for kind, setting, dynamic_shapes in candidates:
             try:
-                with setting():
+                with setting(), _quiet_symbolic_shapes():
                     program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
             except Exception as error:  # this kind of export failed: try the next
                 errors.append(f"{kind} export failed ({_first_line(error)})")

@@ -74,6 +74,10 @@ class Conversion:
             (None when the trunk's geometry is unknown).
         changes: the head's modules, and the trunk's identity pools, before and after.
         notes: plain-words remarks (size guards, identity pools, training mode).
+        output_stride: the map's stride in input pixels when a denser map was
+            asked for (:func:`fcconv.fcn.stride.with_output_stride`), else None.
+        phases: how many shifted runs are interleaved along each axis (the
+            trunk's stride over ``output_stride``); None without an output stride.
     """
 
     model: fx.GraphModule
@@ -86,6 +90,8 @@ class Conversion:
     crop_plan: CropPlan | None = None
     changes: list[LayerChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    output_stride: tuple[int, ...] | None = None
+    phases: tuple[int, ...] | None = None
 
     @property
     def input_size(self) -> tuple[int, ...]:
@@ -131,7 +137,16 @@ class Conversion:
             "selected": None
             if [o.name for o in self.outputs] == self.output_names
             else [o.name for o in self.outputs],
+            "reads_past": self._reads_past(),
+            "output_stride": None if self.output_stride is None else list(self.output_stride),
+            "phases": None if self.phases is None else list(self.phases),
         }
+
+    def _reads_past(self) -> dict[str, list[bool]] | None:
+        """Per input axis, whether the model reads past its start / end at the native size."""
+        if self.crop_plan is None:
+            return None
+        return {"start": list(self.crop_plan.before), "end": list(self.crop_plan.after)}
 
     def to_dict(self) -> dict[str, Any]:
         first = self.outputs[0]
@@ -149,6 +164,8 @@ class Conversion:
             "outputs": [o.to_dict() for o in self.outputs],
             "changes": [c.to_dict() for c in self.changes],
             "notes": list(self.notes),
+            "output_stride": None if self.output_stride is None else list(self.output_stride),
+            "phases": None if self.phases is None else list(self.phases),
         }
 
 

@@ -112,6 +112,7 @@ def convolutionalize_detailed(
     in_channels: int | None = None,
     outputs: Sequence[str] | None = None,
     inplace: bool = False,
+    output_stride: Sequence[int] | int | None = None,
 ) -> Conversion:
     """Like :func:`convolutionalize`, returning the model with a report of what changed.
 
@@ -127,6 +128,14 @@ def convolutionalize_detailed(
         SpecError: the model does not run at ``input_size``.
         UserCodeError: the model's code raised.
     """
+    if output_stride is not None:
+        from fcconv.fcn.stride import with_output_stride
+
+        plain = convolutionalize_detailed(
+            model, input_size, layers=layers, stride=stride, in_channels=in_channels,
+            outputs=outputs, inplace=inplace,
+        )  # fmt: skip
+        return with_output_stride(plain, output_stride)
     working = model if inplace else copy.deepcopy(model)
     an = analyze(working, input_size, layers, in_channels, outputs)
     ndim = an.sites[0].patch.ndim
@@ -175,6 +184,7 @@ def convolutionalize(
     in_channels: int | None = None,
     outputs: Sequence[str] | None = None,
     inplace: bool = False,
+    output_stride: Sequence[int] | int | None = None,
 ) -> nn.Module:
     """Turn a model's ``flatten → Linear → …`` head(s) into convolutions.
 
@@ -201,6 +211,10 @@ def convolutionalize(
         outputs: keep only these outputs (names as ``0``, ``boxes``,
             ``out.landmarks``); one name returns that tensor alone.
         inplace: reuse the model's modules instead of copying them.
+        output_stride: a denser map: its stride in input pixels, a divisor of
+            the trunk's (:func:`fcconv.fcn.stride.with_output_stride`,
+            shift-and-stitch); the result is then a
+            :class:`~fcconv.fcn.stride.StitchedMap` around the dense model.
 
     Returns:
         An ``fx.GraphModule`` whose every output on a larger input is the map
@@ -223,4 +237,5 @@ def convolutionalize(
         in_channels=in_channels,
         outputs=outputs,
         inplace=inplace,
+        output_stride=output_stride,
     ).model

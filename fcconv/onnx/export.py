@@ -107,6 +107,7 @@ def save_onnx(
             f"the ONNX export of the converted model refuses or mis-computes input(s) {shown} "
             "in onnxruntime; write a .pt2 program instead"
         )
+    data, metadata = _with_facts(data, model)
     with atomic_output(target, force=force) as temporary:
         temporary.write_bytes(data)
     return ExportInfo(
@@ -123,4 +124,26 @@ def save_onnx(
         probed_shapes=probes,
         rejected_shapes=[],
         note=f"ONNX opset {OPSET}, checked in onnxruntime against the PyTorch model",
+        metadata=metadata,
     )
+
+
+METADATA = "fcconv.json"
+"""The ``metadata_props`` key of fcconv's facts (native size, each output's coordinate map)."""
+
+
+def _with_facts(data: bytes, model: Any) -> tuple[bytes, str]:
+    """The graph with fcconv's facts in its ``metadata_props``, as a ``.pt2`` carries them."""
+    import json
+
+    from fcconv.onnx.graph import _onnx
+
+    meta = getattr(model, "meta", None)
+    facts = meta.get("fcconv") if isinstance(meta, dict) else None
+    if not facts:
+        return data, ""
+    onnx = _onnx()
+    graph = onnx.load_from_string(data)
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = METADATA, json.dumps(facts)
+    return graph.SerializeToString(), METADATA

@@ -152,6 +152,7 @@ from fcconv.report.checkpoints import (  # noqa: E402
     render_plans,
     render_verification,
 )
+from fcconv.report.maps import render_map  # noqa: E402
 from fcconv.report.models import render_convolutionalize  # noqa: E402
 from fcconv.report.onnx import (  # noqa: E402
     render_onnx_convolutionalize,
@@ -168,6 +169,7 @@ __all__ = [
     "render_onnx_convolutionalize",
     "render_onnx_verification",
     "render_inspect",
+    "render_map",
     "render_plans",
     "render_verification",
     "stderr_console",

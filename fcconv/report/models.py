@@ -90,6 +90,14 @@ def render_convolutionalize(console: Console, result: ConvolutionalizeResult) ->
         ("stride", f"{_sizes(conversion.stride)} feature-map cells"),
         ("outputs", ", ".join(o.name for o in conversion.outputs)),
     ]
+    if conversion.output_stride is not None:
+        facts.append(
+            (
+                "output stride",
+                f"{_sizes(conversion.output_stride)} input pixels "
+                f"({_sizes(conversion.phases)} shifted runs interleaved)",
+            )
+        )
     console.print(table(text(f"fcconv convolutionalize {result.model}"), facts))
     console.print(_outputs_table(conversion, check))
 
@@ -114,6 +122,14 @@ def render_convolutionalize(console: Console, result: ConvolutionalizeResult) ->
         ),
         ("tolerance", num(check.tolerance)),
     ]
+    if getattr(check, "smallest_size", None):
+        rows[1] = (
+            "dense maps",
+            f"{_sizes(check.larger_size)} input: max |Δ| {num(check.dense_max_abs_diff)}, and "
+            f"{_sizes(check.smallest_size)} (the smallest it takes): max |Δ| "
+            f"{num(check.smallest_max_abs_diff)}, vs the original head on each window of the "
+            "trunk run on each shifted input, every cell of every output",
+        )
     if check.crops is not None:
         rows.append(("whole model on crops", _crops(check.crops)))
         rows.extend(("  because", reason) for reason in check.crops.reasons[:6])
@@ -121,6 +137,8 @@ def render_convolutionalize(console: Console, result: ConvolutionalizeResult) ->
     rows.append(("result", verdict))
     console.print(table(text("verification (float64)"), rows))
 
+    if result.cost is not None:
+        console.print(cost_table(result.cost))
     for note in conversion.notes:
         console.print(text(f"note: {note}"))
     for warning in check.warnings:
@@ -137,3 +155,32 @@ def render_convolutionalize(console: Console, result: ConvolutionalizeResult) ->
         console.print(
             text(f"wrote {result.state_dict} (state dict for the conv layers listed above)")
         )
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}×"
+
+
+def cost_table(cost: Any) -> Any:
+    """The cost of the denser map beside the coarse map and the crops (FLOPs, time)."""
+    from rich.table import Table
+
+    title = text(
+        f"cost on a {_sizes(cost.input_size)} input (FLOPs of convs and matmuls; "
+        "median time, this machine)"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("path", "cells", "GFLOP", "× FLOPs", "time", "× time", "note"):
+        table.add_column(column)
+    for row in cost.rows:
+        flops, seconds = cost.ratios(row)
+        table.add_row(
+            text(row.path),
+            text(str(row.cells)),
+            text(f"{row.flops / 1e9:.3g}"),
+            text(_ratio(flops)),
+            text(f"{row.seconds * 1e3:.3g} ms"),
+            text(_ratio(seconds)),
+            text(row.note),
+        )
+    return table
