@@ -23,30 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fcconv.api.inspection import order_evidence, spec_of
 from fcconv.errors import OrderUndecidedError, OutputError, SpecError
-from fcconv.geometry import (
-    DEFAULT_ORDER,
-    PatchSpec,
-    candidate_patches,
-    make_grid,
-    parse_patch,
-    parse_size,
-    parse_stride,
-    resolve_patch,
-)
 from fcconv.io.atomic import STDIO, check_output_path, default_output, inputs_protected
 from fcconv.io.checkpoint import SAFETENSORS, TORCH, format_for, save_checkpoint
 from fcconv.io.keras import KERAS, KERAS_FORMATS
 from fcconv.io.provenance import PROVENANCE_KEY, with_provenance
 from fcconv.io.sources import SHARDED, Source, open_source
+from fcconv.patches import AnySpec, make_grid, parse_extent
 from fcconv.plan import (
     AUTO,
     LayerPlan,
     LayerRequest,
-    LinearEntry,
     layer_inputs,
-    linear_entries,
-    param_key,
     parse_order_option,
     plan_layers,
 )
@@ -60,6 +49,14 @@ FLIP_WARNING = (
     "PyTorch, Keras 3 and ONNX cross-correlate: there, run weight.flip(2, 3) instead"
 )
 
+
+def flip_warning(plans: Sequence[LayerPlan]) -> str:
+    """:data:`FLIP_WARNING`, naming the flip back of each rank converted (``flip(2)`` in 1-D)."""
+    ranks = sorted({plan.ndim for plan in plans})
+    calls = " or ".join(f"weight.flip({', '.join(str(2 + a) for a in range(n))})" for n in ranks)
+    return FLIP_WARNING.replace("weight.flip(2, 3)", calls)
+
+
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``, called as an output is written."""
 
@@ -69,138 +66,23 @@ Size = str | Sequence[int] | None
 # ------------------------------------------------------------------- options
 
 
-def _patch(value: str | PatchSpec | None) -> PatchSpec | None:
-    if value is None or isinstance(value, PatchSpec):
-        return value
-    if hasattr(value, "channels") and hasattr(value, "height"):  # a resolved Patch
-        return PatchSpec(value.height, value.width, value.channels)
-    return parse_patch(value)
+def extent(value: Size, what: str) -> tuple[int, ...] | None:
+    """A size or stride given as ``"T"``, ``"HxW"``, ``"DxHxW"`` or a sequence of ints.
 
-
-def pair(value: Size, parse: Callable[[str], tuple[int, int]]) -> tuple[int, int] | None:
-    """A size or stride given as ``"HxW"`` or a sequence of two ints, parsed and checked."""
+    One number stands for every axis; how many a layer needs is its patch's
+    rank, checked when the layers are planned.
+    """
     if value is None:
         return None
     if isinstance(value, str):
-        return parse(value)
-    return parse("x".join(str(int(v)) for v in value))
+        return parse_extent(value, what)
+    return parse_extent("x".join(str(int(v)) for v in value), what)
 
 
 def _requests(layers: Sequence[str | LayerRequest]) -> list[LayerRequest]:
     if isinstance(layers, str):
         layers = [layers]
     return [r if isinstance(r, LayerRequest) else LayerRequest.parse(r) for r in layers]
-
-
-# ------------------------------------------------------------------- inspect
-
-
-@dataclass
-class InspectResult:
-    """The Linear-shaped entries of a checkpoint, the patches that fit, what is converted."""
-
-    source: str
-    format: str
-    entries: list[LinearEntry]
-    fits: dict[str, list[str]]
-    converted: list[dict[str, Any]]
-    evidence: dict[str, OrderEvidence] = field(default_factory=dict)
-    exit_code: int = 0
-
-    def __bool__(self) -> bool:
-        return True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "format": self.format,
-            "layers": [
-                {
-                    "name": e.name,
-                    "weight": e.weight_key,
-                    "bias": e.bias_key,
-                    "out_features": e.out_features,
-                    "in_features": e.in_features,
-                    "dtype": e.dtype,
-                    "patches": self.fits[e.name],
-                }
-                for e in self.entries
-            ],
-            "converted": self.converted,
-            "order_evidence": {name: ev.to_dict() for name, ev in self.evidence.items()},
-        }
-
-
-def inspect_checkpoint(
-    path: str | Path,
-    *,
-    channels: int | None = None,
-    feature_map: str | PatchSpec | None = None,
-    patch: str | PatchSpec | None = None,
-    trust_pickle: bool = False,
-) -> InspectResult:
-    """List the Linear-shaped entries of a checkpoint and the patches that fit each.
-
-    Args:
-        path: a checkpoint file, ``-`` for stdin, or a sharded checkpoint's folder.
-        channels: the patch's channels C, if known: every ``kh × kw`` that fits is listed.
-        feature_map: ``HxWxC`` of the feature map the layer reads, if known.
-        patch: rank the six flatten orders by the weights' evidence for this patch.
-        trust_pickle: allow arbitrary unpickling (only for files you trust).
-
-    A safetensors file or shard folder is described from its headers alone.
-    """
-    limit = _patch(feature_map)
-    if limit is not None:
-        channels = limit.channels or channels
-    describe_only = patch is None  # no tensor bytes are read: a .pt may be memory-mapped
-    source = open_source(str(path), trust_pickle=trust_pickle, describe_only=describe_only)
-    entries = linear_entries(source.info)
-    fits = {
-        entry.name: [
-            str(p)
-            for p in candidate_patches(entry.in_features, channels, limit=32 if limit else 6)
-            if limit is None or (p.height <= limit.height and p.width <= limit.width)
-        ][:6]
-        for entry in entries
-    }
-    converted = [
-        {"layer": name, "conv_shape": list(weight.shape), **record}
-        for name, record in source.records.items()
-        if (weight := source.info.get(param_key(name, "weight"))) is not None
-        and len(weight.shape) == 4
-    ]
-    spec = _patch(patch)
-    evidence = _evidence_for_patch(source, entries, spec) if spec is not None else {}
-    return InspectResult(source.path, source.format, entries, fits, converted, evidence)
-
-
-def _evidence_for_patch(
-    source: Source, entries: list[LinearEntry], spec: PatchSpec
-) -> dict[str, OrderEvidence]:
-    found = {}
-    for entry in entries:
-        try:
-            fitted = resolve_patch(spec, entry.in_features, entry.name)
-        except SpecError:
-            continue
-        plan = LayerPlan(
-            entry.name, entry.weight_key, entry.bias_key, entry.out_features, fitted,
-            DEFAULT_ORDER, (fitted.height, fitted.width), entry.dtype,
-        )  # fmt: skip
-        found[entry.name] = order_evidence(source, plan)
-    if not found:
-        raise SpecError(f"patch {spec} fits no Linear-shaped entry; see the patches that fit")
-    return found
-
-
-def order_evidence(source: Source, plan: LayerPlan) -> OrderEvidence:
-    """How the weights rank the six flatten orders for ``plan``'s patch (rows read only)."""
-    from fcconv.evidence import MAX_FEATURES, rank_orders, sample_rows
-
-    too_wide = plan.patch.features > MAX_FEATURES  # judged without reading a row
-    rows = [] if too_wide else sample_rows(plan.out_features, plan.patch.features).tolist()
-    return rank_orders(source.read_rows(plan.weight_key, rows), plan.patch)
 
 
 # ------------------------------------------------------------------- convert
@@ -217,7 +99,7 @@ class ConvertResult:
     source: str
     output: str
     plans: list[LayerPlan]
-    input_size: tuple[int, int] | None
+    input_size: tuple[int, ...] | None
     verification: VerifyResult | None
     written: bool
     format: str | None = None
@@ -267,10 +149,10 @@ class _Job:
     source: Source
     output: str
     requests: list[LayerRequest]
-    patch: PatchSpec | None
+    patch: AnySpec | None
     order: str | None
-    stride: tuple[int, int] | None
-    size: tuple[int, int] | None
+    stride: tuple[int, ...] | None
+    size: tuple[int, ...] | None
     verify: bool
     force: bool
     flip: bool = False
@@ -292,7 +174,7 @@ def convert_checkpoint(
     dst: str | Path | None = None,
     *,
     layers: Sequence[str | LayerRequest],
-    patch: str | PatchSpec | None = None,
+    patch: str | AnySpec | None = None,
     order: str | None = None,
     stride: Size = None,
     input_size: Size = None,
@@ -340,16 +222,14 @@ def convert_checkpoint(
         source=source,
         output=str(dst) if dst is not None else default_output(src),
         requests=requests,
-        patch=_patch(patch),
+        patch=spec_of(patch),
         order=parse_order_option(order) if order is not None else None,
-        stride=pair(stride, parse_stride),
-        size=pair(input_size, parse_size),
+        stride=extent(stride, "stride"),
+        size=extent(input_size, "input size"),
         verify=verify,
         force=force,
         flip=flip,
     )
-    if flip:
-        job.warnings.append(FLIP_WARNING)
     if source.format in KERAS_FORMATS:
         from fcconv.api.keras import convert_keras
 
@@ -390,19 +270,28 @@ def _plan(job: _Job) -> list[LayerPlan]:
         job.source.info,
         job.requests,
         default_patch=job.patch,
-        order=job.order or DEFAULT_ORDER,
+        order=job.order,
         stride=job.stride,
         source=job.source.path,
         flip=job.flip,
     )
+    if job.source.format in KERAS_FORMATS and any(plan.ndim != 2 for plan in plans):
+        odd = next(plan for plan in plans if plan.ndim != 2)
+        raise SpecError(
+            f"{job.source.path} is a Keras file, whose Dense layers become Conv2D kernels: "
+            f"give {odd.name} a 2-D {{patch}} (HxWxC), not the {odd.ndim}-D {odd.patch}",
+            layer=odd.name,
+        )
     # refuse a too-small input_size, or a check too large to run, before anything is written
     for plan, size in zip(plans, layer_inputs(plans, job.size), strict=True):
         if job.size is not None:
             make_grid(size, plan.patch, plan.stride)
         if job.verify:
-            from fcconv.verify import check_work
+            from fcconv.functional import check_work
 
             check_work(plan.patch, plan.out_features, plan.stride, size, plan.name, True)
+    if job.flip:
+        job.warnings.append(flip_warning(plans))
     return [_settle_order(plan, job) for plan in plans]
 
 
@@ -523,7 +412,7 @@ def verify_checkpoints(
     converted: str | Path,
     *,
     layers: Sequence[str | LayerRequest] = (),
-    patch: str | PatchSpec | None = None,
+    patch: str | AnySpec | None = None,
     order: str | None = None,
     stride: Size = None,
     input_size: Size = None,
@@ -566,15 +455,15 @@ def verify_checkpoints(
         before,
         after,
         requests=_requests(layers),
-        default_patch=_patch(patch),
+        default_patch=spec_of(patch),
         order=order_option,
-        stride=pair(stride, parse_stride),
+        stride=extent(stride, "stride"),
         provenance=after_source.records,
         source=str(original),
         info=(before_source.info, after_source.info),
         flip=flip,
     )
-    size = pair(input_size, parse_size)
+    size = extent(input_size, "input size")
     if on_disk:
         skip = {plan.weight_key for plan in plans}
         differences = byte_differences(before_source, after_source, skip)
