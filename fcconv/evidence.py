@@ -39,9 +39,12 @@ different permutations that no statistic of this kind can tell apart (on a
 square patch, the two readings that swap ``h`` and ``w``: a transpose; in
 3-D, any renaming of spatial axes of equal length).
 
-A 1-D patch has two orders (``cl``, ``lc``), a 2-D one six, a 3-D one 24:
-the work per order is the same gather of the rows read, so the time stays
-bounded by ``READ_ELEMENTS`` times the number of orders.
+A 1-D patch has two orders (``cl``, ``lc``), a 2-D one six, a 3-D one 24.
+A 3-D patch is judged only when a side is 1 (it is then read exactly like a
+1-D or 2-D one): with three sides longer than 1, trained heads re-flattened
+in each of the 24 orders showed wrong readings scoring *above* the right one
+(``benchmarks/evidence_nd.py``), so no margin could be trusted and fcconv
+asks for the order instead.
 """
 
 from __future__ import annotations
@@ -426,6 +429,13 @@ def _rank_orders(weight: torch.Tensor, patch: AnyPatch) -> OrderEvidence:
         reason = (
             f"not judged: a {patch} patch has {patch.features} elements, more than the "
             f"{MAX_FEATURES} fcconv ranks orders for"
+        )
+        return verdict(families, reason, candidates=undecided)
+    if sum(size > 1 for size in nd.sizes) > 2:
+        reason = (
+            f"not judged: a {patch} patch has three spatial axes longer than 1, and on "
+            "trained heads the neighbour statistic ranks some wrong readings of such patches "
+            "above the right one"
         )
         return verdict(families, reason, candidates=undecided)
     if weight.shape[0] == 0:
