@@ -30,7 +30,7 @@ from fcconv.io.checkpoint import SAFETENSORS, TORCH, format_for, save_checkpoint
 from fcconv.io.keras import KERAS, KERAS_FORMATS
 from fcconv.io.provenance import PROVENANCE_KEY, with_provenance
 from fcconv.io.sources import SHARDED, Source, open_source
-from fcconv.patches import AnySpec, make_grid, parse_extent
+from fcconv.patches import AnySpec, PatchSpecNd, make_grid, parse_extent
 from fcconv.plan import (
     AUTO,
     LayerPlan,
@@ -266,6 +266,8 @@ def convert_checkpoint(
 
 
 def _plan(job: _Job) -> list[LayerPlan]:
+    if job.source.format in KERAS_FORMATS:
+        _refuse_nd_for_keras(job)
     plans = plan_layers(
         job.source.info,
         job.requests,
@@ -275,13 +277,6 @@ def _plan(job: _Job) -> list[LayerPlan]:
         source=job.source.path,
         flip=job.flip,
     )
-    if job.source.format in KERAS_FORMATS and any(plan.ndim != 2 for plan in plans):
-        odd = next(plan for plan in plans if plan.ndim != 2)
-        raise SpecError(
-            f"{job.source.path} is a Keras file, whose Dense layers become Conv2D kernels: "
-            f"give {odd.name} a 2-D {{patch}} (HxWxC), not the {odd.ndim}-D {odd.patch}",
-            layer=odd.name,
-        )
     # refuse a too-small input_size, or a check too large to run, before anything is written
     for plan, size in zip(plans, layer_inputs(plans, job.size), strict=True):
         if job.size is not None:
@@ -293,6 +288,18 @@ def _plan(job: _Job) -> list[LayerPlan]:
     if job.flip:
         job.warnings.append(flip_warning(plans))
     return [_settle_order(plan, job) for plan in plans]
+
+
+def _refuse_nd_for_keras(job: _Job) -> None:
+    """Keras files are read and written as Dense and Conv2D layers: 2-D patches only."""
+    for request in job.requests:
+        spec = request.patch or job.patch
+        if isinstance(spec, PatchSpecNd):
+            raise SpecError(
+                f"{job.source.path} is a Keras file, whose Dense layers become Conv2D kernels: "
+                f"give {request.name} a 2-D {{patch}} (HxWxC), not the {spec.ndim}-D {spec}",
+                layer=request.name,
+            )
 
 
 def _settle_order(plan: LayerPlan, job: _Job) -> LayerPlan:
