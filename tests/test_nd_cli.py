@@ -318,3 +318,30 @@ def test_a_provenance_record_of_another_rank_is_ignored_field_by_field(invoke, t
     assert "seq.fc1: order lc found from the weights" in check["notes"]
     assert check["notes"][1].startswith("seq.fc2: orders cl, lc are the same permutation")
     assert check["layers"][0]["stride"] == [4]  # the recorded [2, 2] is no 1-D stride
+
+
+def _readme_block() -> tuple[list[list[str]], list[str]]:
+    """The commands and the quoted output of the README's 1-D and 3-D example."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("#### 1-D and 3-D patches (Conv1d, Conv3d)")
+    console = re.search(r"```console\n(.*?)```", readme[start:], flags=re.S).group(1)
+    quoted = re.search(r"```text\n(.*?)```", readme[start:], flags=re.S).group(1)
+    commands = [shlex.split(line[2:]) for line in console.replace("\\\n", " ").splitlines()]
+    return commands, quoted.splitlines()
+
+
+def test_the_readme_example_runs_and_prints_what_it_quotes(invoke, tmp_path, samples, monkeypatch):
+    import shutil
+
+    shutil.copytree(samples, tmp_path / "sample_checkpoints")
+    monkeypatch.chdir(tmp_path)
+    commands, quoted = _readme_block()
+    printed = []
+    for command in commands:
+        assert command[0] == "fcconv"
+        printed += invoke(*command[1:]).stderr.splitlines()
+    assert [line for line in quoted if line not in printed] == []
+    assert (tmp_path / "seq_head.conv.safetensors").is_file()
