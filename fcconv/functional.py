@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
 from fcconv.errors import SpecError
-from fcconv.patches import SPATIAL_AXES, AnyPatch, PatchNd, as_nd, default_input, make_grid
+from fcconv.patches import SPATIAL_AXES, AnyPatch, PatchNd, as_nd
 from fcconv.threads import torch_threads
+from fcconv.windows import default_input, make_grid
 
 if TYPE_CHECKING:
     import torch

@@ -10,10 +10,10 @@ The same holds in 1-D and 3-D (``K[O, C, l]``, ``K[O, C, d, h, w]``): one
 core (:func:`kernel_transpose`) serves every rank, in memory and in the
 streamed rewrites.
 
-Patches, orders and where windows fall are :mod:`fcconv.patches`' (its names
-are importable from here too). :class:`AxisField` / :class:`CellGeometry`
-carry the receptive-field arithmetic that says where each cell of a dense map
-lies on the input.
+Patches and orders are :mod:`fcconv.patches`', where windows fall
+:mod:`fcconv.windows`' (their names are importable from here too).
+:class:`AxisField` / :class:`CellGeometry` carry the receptive-field
+arithmetic that says where each cell of a dense map lies on the input.
 """
 
 from __future__ import annotations
@@ -31,18 +31,13 @@ from fcconv.patches import MAX_NUMBER as MAX_NUMBER
 from fcconv.patches import ORDERS as ORDERS
 from fcconv.patches import SPATIAL_AXES as SPATIAL_AXES
 from fcconv.patches import AnyPatch as AnyPatch
-from fcconv.patches import Grid as Grid
 from fcconv.patches import Patch as Patch
 from fcconv.patches import PatchNd as PatchNd
 from fcconv.patches import PatchSpec as PatchSpec
 from fcconv.patches import PatchSpecNd as PatchSpecNd
 from fcconv.patches import as_nd as as_nd
 from fcconv.patches import candidate_patches as candidate_patches
-from fcconv.patches import conv2d_line as conv2d_line
-from fcconv.patches import conv_line as conv_line
-from fcconv.patches import default_input as default_input
 from fcconv.patches import kernel_axes as kernel_axes
-from fcconv.patches import make_grid as make_grid
 from fcconv.patches import orders_for as orders_for
 from fcconv.patches import parse_extent as parse_extent
 from fcconv.patches import parse_order as parse_order
@@ -52,6 +47,11 @@ from fcconv.patches import parse_size as parse_size
 from fcconv.patches import parse_stride as parse_stride
 from fcconv.patches import plain as plain
 from fcconv.patches import resolve_patch as resolve_patch
+from fcconv.windows import Grid as Grid
+from fcconv.windows import conv2d_line as conv2d_line
+from fcconv.windows import conv_line as conv_line
+from fcconv.windows import default_input as default_input
+from fcconv.windows import make_grid as make_grid
 
 if TYPE_CHECKING:
     import torch

@@ -19,16 +19,14 @@ from fcconv.patches import (
     AnyPatch,
     AnySpec,
     as_nd,
-    conv_line,
-    default_input,
     fit_extent,
     kernel_axes,
-    make_grid,
     order_rank,
     parse_order_nd,
     parse_patch_spec,
     resolve_patch,
 )
+from fcconv.windows import conv_line, default_input, make_grid
 
 if TYPE_CHECKING:
     import torch

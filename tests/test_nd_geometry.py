@@ -32,17 +32,15 @@ from fcconv.patches import (
     PatchSpec,
     PatchSpecNd,
     candidate_patches_nd,
-    conv_line,
-    default_input,
     fit_extent,
     kernel_axes,
-    make_grid,
     order_rank,
     orders_for,
     parse_patch,
     parse_patch_spec,
     resolve_patch,
 )
+from fcconv.windows import conv_line, default_input, make_grid
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

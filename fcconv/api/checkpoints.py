@@ -30,7 +30,7 @@ from fcconv.io.checkpoint import SAFETENSORS, TORCH, format_for, save_checkpoint
 from fcconv.io.keras import KERAS, KERAS_FORMATS
 from fcconv.io.provenance import PROVENANCE_KEY, with_provenance
 from fcconv.io.sources import SHARDED, Source, open_source
-from fcconv.patches import AnySpec, PatchSpecNd, make_grid, parse_extent
+from fcconv.patches import AnySpec, PatchSpecNd, parse_extent
 from fcconv.plan import (
     AUTO,
     LayerPlan,
@@ -39,6 +39,7 @@ from fcconv.plan import (
     parse_order_option,
     plan_layers,
 )
+from fcconv.windows import make_grid
 
 if TYPE_CHECKING:
     from fcconv.evidence import OrderEvidence

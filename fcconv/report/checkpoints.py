@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fcconv.patches import AXIS_NOUNS, SPATIAL_AXES, Grid, default_input, make_grid
+from fcconv.patches import SPATIAL_AXES
 from fcconv.report import num, shape, table, text
+from fcconv.windows import AXIS_NOUNS, Grid, default_input, make_grid
 
 if TYPE_CHECKING:
     from rich.console import Console
