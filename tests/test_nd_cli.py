@@ -345,3 +345,23 @@ def test_the_readme_example_runs_and_prints_what_it_quotes(invoke, tmp_path, sam
         printed += invoke(*command[1:]).stderr.splitlines()
     assert [line for line in quoted if line not in printed] == []
     assert (tmp_path / "seq_head.conv.safetensors").is_file()
+
+
+@pytest.mark.parametrize("ndim", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_every_dtype_streams_and_verifies(invoke, tmp_path, dtype, ndim) -> None:
+    """Bytes permuted as unsigned integers of their width (lc, hwdc move them), never as values."""
+    tensors = {key: value.to(dtype) for key, value in state().items()}
+    source, converted = tmp_path / "model.safetensors", tmp_path / "model.conv.safetensors"
+    save_file(tensors, str(source))
+    options, order = RUNS[ndim]
+    document = json.loads(invoke("convert", source, *options, "--json").stdout)
+    assert document["mode"] == "streamed" and document["verification"]["equivalent"]
+    after = read_tensors(converted)
+    for name, (sizes, channels, _) in heads(ndim).items():
+        expected = kernel_by_definition(tensors[f"{name}.weight"], channels, sizes, order)
+        assert after[f"{name}.weight"].dtype == dtype
+        assert torch.equal(after[f"{name}.weight"].view(torch.uint8), expected.view(torch.uint8))
+    check = json.loads(invoke("verify", source, converted, "--json").stdout)
+    assert check["equivalent"]
+    assert {layer["dtype"] for layer in check["layers"]} == {str(dtype).removeprefix("torch.")}
