@@ -20,6 +20,7 @@ from fcconv.errors import LayerError
 from fcconv.geometry import coinciding_orders, conv_weight_to_linear_nd, patch_of_kernel
 from fcconv.patches import AnyPatch, AnySpec, as_nd, kernel_axes, orders_for, resolve_patch
 from fcconv.plan import (
+    AUTO,
     LayerPlan,
     LayerRequest,
     TensorInfo,
@@ -139,15 +140,23 @@ def plan_verification(
         claimed_patch = resolve_patch(spec, entry.in_features, name) if spec else patch
         record = provenance.get(name, {})
         flipped = flip if flip is not None else bool(record.get("flip"))
-        # the weights are read only when neither flags nor provenance name the order
-        layer_order, note = _claimed_order(
-            name,
-            lambda key=entry.weight_key: (original[key], converted[key]),
-            patch,
-            order,
-            record,
-            flipped,
-        )
+        if as_nd(claimed_patch).ndim == as_nd(patch).ndim:
+            # the weights are read only when neither flags nor provenance name the order
+            layer_order, note = _claimed_order(
+                name,
+                lambda key=entry.weight_key: (original[key], converted[key]),
+                patch,
+                order,
+                record,
+                flipped,
+            )
+        else:  # a claim the kernel cannot hold: checked as claimed, the shapes differ
+            layer_order = order_for(None if order == AUTO else order, claimed_patch, name)
+            note = (
+                f"{name}: the converted kernel is {as_nd(patch).ndim}-D ({patch}), not "
+                f"{as_nd(claimed_patch).ndim}-D as the patch {claimed_patch} given says; "
+                f"checked as {layer_order}"
+            )
         notes.append(note)
         plans.append(
             LayerPlan(
@@ -184,7 +193,7 @@ def _claimed_order(
     flip: bool,
 ) -> tuple[str, str]:
     as_flipped = " (kernel flipped)" if flip else ""
-    if order is not None and order != "auto":
+    if order is not None and order != AUTO:
         order = order_for(order, patch, name)  # an order of another rank is refused
         return order, f"{name}: order {order} as given{as_flipped}"
     if record.get("order") in orders_for(as_nd(patch).ndim):

@@ -365,3 +365,19 @@ def test_every_dtype_streams_and_verifies(invoke, tmp_path, dtype, ndim) -> None
     check = json.loads(invoke("verify", source, converted, "--json").stdout)
     assert check["equivalent"]
     assert {layer["dtype"] for layer in check["layers"]} == {str(dtype).removeprefix("torch.")}
+
+
+def test_a_claimed_patch_of_another_rank_is_a_difference(invoke, tmp_path) -> None:
+    """Flags are checked, not trusted: a 2-D patch claimed for a Conv1d kernel fails (exit 1)."""
+    source = write(tmp_path, "safetensors")
+    invoke("convert", source, *RUNS[1][0])
+    result = invoke("verify", source, tmp_path / "model.conv.safetensors", "--layer",
+                    "seq.fc1=2x2", "--layer", "seq.fc2=1", "--json", exit=1)  # fmt: skip
+    document = json.loads(result.stdout)
+    assert document["layers"][0]["problems"] == [
+        "seq.fc1.weight has shape (6, 8, 4), expected (6, 8, 2, 2) for patch 2x2x8"
+    ]
+    assert document["notes"][0] == (
+        "seq.fc1: the converted kernel is 1-D (l=4,c=8), not 2-D as the patch 2x2x8 given "
+        "says; checked as chw"
+    )

@@ -195,20 +195,24 @@ def convert_checkpoint(
         dst: the output; default ``<stem>.conv<suffix>`` beside ``src``;
             ``-`` for stdout. The input is never overwritten.
         layers: the layers to convert, as names or ``NAME=PATCH`` strings
-            (``["fc6=7x7x512", "fc7=1x1"]``).
-        patch: the patch (``HxWxC``, or ``HxW`` with C inferred) of every
-            layer named without its own.
-        order: the flatten order (``chw`` default, ``hwc``, …), or ``auto``
-            to read it from the weights.
-        stride: the window stride (default: the patch size).
-        input_size: the input for the geometry and the functional check.
+            (``["fc6=7x7x512", "fc7=1x1"]``, ``["fc1=16", "fc2=1"]`` in 1-D).
+        patch: the patch of every layer named without its own: ``HxWxC``,
+            or ``HxW`` with C inferred; ``T`` or ``l=T,c=C`` for a
+            ``Conv1d``, ``DxHxWxC`` or ``d=D,h=H,w=W[,c=C]`` for a ``Conv3d``.
+        order: the flatten order (``chw`` default, ``hwc``, …; ``cl``/``lc``
+            in 1-D, ``cdhw``/``dhwc``/… in 3-D), or ``auto`` to read it from
+            the weights (1-D, 2-D, and 3-D patches with a side of 1).
+        stride: the window stride, one number for every axis or one per
+            axis (default: the patch size).
+        input_size: the input for the geometry and the functional check,
+            one number for every axis or one per axis.
         verify: check the conversion before writing (a failing one is not written).
         force: replace an existing output.
         format: ``torch`` or ``safetensors`` (default: from ``dst``'s extension).
         link: sharded input: hard-link the untouched shards.
         trust_pickle: allow arbitrary unpickling (only for files you trust).
         progress: ``progress(bytes_done, bytes_total)`` while streaming.
-        flip: flip every kernel's spatial axes, for a framework that
+        flip: reverse every kernel's spatial axes, for a framework that
             convolves (Theano, textbook convolution); recorded in the
             provenance, which ``verify`` reads.
 
@@ -431,7 +435,8 @@ def verify_checkpoints(
     """Check that ``converted`` holds exactly ``original``'s layers as convolutions.
 
     No layer arguments are needed: the converted layers are found (2-D in the
-    original, 4-D with as many elements in the converted file), their order
+    original, a 3-D, 4-D or 5-D conv kernel with as many elements in the
+    converted file), their order
     and stride taken from fcconv's provenance where the file has it, else
     found from the weights. Arguments given explicitly are checked, not
     trusted. Two files on disk are compared by their bytes; only the
