@@ -350,7 +350,10 @@ def parse_size(text: str) -> tuple[int, int]:
     return _parse_pair(text, "input size", "100x60")
 
 
-EXAMPLES = {"input size": "1024, 24x24, 8x32x32", "stride": "4, 2x2, 1x2x2"}
+_EXPECTED = {
+    "input size": "T, HxW or DxHxW with positive integers (e.g. 1024, 24x24, 8x32x32)",
+    "stride": "one positive integer for every axis or one per axis (e.g. 4, 2x2, 1x2x2)",
+}
 
 
 def parse_extent(text: str, what: str = "input size") -> tuple[int, ...]:
@@ -361,10 +364,8 @@ def parse_extent(text: str, what: str = "input size") -> tuple[int, ...]:
     """
     numbers = _numbers(text, 3, what)
     if not numbers or 0 in numbers:
-        raise SpecError(
-            f"malformed {what} {_quoted(text)}: expected T, HxW or DxHxW with positive integers "
-            f"(e.g. {EXAMPLES.get(what, EXAMPLES['input size'])})"
-        )
+        expected = _EXPECTED.get(what, _EXPECTED["input size"])
+        raise SpecError(f"malformed {what} {_quoted(text)}: expected {expected}")
     return tuple(numbers)
 
 
