@@ -20,12 +20,15 @@ $(STAMP): pyproject.toml
 demo: install
 	bash scripts/demo.sh
 
+# Tests run in one process per CPU (at most 4), each torch on one thread (tests/conftest.py).
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses=4
+
 test: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Tests that take more than a few seconds each (regenerating the trained samples, ...).
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 test-all: test test-slow
 

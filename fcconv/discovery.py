@@ -1,7 +1,8 @@
 """Which layers of two checkpoints are a conversion, and how each claims it was converted.
 
 ``verify`` needs no layer arguments: a layer is converted when its weight is
-2-D in the original and 4-D with as many elements in the converted file.
+2-D in the original and 3-D, 4-D or 5-D (a Conv1d, Conv2d or Conv3d kernel)
+with as many elements in the converted file.
 Its patch comes from the kernel's shape; its order from explicit arguments,
 else from fcconv's provenance record, else from the order whose permutation
 maps one weight onto the other exactly. Every claim is then checked by
@@ -16,16 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from fcconv.compare import bitwise_equal, first_mismatch
 from fcconv.errors import LayerError
-from fcconv.geometry import (
-    DEFAULT_ORDER,
-    ORDERS,
-    Patch,
-    PatchSpec,
-    coinciding_orders,
-    conv_weight_to_linear,
-    patch_of_kernel,
-    resolve_patch,
-)
+from fcconv.geometry import coinciding_orders, conv_weight_to_linear_nd, patch_of_kernel
+from fcconv.patches import AnyPatch, AnySpec, as_nd, kernel_axes, orders_for, resolve_patch
 from fcconv.plan import (
     AUTO,
     LayerPlan,
@@ -36,8 +29,12 @@ from fcconv.plan import (
     layer_stride,
     linear_entries,
     module_name,
+    order_for,
     resolve_name,
 )
+
+KERNEL_DIMS = (3, 4, 5)
+"""The ranks of conv kernels: Conv1d ``[O, C, L]``, Conv2d and Conv3d."""
 
 if TYPE_CHECKING:
     import torch
@@ -45,29 +42,34 @@ if TYPE_CHECKING:
 
 def matching_orders(weight: torch.Tensor, kernel: torch.Tensor, *, flip: bool = False) -> list[str]:
     """The orders under which ``kernel`` (unflipped first, with ``flip``) flattens back to
-    ``weight`` bit for bit."""
-    if kernel.dim() != 4 or kernel.dtype != weight.dtype or kernel.numel() != weight.numel():
+    ``weight`` bit for bit; a kernel of any rank."""
+    if (
+        kernel.dim() not in KERNEL_DIMS
+        or kernel.dtype != weight.dtype
+        or kernel.numel() != weight.numel()
+    ):
         return []
     return [
         order
-        for order in ORDERS
-        if bitwise_equal(conv_weight_to_linear(kernel, order, flip=flip), weight)
+        for order in orders_for(kernel.dim() - 2)
+        if bitwise_equal(conv_weight_to_linear_nd(kernel, order, flip=flip), weight)
     ]
 
 
 def closest_order(weight: torch.Tensor, kernel: torch.Tensor, *, flip: bool = False) -> str:
     """The order with the fewest mismatching elements (to point at the difference)."""
+    orders = orders_for(kernel.dim() - 2)
     counts = {
-        order: first_mismatch(weight, conv_weight_to_linear(kernel, order, flip=flip))[0]
-        for order in ORDERS
+        order: first_mismatch(weight, conv_weight_to_linear_nd(kernel, order, flip=flip))[0]
+        for order in orders
     }
-    return min(ORDERS, key=lambda order: counts[order])
+    return min(orders, key=lambda order: counts[order])
 
 
 def converted_pairs(
     original: Mapping[str, TensorInfo], converted: Mapping[str, TensorInfo]
 ) -> list[str]:
-    """Weight keys that are 2-D in the original and 4-D with as many elements after."""
+    """Weight keys that are 2-D in the original and a conv kernel with as many elements after."""
     pairs = []
     for key, info in original.items():
         other = converted.get(key)
@@ -75,7 +77,7 @@ def converted_pairs(
             module_name(key) is not None
             and other is not None
             and len(info.shape) == 2
-            and len(other.shape) == 4
+            and len(other.shape) in KERNEL_DIMS
             and math.prod(info.shape) == math.prod(other.shape)
         ):
             pairs.append(key)
@@ -87,9 +89,9 @@ def plan_verification(
     converted: Mapping[str, torch.Tensor],
     *,
     requests: list[LayerRequest],
-    default_patch: PatchSpec | None,
+    default_patch: AnySpec | None,
     order: str | None,
-    stride: tuple[int, int] | None,
+    stride: tuple[int, ...] | None,
     provenance: Mapping[str, Mapping[str, Any]],
     source: str,
     info: tuple[Mapping[str, TensorInfo], Mapping[str, TensorInfo]] | None = None,
@@ -114,8 +116,8 @@ def plan_verification(
         names = [module_name(key) for key in pairs]
     if not names:
         raise LayerError(
-            f"no converted layer found: no weight of {source} is 2-D there and 4-D "
-            "with as many elements in the converted file; check the two paths"
+            f"no converted layer found: no weight of {source} is 2-D there and a conv kernel "
+            "(3-D, 4-D or 5-D) with as many elements in the converted file; check the two paths"
         )
     entries = {entry.name: entry for entry in linear_entries(info)}
     specs = {r.name: r.patch for r in requests}
@@ -138,19 +140,24 @@ def plan_verification(
         claimed_patch = resolve_patch(spec, entry.in_features, name) if spec else patch
         record = provenance.get(name, {})
         flipped = flip if flip is not None else bool(record.get("flip"))
-        # the weights are read only when neither flags nor provenance name the order
-        layer_order, note = _claimed_order(
-            name,
-            lambda key=entry.weight_key: (original[key], converted[key]),
-            patch,
-            order,
-            record,
-            flipped,
-        )
+        if as_nd(claimed_patch).ndim == as_nd(patch).ndim:
+            # the weights are read only when neither flags nor provenance name the order
+            layer_order, note = _claimed_order(
+                name,
+                lambda key=entry.weight_key: (original[key], converted[key]),
+                patch,
+                order,
+                record,
+                flipped,
+            )
+        else:  # a claim the kernel cannot hold: checked as claimed, the shapes differ
+            layer_order = order_for(None if order == AUTO else order, claimed_patch, name)
+            note = (
+                f"{name}: the converted kernel is {as_nd(patch).ndim}-D ({patch}), not "
+                f"{as_nd(claimed_patch).ndim}-D as the patch {claimed_patch} given says; "
+                f"checked as {layer_order}"
+            )
         notes.append(note)
-        recorded = tuple(record.get("stride", ())) or None
-        window_stride = layer_stride(patch, stride) if stride else recorded
-        window_stride = window_stride or layer_stride(patch, None)
         plans.append(
             LayerPlan(
                 name,
@@ -159,7 +166,7 @@ def plan_verification(
                 entry.out_features,
                 claimed_patch,
                 layer_order,
-                tuple(window_stride),
+                _claimed_stride(claimed_patch, stride, record, name),
                 entry.dtype,
                 flipped,
             )  # fmt: skip
@@ -167,24 +174,38 @@ def plan_verification(
     return plans, notes
 
 
+def _claimed_stride(
+    patch: AnyPatch, stride: tuple[int, ...] | None, record: Mapping[str, Any], name: str
+) -> tuple[int, ...]:
+    """The stride given, else the file's record (when it has the patch's rank), else the patch."""
+    recorded = tuple(record.get("stride", ()))
+    if not stride and len(recorded) == as_nd(patch).ndim:
+        return recorded
+    return layer_stride(patch, stride, name)
+
+
 def _claimed_order(
     name: str,
     weights: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-    patch: Patch,
+    patch: AnyPatch,
     order: str | None,
     record: Mapping[str, Any],
     flip: bool,
 ) -> tuple[str, str]:
     as_flipped = " (kernel flipped)" if flip else ""
-    if order and order != AUTO:
+    if order is not None and order != AUTO:
+        order = order_for(order, patch, name)  # an order of another rank is refused
         return order, f"{name}: order {order} as given{as_flipped}"
-    if record.get("order") in ORDERS:
+    if record.get("order") in orders_for(as_nd(patch).ndim):
         return record["order"], (
             f"{name}: order {record['order']}{as_flipped} from the file's metadata"
         )
     weight, kernel = weights()
     if weight.numel() == 0:
-        return DEFAULT_ORDER, f"{name}: the weight is empty, so every order maps it; checked as chw"
+        default = kernel_axes(as_nd(patch).ndim)
+        return default, (
+            f"{name}: the weight is empty, so every order maps it; checked as {default}"
+        )
     matches = matching_orders(weight, kernel, flip=flip)
     if not matches:
         return _unmatched(name, weight, kernel, flip)

@@ -1,23 +1,24 @@
 """Which flatten order a Linear weight was trained with, judged from the weight alone.
 
-A Linear layer that reads a ``kh × kw × C`` patch has one weight column per
-patch element. In a trained layer the columns that read one channel at
-neighbouring positions are alike: neighbouring features are alike, and weight
-decay spreads the weight evenly over inputs that move together. Read in a
-wrong order, the "neighbours" are columns of far-apart positions or of other
-channels, and the likeness is gone.
+A Linear layer that reads a ``kh × kw × C`` patch (or ``L × C``, or
+``D × H × W × C``) has one weight column per patch element. In a trained
+layer the columns that read one channel at neighbouring positions are alike:
+neighbouring features are alike, and weight decay spreads the weight evenly
+over inputs that move together. Read in a wrong order, the "neighbours" are
+columns of far-apart positions or of other channels, and the likeness is gone.
 
 **The statistic.** For one order, take the kernel
 ``K = linear_weight_to_conv(weight, patch, order)`` and, per channel ``c`` and
-direction (down ``i → i+1``, across ``j → j+1``), the contiguity ratio of
-Geary, summed over the output rows::
+direction (down ``i → i+1``, across ``j → j+1``; along ``l`` in 1-D, and also
+from frame to frame in 3-D), the contiguity ratio of Geary, summed over the
+output rows::
 
     ratio = mean over neighbour pairs (a, b) in that direction  ‖K[:, c, a] − K[:, c, b]‖²
             / mean over all pairs of positions (a, b) of channel c ‖K[:, c, a] − K[:, c, b]‖²
 
 The direction's score is the mean of ``1 − ratio`` over channels (each channel
 counts alike, however large its weights), and the order's score is the
-*lower* of its two directions' scores. It reads "neighbouring columns differ
+*lowest* of its directions' scores. It reads "neighbouring columns differ
 this much less than any two columns of the channel": near 0 for weights
 without spatial structure, up to 1 for smooth ones. Taking the lower
 direction matters: a half-right reading such as ``hcw`` for a ``chw`` head
@@ -35,7 +36,15 @@ its size, scale or tails.
 with equal :func:`~fcconv.geometry.index_map` are the same permutation;
 orders whose kernels have the same pairs of neighbouring columns are
 different permutations that no statistic of this kind can tell apart (on a
-square patch, the two readings that swap ``h`` and ``w``: a transpose).
+square patch, the two readings that swap ``h`` and ``w``: a transpose; in
+3-D, any renaming of spatial axes of equal length).
+
+A 1-D patch has two orders (``cl``, ``lc``), a 2-D one six, a 3-D one 24.
+A 3-D patch is judged only when a side is 1 (it is then read exactly like a
+1-D or 2-D one): with three sides longer than 1, trained heads re-flattened
+in each of the 24 orders showed wrong readings scoring *above* the right one
+(``benchmarks/evidence_nd.py``), so no margin could be trusted and fcconv
+asks for the order instead.
 """
 
 from __future__ import annotations
@@ -49,7 +58,8 @@ from typing import Any
 import torch
 
 from fcconv.errors import SpecError
-from fcconv.geometry import ORDERS, Patch, index_map, parse_order, same_permutation
+from fcconv.geometry import index_map_nd, same_permutation, spatial_relabellings
+from fcconv.patches import AnyPatch, as_nd, orders_for, parse_order_nd
 from fcconv.threads import torch_threads
 
 MIN_MARGIN = 0.1
@@ -99,7 +109,7 @@ a file declares.
 """
 
 _SEED = 0
-_FAMILIAR = ("chw", "hwc")
+_FAMILIAR = ("chw", "hwc", "cl", "lc", "cdhw", "dhwc")
 
 FLIP_UNSEEN = (
     "a flip of the patch (a kernel for a framework that convolves) cannot be seen here: "
@@ -111,7 +121,7 @@ FLIP_UNSEEN = (
 
 @dataclass(frozen=True)
 class OrderEvidence:
-    """The six flatten orders ranked by the evidence in one Linear weight.
+    """The flatten orders (two, six or 24 by rank) ranked by the evidence in one Linear weight.
 
     Attributes:
         patch: The patch the weight was judged against.
@@ -141,7 +151,7 @@ class OrderEvidence:
         rows_used: How many output rows of the weight were read.
     """
 
-    patch: Patch
+    patch: AnyPatch
     ranking: tuple[tuple[str, float], ...]
     groups: tuple[tuple[str, ...], ...]
     families: tuple[tuple[str, ...], ...]
@@ -162,19 +172,22 @@ class OrderEvidence:
             return math.inf if self.margin > 0 else 0.0
         return self.margin / self.noise
 
+    def _order(self, order: str) -> str:
+        return parse_order_nd(order, as_nd(self.patch).ndim)
+
     def score(self, order: str) -> float | None:
         """The score of ``order``; ``None`` when the patch offers no evidence."""
-        order = parse_order(order)
+        order = self._order(order)
         return dict(self.ranking).get(order)
 
     def group_of(self, order: str) -> tuple[str, ...]:
         """The spellings that are the same permutation as ``order`` on this patch."""
-        order = parse_order(order)
+        order = self._order(order)
         return next(group for group in self.groups if order in group)
 
     def family_of(self, order: str) -> tuple[str, ...]:
         """The orders the weights cannot tell apart from ``order`` (itself included)."""
-        order = parse_order(order)
+        order = self._order(order)
         return next(family for family in self.families if order in family)
 
     def favours_other_than(self, order: str) -> bool:
@@ -185,7 +198,7 @@ class OrderEvidence:
         evidence is not clear, and when ``order`` is only indistinguishable
         from the best (a transpose): the weights cannot say it is wrong.
         """
-        order = parse_order(order)
+        order = self._order(order)
         return self.clear and order not in self.families[0]
 
     def ranking_text(self) -> str:
@@ -225,16 +238,18 @@ class OrderEvidence:
         }
 
 
-def permutation_groups(patch: Patch) -> tuple[tuple[str, ...], ...]:
+def permutation_groups(patch: AnyPatch) -> tuple[tuple[str, ...], ...]:
     """Orders that are the same permutation for ``patch``, by exact index maps.
 
-    >>> permutation_groups(Patch(1, 5, 3))
-    (('chw', 'cwh', 'hcw'), ('hwc', 'wch', 'whc'))
+    >>> from fcconv.patches import Patch, PatchNd
+    >>> permutation_groups(Patch(1, 5, 3)), permutation_groups(PatchNd((4,), 1))
+    ((('chw', 'cwh', 'hcw'), ('hwc', 'wch', 'whc')), (('cl', 'lc'),))
     """
-    return _partition(ORDERS, lambda a, b: same_permutation(patch, a, b))
+    orders = orders_for(as_nd(patch).ndim)
+    return _partition(orders, lambda a, b: same_permutation(patch, a, b))
 
 
-def indistinguishable_families(patch: Patch) -> tuple[tuple[str, ...], ...]:
+def indistinguishable_families(patch: AnyPatch) -> tuple[tuple[str, ...], ...]:
     """Orders that no statistic of neighbouring columns can tell apart.
 
     Each family is a union of :func:`permutation_groups`. On a square patch,
@@ -244,17 +259,21 @@ def indistinguishable_families(patch: Patch) -> tuple[tuple[str, ...], ...]:
     else does: the tests check, patch by patch, that orders share a family
     exactly when their kernels have the same pairs of neighbouring columns.
 
+    >>> from fcconv.patches import Patch, PatchNd
     >>> indistinguishable_families(Patch(3, 3, 2))
     (('chw', 'cwh'), ('hcw', 'wch'), ('hwc', 'whc'))
     >>> len(indistinguishable_families(Patch(3, 4, 2)))
     6
+    >>> len(indistinguishable_families(PatchNd((2, 3, 3), 4)))  # h and w of 3: pairs
+    12
     """
     groups = permutation_groups(patch)
+    orders = orders_for(as_nd(patch).ndim)
     families = _partition(
         range(len(groups)), lambda a, b: _is_transpose(patch, groups[a][0], groups[b][0])
     )
     return tuple(
-        tuple(sorted((o for g in family for o in groups[g]), key=ORDERS.index))
+        tuple(sorted((o for g in family for o in groups[g]), key=orders.index))
         for family in families
     )
 
@@ -276,49 +295,51 @@ def _spelling(orders: tuple[str, ...]) -> str:
     return next((o for o in _FAMILIAR if o in orders), orders[0])
 
 
-def _is_transpose(patch: Patch, first: str, second: str) -> bool:
-    """Whether ``first`` reads a square patch as the transpose of ``second``.
+def _is_transpose(patch: AnyPatch, first: str, second: str) -> bool:
+    """Whether ``first`` reads the patch as a transpose of what ``second`` reads.
 
-    ``index_map(first) == index_map(second).transpose(1, 2)`` exactly when
-    ``first`` is ``second`` with the roles of ``h`` and ``w`` swapped, up to
-    axes of length 1: decided from the patch alone, without index maps.
+    True exactly when renaming spatial axes of equal length (``h`` and ``w``
+    of a square patch) turns ``second`` into ``first``, up to axes of length
+    1: decided from the patch alone, without index maps.
     """
-    if patch.height != patch.width:
-        return False
-    swapped = second.translate(str.maketrans("hw", "wh"))
-    return same_permutation(patch, first, swapped)
+    return any(
+        same_permutation(patch, first, second.translate(table))
+        for table in spatial_relabellings(patch)
+    )
 
 
 def _sums(kernel: torch.Tensor) -> torch.Tensor:
-    """``[3, C]`` sums over rows of squared steps down, across, and deviations.
+    """``[ndim + 1, C]`` sums over rows of squared steps along each spatial axis, and deviations.
 
-    ``kernel`` is ``[rows, C, kh, kw]``; the deviations are from each row's
+    ``kernel`` is ``[rows, C, *sizes]``; the deviations are from each row's
     channel mean.
     """
-    _, channels, height, width = kernel.shape
-    sums = kernel.new_zeros(3, channels)
-    if height > 1:
-        sums[0] = torch.diff(kernel, dim=2).square_().sum((0, 2, 3))
-    if width > 1:
-        sums[1] = torch.diff(kernel, dim=3).square_().sum((0, 2, 3))
-    deviation = kernel - kernel.mean(dim=(2, 3), keepdim=True)
-    sums[2] = deviation.square_().sum((0, 2, 3))
+    channels, sizes = kernel.shape[1], kernel.shape[2:]
+    spatial = tuple(range(2, kernel.dim()))
+    sums = kernel.new_zeros(len(sizes) + 1, channels)
+    for axis, size in enumerate(sizes):
+        if size > 1:
+            sums[axis] = torch.diff(kernel, dim=2 + axis).square_().sum((0, *spatial))
+    deviation = kernel - kernel.mean(dim=spatial, keepdim=True)
+    sums[-1] = deviation.square_().sum((0, *spatial))
     return sums
 
 
-def _score(sums: torch.Tensor, patch: Patch) -> float:
-    """The lower over directions of the mean over channels of ``1 − ratio``."""
-    height, width = patch.height, patch.width
+def _score(sums: torch.Tensor, patch: AnyPatch) -> float:
+    """The lowest over directions of the mean over channels of ``1 − ratio``."""
+    sizes = as_nd(patch).sizes
+    positions = math.prod(sizes)
     # the mean of (a − b)² over all pairs of n values is 2·Σ(x − x̄)² / (n − 1)
-    per_pair = 2 * sums[2] / (height * width - 1)
+    per_pair = 2 * sums[-1] / (positions - 1)
     # a channel whose columns are all equal (up to rounding) has nothing to say
     live = per_pair > 1e-10 * per_pair.max()
     if not bool(live.any()):
         return 0.0
     scores = []
-    for row, pairs in ((0, (height - 1) * width), (1, height * (width - 1))):
+    for axis, size in enumerate(sizes):
+        pairs = (size - 1) * positions // size
         if pairs:
-            ratio = sums[row][live] / pairs / per_pair[live]
+            ratio = sums[axis][live] / pairs / per_pair[live]
             scores.append(float(1 - ratio.mean()))
     return min(scores)
 
@@ -340,15 +361,16 @@ def _null_count(elements: int) -> int:
     return max(fewest, min(most, NULL_ELEMENTS // max(1, elements)))
 
 
-def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
-    """Rank the six flatten orders by how alike neighbouring weight columns are.
+def rank_orders(weight: torch.Tensor, patch: AnyPatch) -> OrderEvidence:
+    """Rank the flatten orders by how alike neighbouring weight columns are.
 
     Args:
-        weight: A Linear weight ``[out_features, C·kh·kw]`` of any float dtype
+        weight: A Linear weight ``[out_features, N]`` of any float dtype
             (fp16 and bf16 are judged in float32, fp64 in float64). About
             ``READ_ELEMENTS`` of it are read, as whole rows evenly spaced,
             in blocks; it is never modified.
-        patch: The patch the layer reads.
+        patch: The patch the layer reads, of any rank (two orders in 1-D,
+            six in 2-D, 24 in 3-D).
 
     Returns:
         The ranking with its scores, the exact ties, and a winner only where
@@ -359,7 +381,7 @@ def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
 
     A smooth kernel flattened NHWC is recognised; cut square, it is a tie:
 
-    >>> from fcconv.geometry import conv_weight_to_linear
+    >>> from fcconv.geometry import Patch, PatchNd, conv_weight_to_linear, conv_weight_to_linear_nd
     >>> g = torch.Generator().manual_seed(0)
     >>> ramp = torch.linspace(0, 1, 6).view(6, 1) + torch.linspace(0, 1, 4)
     >>> kernel = torch.randn(32, 8, 1, 1, generator=g) * ramp
@@ -371,6 +393,10 @@ def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
     ('hwc', 'whc')
     >>> rank_orders(torch.randn(8, 12), Patch(1, 1, 12)).winner  # nothing to decide
     'chw'
+    >>> smooth = torch.randn(32, 8, 1, generator=g) * torch.linspace(0, 1, 12)
+    >>> smooth += 0.1 * torch.randn(32, 8, 12, generator=g)
+    >>> rank_orders(conv_weight_to_linear_nd(smooth, "lc"), PatchNd((12,), 8)).winner
+    'lc'
     """
     # Many small reductions: on more than one thread they cost more in
     # synchronisation than they save (fcconv.threads).
@@ -378,12 +404,14 @@ def rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
         return _rank_orders(weight, patch)
 
 
-def _rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
+def _rank_orders(weight: torch.Tensor, patch: AnyPatch) -> OrderEvidence:
     if weight.dim() != 2 or weight.shape[1] != patch.features:
         raise SpecError(
             f"weight of shape {tuple(weight.shape)} is not a Linear weight for patch "
             f"{patch} (expected [out, {patch.features}])"
         )
+    nd = as_nd(patch)
+    positions = math.prod(nd.sizes)
     groups = permutation_groups(patch)
     families = indistinguishable_families(patch)
     rows = sample_rows(*weight.shape)
@@ -392,9 +420,10 @@ def _rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
 
     if len(groups) == 1:
         why = "any order gives the same conversion"
-        if patch.height * patch.width == 1:
-            why += " (and a 1x1 patch has no neighbours to compare)"
-        reason = f"all six orders are the same permutation of a {patch} patch; {why}"
+        if positions == 1:
+            why += f" (and a {'x'.join(['1'] * nd.ndim)} patch has no neighbours to compare)"
+        every = {2: "both", 6: "all six"}.get(len(orders_for(nd.ndim)), "all 24")
+        reason = f"{every} orders are the same permutation of a {patch} patch; {why}"
         return verdict(families, reason, candidates=undecided, winner=undecided[0])
     if patch.features > MAX_FEATURES:
         reason = (
@@ -402,10 +431,17 @@ def _rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
             f"{MAX_FEATURES} fcconv ranks orders for"
         )
         return verdict(families, reason, candidates=undecided)
+    if sum(size > 1 for size in nd.sizes) > 2:
+        reason = (
+            f"not judged: a {patch} patch has three spatial axes longer than 1, and on "
+            "trained heads the neighbour statistic ranks some wrong readings of such patches "
+            "above the right one"
+        )
+        return verdict(families, reason, candidates=undecided)
     if weight.shape[0] == 0:
         reason = "no evidence: the weight has no rows"
         return verdict(families, reason, candidates=undecided)
-    if patch.height * patch.width == 2:
+    if positions == 2:
         reason = (
             f"no evidence: a {patch} patch has two positions per channel, so every "
             "pair of its columns is a neighbour pair"
@@ -415,7 +451,7 @@ def _rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     step = max(1, BLOCK_ELEMENTS // patch.features)
     chunks = [rows[start : start + step] for start in range(0, len(rows), step)]
-    shape = (patch.channels, patch.height, patch.width)
+    shape = nd.kernel_shape
     cache: list[torch.Tensor] = []
 
     def blocks() -> Iterator[torch.Tensor]:
@@ -430,8 +466,9 @@ def _rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
             yield block
 
     representatives = [family[0] for family in families]
-    maps = [index_map(patch, order).reshape(-1) for order in representatives]
-    real = torch.zeros(len(representatives), 3, patch.channels, dtype=dtype)
+    maps = [index_map_nd(nd, order).reshape(-1) for order in representatives]
+    sums_shape = (nd.ndim + 1, patch.channels)
+    real = torch.zeros(len(representatives), *sums_shape, dtype=dtype)
     for block in blocks():
         if not bool(torch.isfinite(block).all()):
             reason = "no evidence: the weight holds NaN or infinite values"
@@ -440,12 +477,12 @@ def _rank_orders(weight: torch.Tensor, patch: Patch) -> OrderEvidence:
         for f, columns in enumerate(maps):
             real[f] += _sums(block[:, columns].reshape(len(block), *shape))
     generator = torch.Generator().manual_seed(_SEED)
-    null = torch.zeros(_null_count(len(rows) * patch.features), 3, patch.channels, dtype=dtype)
+    null = torch.zeros(_null_count(len(rows) * patch.features), *sums_shape, dtype=dtype)
     for s in range(len(null)):
         columns = torch.randperm(patch.features, generator=generator)
         for block in blocks():
             null[s] += _sums(block[:, columns].reshape(len(block), *shape))
-    if not bool(real[:, 2].any()):
+    if not bool(real[:, -1].any()):
         reason = "no evidence: the weight is constant within every channel"
         return verdict(families, reason, candidates=undecided)
 
@@ -497,7 +534,7 @@ def _sigmas(margin: float, noise: float) -> str:
     return f"{margin / noise:.1f}" if noise > 0 else "infinitely many"
 
 
-def _tie(patch: Patch, candidates: tuple[str, ...]) -> str:
+def _tie(patch: AnyPatch, candidates: tuple[str, ...]) -> str:
     names = " and ".join(candidates)
     if len(candidates) == 2 and _is_transpose(patch, *candidates):
         how = "read a square patch as transposes of each other"
@@ -510,7 +547,7 @@ def _verdict(
     families: tuple[tuple[str, ...], ...],
     reason: str,
     *,
-    patch: Patch,
+    patch: AnyPatch,
     groups: tuple[tuple[str, ...], ...],
     rows_used: int,
     candidates: tuple[str, ...],

@@ -2,8 +2,9 @@
 
 A converted kernel must hold ``K[o, c, i, j] == W[o, column(c, i, j)]``, where
 ``column`` is the mixed-radix number of ``(c, i, j)`` in the flatten order
-(SPEC §1). :func:`linear_columns` computes that map from its definition with
-numpy, independently of the reshape-and-permute that wrote the kernel
+(SPEC §1; ``(c, l)`` and ``(c, d, i, j)`` for 1-D and 3-D kernels).
+:func:`linear_columns` computes that map from its definition with numpy,
+independently of the reshape-and-permute that wrote the kernel
 (:mod:`fcconv.geometry`, :mod:`fcconv.io.streaming`); the original rows are
 gathered through it and compared with the kernel's rows as unsigned integers
 of the element's width: bits, never values (NaN equals NaN, −0.0 differs
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fcconv import dtypes
-from fcconv.geometry import AXES, Patch, parse_order
+from fcconv.patches import AnyPatch, as_nd, kernel_axes, parse_order_nd
 from fcconv.plan import TensorInfo, describe
 
 if TYPE_CHECKING:
@@ -109,29 +110,35 @@ def as_tensors(side: Tensors | Mapping[str, torch.Tensor]) -> Tensors:
     return side if isinstance(side, Tensors) else MemoryTensors(side)
 
 
-def linear_columns(patch: Patch, order: str, flip: bool = False) -> np.ndarray:
-    """For each kernel tap ``(c, i, j)``, in ``[C, kh, kw]`` row-major order, its Linear column.
+def linear_columns(patch: AnyPatch, order: str, flip: bool = False) -> np.ndarray:
+    """For each kernel tap, in ``[C, *sizes]`` row-major order, the Linear column it holds.
 
     The column is the mixed-radix number of the tap's coordinates, the
-    flatten order's first axis the most significant (SPEC §1). A flipped
-    kernel (for a framework that convolves) holds at tap ``(c, i, j)`` what
-    the plain one holds at ``(c, kh−1−i, kw−1−j)``.
+    flatten order's first axis the most significant (SPEC §1), for a patch
+    of any rank (taps ``(c, i, j)``, ``(c, l)`` or ``(c, d, i, j)``). A
+    flipped kernel (for a framework that convolves) holds at each tap what
+    the plain one holds with every spatial coordinate reversed.
 
+    >>> from fcconv.patches import Patch, PatchNd
     >>> linear_columns(Patch(1, 2, 3), "hwc").tolist()  # C=3 fastest: tap (c, 0, j) reads 3j + c
     [0, 3, 1, 4, 2, 5]
     >>> linear_columns(Patch(1, 2, 3), "hwc", flip=True).tolist()
     [3, 0, 4, 1, 5, 2]
+    >>> linear_columns(PatchNd((3,), 2), "lc").tolist()  # tap (c, l) reads 2l + c
+    [0, 2, 4, 1, 3, 5]
     """
     import numpy as np
 
-    order = parse_order(order)
-    size = dict(zip(AXES, (patch.channels, patch.height, patch.width), strict=True))
-    taps = np.indices((size["c"], size["h"], size["w"])).reshape(3, -1)
-    coordinate = dict(zip(AXES, taps, strict=True))
+    nd = as_nd(patch)
+    order = parse_order_nd(order, nd.ndim)
+    axes = kernel_axes(nd.ndim)
+    size = dict(zip(axes, nd.kernel_shape, strict=True))
+    taps = np.indices(nd.kernel_shape).reshape(len(axes), -1)
+    coordinate = dict(zip(axes, taps, strict=True))
     if flip:
-        coordinate["h"] = size["h"] - 1 - coordinate["h"]
-        coordinate["w"] = size["w"] - 1 - coordinate["w"]
-    column = np.zeros(patch.features, dtype=np.int64)
+        for axis in axes[1:]:
+            coordinate[axis] = size[axis] - 1 - coordinate[axis]
+    column = np.zeros(nd.features, dtype=np.int64)
     for axis in order:
         column = column * size[axis] + coordinate[axis]
     return column
@@ -143,7 +150,7 @@ class Mismatch:
 
     count: int
     row: int
-    tap: int  # flat index in [C, kh, kw]
+    tap: int  # flat index in [C, *sizes]
     column: int  # the Linear column that tap should hold
 
 
@@ -151,7 +158,7 @@ def permuted_mismatch(
     original: Tensors,
     converted: Tensors,
     key: str,
-    patch: Patch,
+    patch: AnyPatch,
     order: str,
     rows: int,
     *,
@@ -160,7 +167,7 @@ def permuted_mismatch(
     """Compare every element of the kernel ``converted[key]`` with the permuted ``original[key]``.
 
     Both must already have the expected dtypes and shapes (``[rows, N]`` and
-    ``[rows, C, kh, kw]``). Returns None when every bit agrees.
+    ``[rows, C, *sizes]``). Returns None when every bit agrees.
     """
     import numpy as np
 

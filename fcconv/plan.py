@@ -14,18 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
 from fcconv.errors import LayerError, SpecError
-from fcconv.geometry import (
-    Patch,
-    PatchSpec,
-    conv2d_line,
-    default_input,
-    flip_kernel,
-    linear_weight_to_conv,
-    make_grid,
-    parse_order,
-    parse_patch,
+from fcconv.geometry import linear_weight_to_conv_nd
+from fcconv.patches import (
+    AnyPatch,
+    AnySpec,
+    as_nd,
+    fit_extent,
+    kernel_axes,
+    order_rank,
+    parse_order_nd,
+    parse_patch_spec,
     resolve_patch,
 )
+from fcconv.windows import conv_line, default_input, make_grid
 
 if TYPE_CHECKING:
     import torch
@@ -159,52 +160,97 @@ class LayerRequest:
     """One ``--layer NAME[=PATCH]`` as given, before it is checked against a file."""
 
     name: str
-    patch: PatchSpec | None = None
+    patch: AnySpec | None = None
 
     @classmethod
     def parse(cls, text: str) -> LayerRequest:
-        """Parse ``fc`` or ``fc6=7x7x512``."""
+        """Parse ``fc``, ``fc6=7x7x512``, ``fc1=16`` (1-D) or ``fc=d=2,h=3,w=3`` (3-D)."""
         name, _, patch = text.partition("=")
         if not name.strip():
             raise SpecError(f"malformed {{layers}} {text!r}: expected NAME or NAME=HxWxC")
-        return cls(name.strip(), parse_patch(patch) if patch else None)
+        return cls(name.strip(), parse_patch_spec(patch) if patch else None)
 
 
 def parse_order_option(text: str) -> str:
-    """A flatten order, or ``auto`` (decided from the weights later)."""
-    return AUTO if text.strip().lower() == AUTO else parse_order(text)
+    """A flatten order of any rank (``chw``, ``lc``, ``dhwc``), or ``auto`` (decided later).
+
+    Whether it suits a layer is checked once the layer's patch is known
+    (:func:`order_for`).
+    """
+    if text.strip().lower() == AUTO:
+        return AUTO
+    order_rank(text)
+    return text.strip().lower()
+
+
+def order_for(order: str | None, patch: AnyPatch, layer: str) -> str:
+    """``order`` checked against the rank of ``patch``; None is that rank's default.
+
+    Raises:
+        SpecError: an order of another rank (``hwc`` for a 1-D patch).
+    """
+    ndim = as_nd(patch).ndim
+    if order is None:
+        return kernel_axes(ndim)
+    if order == AUTO:
+        return AUTO
+    if order_rank(order) != ndim:
+        raise SpecError(
+            f"order {order} is for {order_rank(order)}-D patches, but the patch of {layer} "
+            f"({patch}) is {ndim}-D; give {{order}} {kernel_axes(ndim)}, another permutation "
+            f"of {', '.join(kernel_axes(ndim))}, or auto",
+            layer=layer,
+        )
+    return parse_order_nd(order, ndim)
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Everything needed to convert one layer and to describe the result."""
+    """Everything needed to convert one layer and to describe the result.
+
+    ``patch`` is a :class:`~fcconv.patches.Patch` for a 2-D conversion (what
+    every 2-D report and JSON document has always shown) and a
+    :class:`~fcconv.patches.PatchNd` for a 1-D or 3-D one; ``stride`` has one
+    number per spatial axis.
+    """
 
     name: str
     weight_key: str
     bias_key: str | None
     out_features: int
-    patch: Patch
+    patch: AnyPatch
     order: str
-    stride: tuple[int, int]
+    stride: tuple[int, ...]
     dtype: str
     flip: bool = False
     """The kernel is flipped for a framework that convolves (see ``geometry.flip_kernel``)."""
+
+    @property
+    def ndim(self) -> int:
+        """The patch's spatial axes: 1 (Conv1d), 2 (Conv2d) or 3 (Conv3d)."""
+        return as_nd(self.patch).ndim
 
     @property
     def linear_shape(self) -> tuple[int, int]:
         return (self.out_features, self.patch.features)
 
     @property
-    def conv_shape(self) -> tuple[int, int, int, int]:
-        p = self.patch
-        return (self.out_features, p.channels, p.height, p.width)
+    def conv_shape(self) -> tuple[int, ...]:
+        """``(O, C, *sizes)``: ``[O, C, kh, kw]`` in 2-D, ``[O, C, L]`` in 1-D."""
+        return (self.out_features, *as_nd(self.patch).kernel_shape)
+
+    def conv_line(self) -> str:
+        """The ``nn.Conv1d/2d/3d(...)`` that the converted weights load into."""
+        return conv_line(
+            as_nd(self.patch), self.out_features, self.stride, self.bias_key is not None
+        )
 
     def conv2d_line(self) -> str:
-        """The ``nn.Conv2d(...)`` that the converted weights load into."""
-        return conv2d_line(self.patch, self.out_features, self.stride, self.bias_key is not None)
+        """:meth:`conv_line` (the name from when every conversion was 2-D)."""
+        return self.conv_line()
 
     def to_dict(self) -> dict[str, Any]:
-        """The layer's conversion facts, for JSON reports."""
+        """The layer's conversion facts, for JSON reports (``conv1d``/``conv3d`` off 2-D)."""
         return {
             "layer": self.name,
             "weight": self.weight_key,
@@ -216,24 +262,33 @@ class LayerPlan:
             "stride": list(self.stride),
             "dtype": self.dtype,
             "flip": self.flip,
-            "conv2d": self.conv2d_line(),
+            f"conv{self.ndim}d": self.conv_line(),
         }
 
-    def geometry(self, input_size: tuple[int, int] | None) -> dict[str, Any]:
-        """Input → output map, the receptive field, and what the windows leave out."""
+    def geometry(self, input_size: tuple[int, ...] | None) -> dict[str, Any]:
+        """Input → output map, the receptive field, and what the windows leave out.
+
+        ``input_size`` has one number per spatial axis (see :func:`layer_inputs`).
+        """
         size = input_size or default_input(self.patch, self.stride)
         grid = make_grid(size, self.patch, self.stride)
-        return {
-            "input": [grid.height, grid.width, self.patch.channels],
-            "output_map": [grid.rows, grid.cols, self.out_features],
-            "receptive_field": [self.patch.height, self.patch.width],
-            "uncovered_rows": grid.uncovered_rows,
-            "uncovered_cols": grid.uncovered_cols,
-            "warnings": grid.warnings(),
+        facts: dict[str, Any] = {
+            "input": [*grid.size, grid.patch.channels],
+            "output_map": [*grid.counts, self.out_features],
+            "receptive_field": list(grid.patch.sizes),
         }
+        if self.ndim == 2:
+            facts |= {"uncovered_rows": grid.uncovered_rows, "uncovered_cols": grid.uncovered_cols}
+        else:
+            facts["uncovered"] = list(grid.uncovered)
+        return {**facts, "warnings": grid.warnings()}
 
     def provenance(self) -> dict[str, Any]:
-        """The record kept in safetensors metadata (``flip`` only when the kernel is flipped)."""
+        """The record kept in safetensors metadata (``flip`` only when the kernel is flipped).
+
+        The patch's spelling names its rank (``20x20x10``, ``l=16,c=64``,
+        ``d=2,h=3,w=3,c=8``), and so does the stride's length.
+        """
         record = {
             "patch": str(self.patch),
             "order": self.order,
@@ -250,14 +305,16 @@ def plan_layers(
     info: Mapping[str, TensorInfo],
     requests: Iterable[LayerRequest],
     *,
-    default_patch: PatchSpec | None,
-    order: str,
-    stride: tuple[int, int] | None,
+    default_patch: AnySpec | None,
+    order: str | None,
+    stride: tuple[int, ...] | None,
     source: str,
     flip: bool = False,
 ) -> list[LayerPlan]:
     """Check each request against the checkpoint and fix its patch, order and stride.
 
+    ``order`` None is each patch's default (``cl``, ``chw`` or ``cdhw``);
+    ``stride`` is one number for every axis, or one per axis of the patch.
     ``flip`` flips every kernel for a framework that convolves (1×1 kernels
     are their own flip).
     """
@@ -281,8 +338,8 @@ def plan_layers(
                 bias_key=entry.bias_key,
                 out_features=entry.out_features,
                 patch=patch,
-                order=order,
-                stride=layer_stride(patch, stride),
+                order=order_for(order, patch, name),
+                stride=layer_stride(patch, stride, name),
                 dtype=entry.dtype,
                 flip=flip,
             )
@@ -292,12 +349,19 @@ def plan_layers(
     return plans
 
 
-def layer_stride(patch: Patch, stride: tuple[int, int] | None) -> tuple[int, int]:
-    # A 1×1 layer is the pointwise follower of a head (fc7 after fc6): it reads
-    # every cell of the map before it, whatever stride the patch layer uses.
-    if (patch.height, patch.width) == (1, 1):
-        return (1, 1)
-    return stride or (patch.height, patch.width)
+def layer_stride(
+    patch: AnyPatch, stride: tuple[int, ...] | None, layer: str | None = None
+) -> tuple[int, ...]:
+    """The window stride of a layer: ``stride`` fitted to its rank, else the patch size.
+
+    A pointwise layer (every side 1) is the follower of a head (fc7 after
+    fc6): it reads every cell of the map before it, whatever stride the
+    patch layer uses.
+    """
+    nd = as_nd(patch)
+    if nd.pointwise:
+        return (1,) * nd.ndim
+    return fit_extent(stride, nd.ndim, "stride", layer) if stride else nd.sizes
 
 
 def _linear_entry(name: str, info: Mapping[str, TensorInfo], source: str) -> LinearEntry:
@@ -349,28 +413,33 @@ def check_convertible(name: str, weight: TensorInfo, bias: TensorInfo | None = N
 
 
 def layer_inputs(
-    plans: list[LayerPlan], size: tuple[int, int] | None
-) -> list[tuple[int, int] | None]:
-    """The input grid each layer sees when ``size`` feeds the first.
+    plans: list[LayerPlan], size: tuple[int, ...] | None
+) -> list[tuple[int, ...] | None]:
+    """The input each layer sees when ``size`` feeds the first, one number per axis.
 
-    A 1×1 layer that reads the previous layer's outputs (``fc7`` after ``fc6``)
-    sees that layer's output map, not the original input; every other layer
-    gets ``size`` itself (``None``: each layer's default 2×2 grid of windows).
+    ``size`` is one number for every axis or one per axis of the patches
+    (``100x60``, ``1024``). A pointwise layer that reads the previous layer's
+    outputs (``fc7`` after ``fc6``) sees that layer's output map, not the
+    original input; every other layer gets ``size`` itself (``None``: each
+    layer's default grid of two windows per axis).
+
+    Raises:
+        SpecError: ``size`` has another number of axes than a layer's patch.
     """
-    inputs: list[tuple[int, int] | None] = []
+    inputs: list[tuple[int, ...] | None] = []
     for index, plan in enumerate(plans):
         previous = plans[index - 1] if index else None
         follows = (
             previous is not None
-            and (plan.patch.height, plan.patch.width) == (1, 1)
+            and previous.ndim == plan.ndim
+            and as_nd(plan.patch).pointwise
             and plan.patch.channels == previous.out_features
         )
         if not follows:
-            inputs.append(size)
+            inputs.append(fit_extent(size, plan.ndim, layer=plan.name) if size else None)
             continue
         seen = inputs[-1] or default_input(previous.patch, previous.stride)
-        grid = make_grid(seen, previous.patch, previous.stride)
-        inputs.append((grid.rows, grid.cols))
+        inputs.append(make_grid(seen, previous.patch, previous.stride).counts)
     return inputs
 
 
@@ -383,6 +452,8 @@ def apply_plans(
     """
     converted = dict(tensors)
     for plan in plans:
-        kernel = linear_weight_to_conv(tensors[plan.weight_key], plan.patch, plan.order)
-        converted[plan.weight_key] = flip_kernel(kernel) if plan.flip else kernel
+        weight = tensors[plan.weight_key]
+        converted[plan.weight_key] = linear_weight_to_conv_nd(
+            weight, plan.patch, plan.order, flip=plan.flip
+        )
     return converted

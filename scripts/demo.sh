@@ -32,6 +32,13 @@ run "$BIN/fcconv" convert sample_checkpoints/head_fc6_fc7.safetensors -o "$OUT/h
     --layer fc6=6x6x8 --layer fc7=1x1 --stride 2x2 --input 14x14
 run "$BIN/fcconv" verify sample_checkpoints/head_fc6_fc7.safetensors "$OUT/head.conv.safetensors"
 
+# A 1-D head (Conv1d: fc1 on 16 steps of 32 channels, fc2 pointwise) and a 3-D one (Conv3d).
+run "$BIN/fcconv" convert sample_checkpoints/seq_head.safetensors -o "$OUT/seq_head.conv.safetensors" \
+    --layer fc1=16 --layer fc2=1 --order lc --input 128
+run "$BIN/fcconv" verify sample_checkpoints/seq_head.safetensors "$OUT/seq_head.conv.safetensors"
+run "$BIN/fcconv" convert sample_checkpoints/clip_head.safetensors -o "$OUT/clip_head.conv.safetensors" \
+    --layer fc=2x3x3x8 --order dhwc --stride 1 --input 4x8x8
+
 # The flatten order from the weights: a head trained on NHWC features.
 run "$BIN/fcconv" inspect sample_checkpoints/trained_nhwc.pt --patch 6x4x16
 run "$BIN/fcconv" convert sample_checkpoints/trained_nhwc.pt -o "$OUT/trained_nhwc.conv.pt" \

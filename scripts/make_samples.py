@@ -18,10 +18,15 @@
 - blob_net.safetensors / blobs.png: weights of fcconv.samples_models.blob_net (set
   by hand: red, green and blue blob scores) and a synthetic 320x240 picture of
   coloured blobs, for `fcconv map` (Pillow writes the PNG).
+- seq_head.safetensors: a 1-D head (random init), fc1 on windows of 16 steps
+  of 32 channels and its pointwise fc2.
+- clip_head.safetensors: a 3-D head (random init), fc on 2×3×3 clips of 8
+  channels.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -75,6 +80,26 @@ def write_map_samples(out_dir: Path) -> None:
     Image.fromarray(blob_image().numpy()).save(out_dir / "blobs.png", optimize=True)
 
 
+def _linear(generator: torch.Generator, name: str, out: int, features: int) -> dict:
+    """``nn.Linear``'s default initialisation, from ``generator`` (no global RNG)."""
+    bound = 1 / math.sqrt(features)
+    return {
+        f"{name}.weight": (torch.rand(out, features, generator=generator) * 2 - 1) * bound,
+        f"{name}.bias": (torch.rand(out, generator=generator) * 2 - 1) * bound,
+    }
+
+
+def sequence_head() -> dict[str, torch.Tensor]:
+    """A Conv1d trunk's head: fc1 on 16 steps × 32 channels, then a pointwise fc2."""
+    generator = torch.Generator().manual_seed(SEED + 1)
+    return {**_linear(generator, "fc1", 24, 16 * 32), **_linear(generator, "fc2", 5, 24)}
+
+
+def clip_head() -> dict[str, torch.Tensor]:
+    """A Conv3d trunk's head: fc on 2 frames × 3 × 3 pixels × 8 channels."""
+    return _linear(torch.Generator().manual_seed(SEED + 2), "fc", 10, 2 * 3 * 3 * 8)
+
+
 def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
@@ -97,6 +122,8 @@ def main(out_dir: Path) -> None:
     write_onnx_samples(out_dir)
     save_file(detector_stage().state_dict(), str(out_dir / "detector_stage.safetensors"))
     write_map_samples(out_dir)
+    save_file(sequence_head(), str(out_dir / "seq_head.safetensors"))
+    save_file(clip_head(), str(out_dir / "clip_head.safetensors"))
     for path in sorted(out_dir.iterdir()):
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
 

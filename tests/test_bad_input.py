@@ -398,7 +398,7 @@ MALFORMED = [
     (("--patch", "20x20x"), "malformed patch"),
     (("--patch", "0x4x2"), "malformed patch"),
     (("--patch", "threexfour"), "malformed patch"),
-    (("--patch", "3x4x2x1"), "malformed patch"),
+    (("--patch", "3x4x2x1x1"), "malformed patch"),  # 4 numbers are a 3-D patch
     (("--stride", "0x2"), "malformed stride"),
     (("--stride", "2x"), "malformed stride"),
     (("--stride", "fast"), "malformed stride"),

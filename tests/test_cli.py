@@ -380,14 +380,14 @@ def _damage_one_element(monkeypatch, path: str) -> None:
     if path == "in memory":
         from fcconv import plan
 
-        real = plan.linear_weight_to_conv
+        real = plan.linear_weight_to_conv_nd
 
-        def off_by_one_element(weight, patch, order):
-            kernel = real(weight, patch, order).clone()
+        def off_by_one_element(weight, patch, order, **options):
+            kernel = real(weight, patch, order, **options).clone()
             kernel[3, 2, 1, 0] += 1.0
             return kernel
 
-        monkeypatch.setattr(plan, "linear_weight_to_conv", off_by_one_element)
+        monkeypatch.setattr(plan, "linear_weight_to_conv_nd", off_by_one_element)
         return
     import os
     import struct

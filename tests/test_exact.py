@@ -198,12 +198,12 @@ def test_in_memory_convert_catches_a_moved_element(tmp_path, files, monkeypatch,
     from fcconv import plan
 
     a, b = POSITIONS[where]
-    real = plan.linear_weight_to_conv
+    real = plan.linear_weight_to_conv_nd
 
-    def moved(weight, patch, order):
-        return _moved(real(weight, patch, order), _flat(*a), _flat(*b))
+    def moved(weight, patch, order, **options):
+        return _moved(real(weight, patch, order, **options), _flat(*a), _flat(*b))
 
-    monkeypatch.setattr(plan, "linear_weight_to_conv", moved)
+    monkeypatch.setattr(plan, "linear_weight_to_conv_nd", moved)
     result = convert_checkpoint(files / "legacy.pt", tmp_path / "out.pt", **CONVERT)
     assert not result and list(tmp_path.iterdir()) == []
     _assert_caught(_problems(result.to_dict()["verification"]), a, b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fcconv.verify
+import fcconv.functional
 from fcconv.geometry import Patch, linear_weight_to_conv
 from fcconv.verify import functional_check
 
@@ -15,7 +15,7 @@ PATCH = Patch(2, 3, 4)
 @pytest.fixture
 def tiny_blocks(monkeypatch) -> None:
     # 24 features per row: blocks of 2 rows, so 10 rows make 5 blocks.
-    monkeypatch.setattr(fcconv.verify, "BLOCK_ELEMENTS", 48)
+    monkeypatch.setattr(fcconv.functional, "BLOCK_ELEMENTS", 48)
 
 
 def _layer(order: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,7 +44,7 @@ def test_blocked_check_catches_a_wrong_row_in_the_last_block(tiny_blocks) -> Non
 def test_blocks_agree_with_one_block(monkeypatch) -> None:
     weight, bias, kernel = _layer("hwc")
     whole = functional_check(weight, bias, kernel, bias, PATCH, "hwc", (2, 3), (6, 9))
-    monkeypatch.setattr(fcconv.verify, "BLOCK_ELEMENTS", 24)
+    monkeypatch.setattr(fcconv.functional, "BLOCK_ELEMENTS", 24)
     blocked = functional_check(weight, bias, kernel, bias, PATCH, "hwc", (2, 3), (6, 9))
     assert blocked.max_abs_error == whole.max_abs_error
     assert blocked.float64_max_error == pytest.approx(whole.float64_max_error, abs=1e-12)

@@ -5,14 +5,8 @@ Each job returns a result that is truthy on success, has ``.to_dict()``
 caller can fix raise :class:`~fcconv.errors.FcconvError` subclasses.
 """
 
-from fcconv.api.checkpoints import (
-    ConvertResult,
-    InspectResult,
-    convert_checkpoint,
-    inspect_checkpoint,
-    order_evidence,
-    verify_checkpoints,
-)
+from fcconv.api.checkpoints import ConvertResult, convert_checkpoint, verify_checkpoints
+from fcconv.api.inspection import InspectResult, inspect_checkpoint, order_evidence
 from fcconv.api.maps import MapResult, map_image
 from fcconv.api.models import ConvolutionalizeResult, convolutionalize_file
 

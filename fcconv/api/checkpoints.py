@@ -23,33 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fcconv.api.inspection import order_evidence, spec_of
 from fcconv.errors import OrderUndecidedError, OutputError, SpecError
-from fcconv.geometry import (
-    DEFAULT_ORDER,
-    PatchSpec,
-    candidate_patches,
-    make_grid,
-    parse_patch,
-    parse_size,
-    parse_stride,
-    resolve_patch,
-)
 from fcconv.io.atomic import STDIO, check_output_path, default_output, inputs_protected
 from fcconv.io.checkpoint import SAFETENSORS, TORCH, format_for, save_checkpoint
 from fcconv.io.keras import KERAS, KERAS_FORMATS
 from fcconv.io.provenance import PROVENANCE_KEY, with_provenance
 from fcconv.io.sources import SHARDED, Source, open_source
+from fcconv.patches import AnySpec, PatchSpecNd, parse_extent
 from fcconv.plan import (
     AUTO,
     LayerPlan,
     LayerRequest,
-    LinearEntry,
     layer_inputs,
-    linear_entries,
-    param_key,
     parse_order_option,
     plan_layers,
 )
+from fcconv.windows import make_grid
 
 if TYPE_CHECKING:
     from fcconv.evidence import OrderEvidence
@@ -60,6 +50,14 @@ FLIP_WARNING = (
     "PyTorch, Keras 3 and ONNX cross-correlate: there, run weight.flip(2, 3) instead"
 )
 
+
+def flip_warning(plans: Sequence[LayerPlan]) -> str:
+    """:data:`FLIP_WARNING`, naming the flip back of each rank converted (``flip(2)`` in 1-D)."""
+    ranks = sorted({plan.ndim for plan in plans})
+    calls = " or ".join(f"weight.flip({', '.join(str(2 + a) for a in range(n))})" for n in ranks)
+    return FLIP_WARNING.replace("weight.flip(2, 3)", calls)
+
+
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``, called as an output is written."""
 
@@ -69,138 +67,23 @@ Size = str | Sequence[int] | None
 # ------------------------------------------------------------------- options
 
 
-def _patch(value: str | PatchSpec | None) -> PatchSpec | None:
-    if value is None or isinstance(value, PatchSpec):
-        return value
-    if hasattr(value, "channels") and hasattr(value, "height"):  # a resolved Patch
-        return PatchSpec(value.height, value.width, value.channels)
-    return parse_patch(value)
+def extent(value: Size, what: str) -> tuple[int, ...] | None:
+    """A size or stride given as ``"T"``, ``"HxW"``, ``"DxHxW"`` or a sequence of ints.
 
-
-def pair(value: Size, parse: Callable[[str], tuple[int, int]]) -> tuple[int, int] | None:
-    """A size or stride given as ``"HxW"`` or a sequence of two ints, parsed and checked."""
+    One number stands for every axis; how many a layer needs is its patch's
+    rank, checked when the layers are planned.
+    """
     if value is None:
         return None
     if isinstance(value, str):
-        return parse(value)
-    return parse("x".join(str(int(v)) for v in value))
+        return parse_extent(value, what)
+    return parse_extent("x".join(str(int(v)) for v in value), what)
 
 
 def _requests(layers: Sequence[str | LayerRequest]) -> list[LayerRequest]:
     if isinstance(layers, str):
         layers = [layers]
     return [r if isinstance(r, LayerRequest) else LayerRequest.parse(r) for r in layers]
-
-
-# ------------------------------------------------------------------- inspect
-
-
-@dataclass
-class InspectResult:
-    """The Linear-shaped entries of a checkpoint, the patches that fit, what is converted."""
-
-    source: str
-    format: str
-    entries: list[LinearEntry]
-    fits: dict[str, list[str]]
-    converted: list[dict[str, Any]]
-    evidence: dict[str, OrderEvidence] = field(default_factory=dict)
-    exit_code: int = 0
-
-    def __bool__(self) -> bool:
-        return True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "format": self.format,
-            "layers": [
-                {
-                    "name": e.name,
-                    "weight": e.weight_key,
-                    "bias": e.bias_key,
-                    "out_features": e.out_features,
-                    "in_features": e.in_features,
-                    "dtype": e.dtype,
-                    "patches": self.fits[e.name],
-                }
-                for e in self.entries
-            ],
-            "converted": self.converted,
-            "order_evidence": {name: ev.to_dict() for name, ev in self.evidence.items()},
-        }
-
-
-def inspect_checkpoint(
-    path: str | Path,
-    *,
-    channels: int | None = None,
-    feature_map: str | PatchSpec | None = None,
-    patch: str | PatchSpec | None = None,
-    trust_pickle: bool = False,
-) -> InspectResult:
-    """List the Linear-shaped entries of a checkpoint and the patches that fit each.
-
-    Args:
-        path: a checkpoint file, ``-`` for stdin, or a sharded checkpoint's folder.
-        channels: the patch's channels C, if known: every ``kh × kw`` that fits is listed.
-        feature_map: ``HxWxC`` of the feature map the layer reads, if known.
-        patch: rank the six flatten orders by the weights' evidence for this patch.
-        trust_pickle: allow arbitrary unpickling (only for files you trust).
-
-    A safetensors file or shard folder is described from its headers alone.
-    """
-    limit = _patch(feature_map)
-    if limit is not None:
-        channels = limit.channels or channels
-    describe_only = patch is None  # no tensor bytes are read: a .pt may be memory-mapped
-    source = open_source(str(path), trust_pickle=trust_pickle, describe_only=describe_only)
-    entries = linear_entries(source.info)
-    fits = {
-        entry.name: [
-            str(p)
-            for p in candidate_patches(entry.in_features, channels, limit=32 if limit else 6)
-            if limit is None or (p.height <= limit.height and p.width <= limit.width)
-        ][:6]
-        for entry in entries
-    }
-    converted = [
-        {"layer": name, "conv_shape": list(weight.shape), **record}
-        for name, record in source.records.items()
-        if (weight := source.info.get(param_key(name, "weight"))) is not None
-        and len(weight.shape) == 4
-    ]
-    spec = _patch(patch)
-    evidence = _evidence_for_patch(source, entries, spec) if spec is not None else {}
-    return InspectResult(source.path, source.format, entries, fits, converted, evidence)
-
-
-def _evidence_for_patch(
-    source: Source, entries: list[LinearEntry], spec: PatchSpec
-) -> dict[str, OrderEvidence]:
-    found = {}
-    for entry in entries:
-        try:
-            fitted = resolve_patch(spec, entry.in_features, entry.name)
-        except SpecError:
-            continue
-        plan = LayerPlan(
-            entry.name, entry.weight_key, entry.bias_key, entry.out_features, fitted,
-            DEFAULT_ORDER, (fitted.height, fitted.width), entry.dtype,
-        )  # fmt: skip
-        found[entry.name] = order_evidence(source, plan)
-    if not found:
-        raise SpecError(f"patch {spec} fits no Linear-shaped entry; see the patches that fit")
-    return found
-
-
-def order_evidence(source: Source, plan: LayerPlan) -> OrderEvidence:
-    """How the weights rank the six flatten orders for ``plan``'s patch (rows read only)."""
-    from fcconv.evidence import MAX_FEATURES, rank_orders, sample_rows
-
-    too_wide = plan.patch.features > MAX_FEATURES  # judged without reading a row
-    rows = [] if too_wide else sample_rows(plan.out_features, plan.patch.features).tolist()
-    return rank_orders(source.read_rows(plan.weight_key, rows), plan.patch)
 
 
 # ------------------------------------------------------------------- convert
@@ -217,7 +100,7 @@ class ConvertResult:
     source: str
     output: str
     plans: list[LayerPlan]
-    input_size: tuple[int, int] | None
+    input_size: tuple[int, ...] | None
     verification: VerifyResult | None
     written: bool
     format: str | None = None
@@ -267,10 +150,10 @@ class _Job:
     source: Source
     output: str
     requests: list[LayerRequest]
-    patch: PatchSpec | None
+    patch: AnySpec | None
     order: str | None
-    stride: tuple[int, int] | None
-    size: tuple[int, int] | None
+    stride: tuple[int, ...] | None
+    size: tuple[int, ...] | None
     verify: bool
     force: bool
     flip: bool = False
@@ -292,7 +175,7 @@ def convert_checkpoint(
     dst: str | Path | None = None,
     *,
     layers: Sequence[str | LayerRequest],
-    patch: str | PatchSpec | None = None,
+    patch: str | AnySpec | None = None,
     order: str | None = None,
     stride: Size = None,
     input_size: Size = None,
@@ -312,20 +195,24 @@ def convert_checkpoint(
         dst: the output; default ``<stem>.conv<suffix>`` beside ``src``;
             ``-`` for stdout. The input is never overwritten.
         layers: the layers to convert, as names or ``NAME=PATCH`` strings
-            (``["fc6=7x7x512", "fc7=1x1"]``).
-        patch: the patch (``HxWxC``, or ``HxW`` with C inferred) of every
-            layer named without its own.
-        order: the flatten order (``chw`` default, ``hwc``, …), or ``auto``
-            to read it from the weights.
-        stride: the window stride (default: the patch size).
-        input_size: the input for the geometry and the functional check.
+            (``["fc6=7x7x512", "fc7=1x1"]``, ``["fc1=16", "fc2=1"]`` in 1-D).
+        patch: the patch of every layer named without its own: ``HxWxC``,
+            or ``HxW`` with C inferred; ``T`` or ``l=T,c=C`` for a
+            ``Conv1d``, ``DxHxWxC`` or ``d=D,h=H,w=W[,c=C]`` for a ``Conv3d``.
+        order: the flatten order (``chw`` default, ``hwc``, …; ``cl``/``lc``
+            in 1-D, ``cdhw``/``dhwc``/… in 3-D), or ``auto`` to read it from
+            the weights (1-D, 2-D, and 3-D patches with a side of 1).
+        stride: the window stride, one number for every axis or one per
+            axis (default: the patch size).
+        input_size: the input for the geometry and the functional check,
+            one number for every axis or one per axis.
         verify: check the conversion before writing (a failing one is not written).
         force: replace an existing output.
         format: ``torch`` or ``safetensors`` (default: from ``dst``'s extension).
         link: sharded input: hard-link the untouched shards.
         trust_pickle: allow arbitrary unpickling (only for files you trust).
         progress: ``progress(bytes_done, bytes_total)`` while streaming.
-        flip: flip every kernel's spatial axes, for a framework that
+        flip: reverse every kernel's spatial axes, for a framework that
             convolves (Theano, textbook convolution); recorded in the
             provenance, which ``verify`` reads.
 
@@ -340,16 +227,14 @@ def convert_checkpoint(
         source=source,
         output=str(dst) if dst is not None else default_output(src),
         requests=requests,
-        patch=_patch(patch),
+        patch=spec_of(patch),
         order=parse_order_option(order) if order is not None else None,
-        stride=pair(stride, parse_stride),
-        size=pair(input_size, parse_size),
+        stride=extent(stride, "stride"),
+        size=extent(input_size, "input size"),
         verify=verify,
         force=force,
         flip=flip,
     )
-    if flip:
-        job.warnings.append(FLIP_WARNING)
     if source.format in KERAS_FORMATS:
         from fcconv.api.keras import convert_keras
 
@@ -386,11 +271,13 @@ def convert_checkpoint(
 
 
 def _plan(job: _Job) -> list[LayerPlan]:
+    if job.source.format in KERAS_FORMATS:
+        _refuse_nd_for_keras(job)
     plans = plan_layers(
         job.source.info,
         job.requests,
         default_patch=job.patch,
-        order=job.order or DEFAULT_ORDER,
+        order=job.order,
         stride=job.stride,
         source=job.source.path,
         flip=job.flip,
@@ -400,10 +287,24 @@ def _plan(job: _Job) -> list[LayerPlan]:
         if job.size is not None:
             make_grid(size, plan.patch, plan.stride)
         if job.verify:
-            from fcconv.verify import check_work
+            from fcconv.functional import check_work
 
             check_work(plan.patch, plan.out_features, plan.stride, size, plan.name, True)
+    if job.flip:
+        job.warnings.append(flip_warning(plans))
     return [_settle_order(plan, job) for plan in plans]
+
+
+def _refuse_nd_for_keras(job: _Job) -> None:
+    """Keras files are read and written as Dense and Conv2D layers: 2-D patches only."""
+    for request in job.requests:
+        spec = request.patch or job.patch
+        if isinstance(spec, PatchSpecNd):
+            raise SpecError(
+                f"{job.source.path} is a Keras file, whose Dense layers become Conv2D kernels: "
+                f"give {request.name} a 2-D {{patch}} (HxWxC), not the {spec.ndim}-D {spec}",
+                layer=request.name,
+            )
 
 
 def _settle_order(plan: LayerPlan, job: _Job) -> LayerPlan:
@@ -523,7 +424,7 @@ def verify_checkpoints(
     converted: str | Path,
     *,
     layers: Sequence[str | LayerRequest] = (),
-    patch: str | PatchSpec | None = None,
+    patch: str | AnySpec | None = None,
     order: str | None = None,
     stride: Size = None,
     input_size: Size = None,
@@ -534,7 +435,8 @@ def verify_checkpoints(
     """Check that ``converted`` holds exactly ``original``'s layers as convolutions.
 
     No layer arguments are needed: the converted layers are found (2-D in the
-    original, 4-D with as many elements in the converted file), their order
+    original, a 3-D, 4-D or 5-D conv kernel with as many elements in the
+    converted file), their order
     and stride taken from fcconv's provenance where the file has it, else
     found from the weights. Arguments given explicitly are checked, not
     trusted. Two files on disk are compared by their bytes; only the
@@ -566,15 +468,15 @@ def verify_checkpoints(
         before,
         after,
         requests=_requests(layers),
-        default_patch=_patch(patch),
+        default_patch=spec_of(patch),
         order=order_option,
-        stride=pair(stride, parse_stride),
+        stride=extent(stride, "stride"),
         provenance=after_source.records,
         source=str(original),
         info=(before_source.info, after_source.info),
         flip=flip,
     )
-    size = pair(input_size, parse_size)
+    size = extent(input_size, "input size")
     if on_disk:
         skip = {plan.weight_key for plan in plans}
         differences = byte_differences(before_source, after_source, skip)

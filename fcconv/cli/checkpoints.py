@@ -17,22 +17,31 @@ LAYER_OPTIONS = with_options(
         "layers",
         multiple=True,
         metavar="NAME[=PATCH]",
-        help="Layer to convert, e.g. fc or fc6=7x7x512 (repeatable).",
+        help="Layer to convert, e.g. fc, fc6=7x7x512, fc1=16 (1-D) (repeatable).",
     ),
     click.option(
-        "--patch", metavar="HxWxC", help="Patch of every --layer without its own (HxW: C inferred)."
+        "--patch",
+        metavar="PATCH",
+        help="Patch of every --layer without its own: HxWxC or HxW (C inferred); "
+        "1-D: T (C inferred) or l=T,c=C; 3-D: DxHxWxC or d=D,h=H,w=W[,c=C].",
     ),
     click.option(
         "--order",
         metavar="ORDER",
-        help="Flatten order of the patch, slowest axis first: chw (default), hwc, whc, ...",
+        help="Flatten order of the patch, slowest axis first: chw (default), hwc, whc, ...; "
+        "1-D: cl (default), lc; 3-D: cdhw (default), dhwc, ...; or auto.",
     ),
-    click.option("--stride", metavar="SHxSW", help="Window stride (default: the patch size)."),
+    click.option(
+        "--stride",
+        metavar="S|SHxSW|SDxSHxSW",
+        help="Window stride, one number or one per axis (default: the patch size).",
+    ),
     click.option(
         "--input",
         "input_size",
-        metavar="HxW",
-        help="Input size for the geometry and the functional check (default: 2×2 windows).",
+        metavar="T|HxW|DxHxW",
+        help="Input size for the geometry and the functional check (default: two windows "
+        "per axis).",
     ),
     click.option(
         "--flip",
@@ -50,14 +59,18 @@ LAYER_OPTIONS = with_options(
 @click.argument("checkpoint", metavar="CKPT")
 @click.option("--channels", type=click.IntRange(min=1), help="Channels C of the patch, if known.")
 @click.option(
+    "--rank",
+    type=click.IntRange(1, 3),
+    help="Spatial axes of the patches listed: 1 (Conv1d), 2 (default), 3 (Conv3d).",
+)
+@click.option(
     "--input",
     "feature_map",
     metavar="HxWxC",
-    help="Feature map fed to the layer, if known: limits the patches listed.",
+    help="Feature map fed to the layer, if known (HxWxC, l=T,c=C, d=D,h=H,w=W,c=C): "
+    "limits the patches listed.",
 )
-@click.option(
-    "--patch", metavar="HxWxC", help="Rank the six flatten orders by the weights' evidence."
-)
+@click.option("--patch", metavar="PATCH", help="Rank the flatten orders by the weights' evidence.")
 @with_options(JSON, TRUST, DEBUG)
 def inspect(checkpoint: str, as_json: bool, **options: Any) -> None:
     """List the Linear-shaped entries of CKPT and the patches that fit each."""
@@ -94,7 +107,7 @@ def convert(
     quiet: bool,
     **options: Any,
 ) -> None:
-    """Convert Linear layers of CKPT into Conv2d weights and write a new checkpoint.
+    """Convert Linear layers of CKPT into Conv2d (Conv1d, Conv3d) weights; write a new checkpoint.
 
     CKPT is a .pt/.pth/.bin/.ckpt or .safetensors file, - for stdin, a
     sharded checkpoint's folder (or its *.safetensors.index.json), or a Keras

@@ -5,11 +5,19 @@ against the weights. Reading it is defensive (a hand-edited or hostile file
 may hold anything under the key): a record that is not well formed is
 ignored field by field, never an error and never a crash.
 
+A 1-D or 3-D conversion is recorded the same way: its patch in the spelling
+that names its rank (``l=16,c=32``, ``d=2,h=3,w=3,c=8``), an order of that
+rank, one stride per spatial axis. Facts of different ranks do not go
+together: such a stride or order is dropped.
+
 >>> metadata = with_provenance({"source": "x"}, {"fc": {"patch": "2x2x3", "order": "hwc"}})
 >>> layer_records(metadata)["fc"]["order"]
 'hwc'
 >>> layer_records({"fcconv": "[1, 2"})
 {}
+>>> record = {"patch": "l=16,c=32", "order": "hwc", "stride": [8]}
+>>> layer_records(with_provenance({}, {"fc": record}))["fc"]
+{'patch': 'l=16,c=32', 'stride': [8]}
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fcconv.errors import SpecError
-from fcconv.geometry import ORDERS, parse_patch
+from fcconv.patches import SPATIAL_AXES, orders_for, parse_patch_spec, rank_of
 
 PROVENANCE_KEY = "fcconv"
 """The ``__metadata__`` key fcconv writes its record under."""
@@ -43,19 +51,20 @@ def _clean(record: Any) -> dict[str, Any]:
     if not isinstance(record, dict):
         return {}
     clean: dict[str, Any] = {}
-    patch = record.get("patch")
+    patch, rank = record.get("patch"), None
     if isinstance(patch, str) and len(patch) < 64:
         try:
-            parse_patch(patch)
+            rank = rank_of(parse_patch_spec(patch))
             clean["patch"] = patch
         except SpecError:
             pass
-    if record.get("order") in ORDERS:
+    ranks = [rank] if rank is not None else list(SPATIAL_AXES)
+    if any(record.get("order") in orders_for(n) for n in ranks):
         clean["order"] = record["order"]
     stride = record.get("stride")
     if (
         isinstance(stride, list)
-        and len(stride) == 2
+        and len(stride) in ranks
         and all(type(s) is int and 0 < s < 1 << 31 for s in stride)
     ):
         clean["stride"] = list(stride)

@@ -22,7 +22,6 @@ arithmetic, so every dtype is moved as unsigned integers of the same width
 from __future__ import annotations
 
 import errno
-import math
 import os
 import sys
 import threading
@@ -33,7 +32,7 @@ from typing import Any
 
 from fcconv import dtypes
 from fcconv.errors import CheckpointError, LayerError, SpecError
-from fcconv.geometry import AXES, Patch, parse_order
+from fcconv.geometry import kernel_transpose
 from fcconv.io.atomic import atomic_output, check_output_path
 from fcconv.io.files import open_regular
 from fcconv.io.safetensors import (
@@ -45,6 +44,7 @@ from fcconv.io.safetensors import (
     read_error,
     read_header,
 )
+from fcconv.patches import AnyPatch, as_nd, parse_order_nd
 
 MiB = 1 << 20
 DEFAULT_BLOCK_BYTES = 64 * MiB
@@ -59,19 +59,18 @@ ProgressCallback = Callable[[int, int], None]
 @dataclass(frozen=True)
 class _Target:
     info: HeaderEntry
-    patch: Patch
+    patch: AnyPatch
     order: str
 
     @property
-    def kernel_shape(self) -> tuple[int, int, int, int]:
-        return (self.info.shape[0], self.patch.channels, self.patch.height, self.patch.width)
+    def kernel_shape(self) -> tuple[int, ...]:
+        return (self.info.shape[0], *as_nd(self.patch).kernel_shape)
 
     @property
     def moves_bytes(self) -> bool:
-        """False when the permutation is the identity (``chw``, or axes of length 1)."""
-        sizes = dict(zip(self.order, self.patch.sizes(self.order), strict=True))
-        moving = [axis for axis in self.order if sizes[axis] > 1]
-        return moving != [axis for axis in AXES if sizes[axis] > 1]
+        """False when the permutation is the identity (``chw``, ``cl``, or axes of length 1)."""
+        _, transpose = kernel_transpose(self.patch, self.order)
+        return transpose != tuple(range(len(transpose)))
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class Move:
     rows: int
     features: int
     itemsize: int
-    patch: Patch
+    patch: AnyPatch
     order: str
 
     @property
@@ -101,7 +100,7 @@ def _move(target: _Target, old_start: int, new_start: int) -> Move:
 
 
 def _targets(
-    header: SafetensorsHeader, layers: Mapping[str, tuple[Patch, str]]
+    header: SafetensorsHeader, layers: Mapping[str, tuple[AnyPatch, str]]
 ) -> dict[str, _Target]:
     targets = {}
     for name, (patch, order) in layers.items():
@@ -111,7 +110,7 @@ def _targets(
                 f"{header.path} has no tensor {name!r}; run fcconv inspect {header.path} to list "
                 "its Linear weights"
             )
-        order = parse_order(order)
+        order = parse_order_nd(order, as_nd(patch).ndim)
         if len(info.shape) != 2:
             raise LayerError(
                 f"{name} in {header.path} has shape {list(info.shape)}, not a Linear weight "
@@ -120,7 +119,7 @@ def _targets(
         if info.shape[1] != patch.features:
             raise SpecError(
                 f"patch {patch} has {patch.features} elements but {name} has in_features "
-                f"{info.shape[1]}; give a patch whose H·W·C is {info.shape[1]}"
+                f"{info.shape[1]}; give a patch of {info.shape[1]} elements (H·W·C, L·C or D·H·W·C)"
             )
         if not dtypes.by_code(info.dtype).convertible:
             raise LayerError(
@@ -133,7 +132,7 @@ def _targets(
 
 def converted_header(
     header: SafetensorsHeader,
-    layers: Mapping[str, tuple[Patch, str]],
+    layers: Mapping[str, tuple[AnyPatch, str]],
     metadata: Mapping[str, str] | None = None,
 ) -> bytes:
     """The exact header bytes (length prefix included) :func:`stream_convert` writes.
@@ -162,7 +161,7 @@ def _new_header(
 def stream_convert(
     src: str | Path,
     dst: str | Path,
-    layers: Mapping[str, tuple[Patch, str]],
+    layers: Mapping[str, tuple[AnyPatch, str]],
     metadata: Mapping[str, str] | None = None,
     *,
     force: bool = False,
@@ -178,7 +177,8 @@ def stream_convert(
             fsynced, then renamed).
         layers: weight tensor name (``"classifier.0.weight"``, shape
             ``[O, N]``) to ``(patch, order)``; it becomes ``[O, C, kh, kw]``
-            with ``K[o, c, i, j] = W[o, index_of(order, c, i, j)]``.
+            with ``K[o, c, i, j] = W[o, index_of(order, c, i, j)]`` (``[O, C, L]``
+            or ``[O, C, D, H, W]`` for a 1-D or 3-D patch).
         metadata: the output's whole ``__metadata__``; None keeps the input's.
         force: replace an existing ``dst``.
         block_bytes: how many bytes of rows are permuted at once. Peak memory
@@ -216,7 +216,7 @@ def stream_convert(
 def write_converted(
     src: str | Path,
     dst: str | Path,
-    layers: Mapping[str, tuple[Patch, str]],
+    layers: Mapping[str, tuple[AnyPatch, str]],
     metadata: Mapping[str, str] | None = None,
     *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
@@ -511,13 +511,13 @@ class _Writer:
 
         import numpy as np
 
-        patch, order, features = move.patch, move.order, move.features
+        features = move.features
         element = np.dtype(f"<u{move.itemsize}")  # the bits, never their value
         row_bytes = features * move.itemsize
         block_rows = max(1, min(move.rows, self.block_bytes // row_bytes))
         source = np.empty(block_rows * features, dtype=element)
         kernel = np.empty_like(source)
-        sizes, axes = merged_axes(patch, order)
+        sizes, axes = kernel_transpose(move.patch, move.order)
         pending, crc = move.dst_offset, 0
         for first in range(0, move.rows, block_rows):
             self._check()
@@ -534,27 +534,3 @@ class _Writer:
                 crc = zlib.crc32(written, crc)
             pending = self._flush(pending, move.dst_offset + offset + length)
         return crc
-
-
-def merged_axes(patch: Patch, order: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The permutation from ``order`` to ``chw`` with axes that move together merged.
-
-    Returns the sizes of the merged source axes (in ``order``) and the
-    transpose that puts them in ``chw`` order. Axes that stay neighbours in the
-    same order move as one (``hwc`` → ``chw`` is a 2-D transpose of
-    ``(H·W, C)``): fewer, longer runs copy about twice as fast.
-
-    >>> merged_axes(Patch(7, 7, 512), "hwc")
-    ((49, 512), (1, 0))
-    >>> merged_axes(Patch(7, 7, 512), "whc")
-    ((7, 7, 512), (2, 1, 0))
-    """
-    sizes = dict(zip(AXES, (patch.channels, patch.height, patch.width), strict=True))
-    groups: list[str] = []
-    for axis in order:
-        if groups and AXES.find(groups[-1][-1] + axis) >= 0:
-            groups[-1] += axis  # the next axis of chw follows this one in both orders
-        else:
-            groups.append(axis)
-    merged = tuple(math.prod(sizes[a] for a in group) for group in groups)
-    return merged, tuple(sorted(range(len(groups)), key=lambda g: AXES.index(groups[g][0])))

@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
 from fcconv.errors import CheckpointError, UnsafeCheckpointError
-from fcconv.geometry import Patch
 from fcconv.io.atomic import atomic_output, check_output_path
 from fcconv.io.checkpoint import TORCH, Checkpoint, load_torch_meta
 from fcconv.io.streaming import DEFAULT_BLOCK_BYTES, Move, ProgressCallback, _Writer
+from fcconv.patches import AnyPatch, as_nd
 from fcconv.plan import describe
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ class Rewrite:
 def stream_convert_torch(
     archive: TorchArchive,
     dst: str | Path,
-    layers: Mapping[str, tuple[Patch, str]],
+    layers: Mapping[str, tuple[AnyPatch, str]],
     *,
     force: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
@@ -265,7 +265,7 @@ def stream_convert_torch(
     kernels = {}
     for key, (patch, _) in layers.items():
         weight = tensors[key]
-        shape = (weight.shape[0], patch.channels, patch.height, patch.width)
+        shape = (weight.shape[0], *as_nd(patch).kernel_shape)
         tensors[key] = kernels[key] = torch.empty(shape, dtype=weight.dtype, device="meta")
     payload = archive.checkpoint.with_tensors(tensors).payload()
     stand_ins = _StandIns(archive, {id(kernel): key for key, kernel in kernels.items()})
@@ -278,7 +278,7 @@ def stream_convert_torch(
 
 
 def _planned_moves(
-    archive: TorchArchive, layers: Mapping[str, tuple[Patch, str]]
+    archive: TorchArchive, layers: Mapping[str, tuple[AnyPatch, str]]
 ) -> dict[str, Move]:
     """Where each weight's rows come from (``dst_offset`` is filled in once torch has laid out)."""
     moves = {}

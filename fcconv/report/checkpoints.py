@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fcconv.geometry import Grid, default_input, make_grid
+from fcconv.patches import SPATIAL_AXES
 from fcconv.report import num, shape, table, text
+from fcconv.windows import AXIS_NOUNS, Grid, default_input, make_grid
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -18,34 +19,43 @@ if TYPE_CHECKING:
 # ------------------------------------------------------------------ geometry
 
 
-def geometry_lines(plan: LayerPlan, input_size: tuple[int, int] | None) -> list[str]:
+def geometry_lines(plan: LayerPlan, input_size: tuple[int, ...] | None) -> list[str]:
     """Input → output grid, the receptive field of one cell, and what is left uncovered."""
     size = input_size or default_input(plan.patch, plan.stride)
     grid = make_grid(size, plan.patch, plan.stride)
     return [_grid_line(plan, grid), _field_line(grid), *grid.warnings()]
 
 
+def _times(numbers: tuple[int, ...] | list[int]) -> str:
+    return "×".join(map(str, numbers))
+
+
 def _grid_line(plan: LayerPlan, grid: Grid) -> str:
     return (
-        f"input {grid.height}×{grid.width}×{plan.patch.channels} → output map "
-        f"{grid.rows}×{grid.cols}×{plan.out_features} ({grid.rows * grid.cols} windows)"
+        f"input {_times([*grid.size, grid.patch.channels])} → output map "
+        f"{_times([*grid.counts, plan.out_features])} ({grid.cells} windows)"
     )
 
 
 def _field_line(grid: Grid) -> str:
-    sh, sw = grid.stride
-    kh, kw = grid.patch.height, grid.patch.width
-    return (
-        f"cell (p, q) sees input rows {sh}p … {sh}p+{kh - 1}, "
-        f"columns {sw}q … {sw}q+{kw - 1} (a {kh}×{kw} receptive field)"
+    """``cell (p, q) sees input rows 20p … 20p+19, columns …`` (``cell p`` in 1-D)."""
+    letters = "pqr"[: grid.patch.ndim]
+    cell = f"({', '.join(letters)})" if len(letters) > 1 else letters
+    spans = ", ".join(
+        f"{AXIS_NOUNS[axis][1]}s {s}{i} … {s}{i}+{k - 1}"
+        for axis, i, s, k in zip(
+            SPATIAL_AXES[grid.patch.ndim], letters, grid.stride, grid.patch.sizes, strict=True
+        )
     )
+    field = _times(grid.patch.sizes) + ("-position" if grid.patch.ndim == 1 else "")
+    return f"cell {cell} sees input {spans} (a {field} receptive field)"
 
 
 # ------------------------------------------------------------------- convert
 
 
 def render_plans(
-    console: Console, plans: list[LayerPlan], input_size: tuple[int, int] | None
+    console: Console, plans: list[LayerPlan], input_size: tuple[int, ...] | None
 ) -> None:
     """What each layer became and the module that loads it."""
     from fcconv.plan import layer_inputs
@@ -56,10 +66,10 @@ def render_plans(
                 (plan.name, "bold"),
                 f": Linear {plan.linear_shape[0]}←{plan.linear_shape[1]} → conv "
                 f"{shape(plan.conv_shape)}, patch {plan.patch}, order {plan.order}, "
-                f"stride {plan.stride[0]}x{plan.stride[1]}",
+                f"stride {'x'.join(map(str, plan.stride))}",
             )
         )
-        console.print(text(f"  build it with: {plan.conv2d_line()}"))
+        console.print(text(f"  build it with: {plan.conv_line()}"))
         for line in geometry_lines(plan, size):
             console.print(text((f"  {line}", "yellow" if "uncovered" in line else "")))
 
@@ -114,18 +124,17 @@ def _check_rows(check: LayerCheck) -> list[tuple[str, str]]:
         ("linear → conv", f"{shape(plan.linear_shape)} → {shape(plan.conv_shape)}"),
         (
             "patch · order · stride",
-            f"{plan.patch} · {plan.order} · {plan.stride[0]}x{plan.stride[1]}",
+            f"{plan.patch} · {plan.order} · {'x'.join(map(str, plan.stride))}",
         ),
         ("exact (bit for bit)", "yes" if check.exact else "no"),
-        ("build it with", plan.conv2d_line()),
+        ("build it with", plan.conv_line()),
     ]
     if functional is None:
         return rows
-    height, width = functional.input_size
-    grid_rows, grid_cols = functional.output_grid
+    cells = [*functional.output_grid, plan.out_features]
     return [
         *rows,
-        ("input → output map", f"{height}×{width} → {grid_rows}×{grid_cols}×{plan.out_features}"),
+        ("input → output map", f"{_times(functional.input_size)} → {_times(cells)}"),
         ("receptive field", _field_line(make_grid(functional.input_size, plan.patch, plan.stride))),
         (f"max abs error ({functional.dtype})", num(functional.max_abs_error)),
         ("error / bound 2·γ_N·scale", num(functional.bound_ratio)),
@@ -146,7 +155,8 @@ def render_inspect(console: Console, result: InspectResult) -> None:
         title=text(f"{result.source} ({result.format}): Linear-shaped entries"),
         title_justify="left",
     )
-    for column in ("name", "out × in", "dtype", "bias", "patches that fit (HxWxC)"):
+    spelling = {1: "l=L,c=C", 2: "HxWxC", 3: "d=D,h=H,w=W,c=C"}[result.rank]
+    for column in ("name", "out × in", "dtype", "bias", f"patches that fit ({spelling})"):
         table.add_column(column)
     for entry in result.entries:
         table.add_row(

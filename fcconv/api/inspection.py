@@ -1,0 +1,193 @@
+"""The inspect job: what a checkpoint holds, which patches fit, what is already converted.
+
+>>> import fcconv
+>>> info = fcconv.inspect_checkpoint("model.pt", channels=32, rank=1)  # doctest: +SKIP
+>>> info.to_dict()["layers"][0]["patches"]  # doctest: +SKIP
+['l=16,c=32']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fcconv.errors import SpecError
+from fcconv.io.sources import Source, open_source
+from fcconv.patches import (
+    AnySpec,
+    PatchNd,
+    PatchSpec,
+    PatchSpecNd,
+    as_nd,
+    candidate_patches_nd,
+    kernel_axes,
+    parse_patch_spec,
+    rank_of,
+    resolve_patch,
+)
+from fcconv.plan import LayerPlan, LinearEntry, layer_stride, linear_entries, param_key
+
+if TYPE_CHECKING:
+    from fcconv.evidence import OrderEvidence
+
+CONV_DIMS = (3, 4, 5)
+"""Ranks of the converted weights ``inspect`` lists: Conv1d, Conv2d and Conv3d kernels."""
+
+
+@dataclass
+class InspectResult:
+    """The Linear-shaped entries of a checkpoint, the patches that fit, what is converted.
+
+    ``rank`` is the number of spatial axes the listed patches have (2 unless
+    asked otherwise).
+    """
+
+    source: str
+    format: str
+    entries: list[LinearEntry]
+    fits: dict[str, list[str]]
+    converted: list[dict[str, Any]]
+    evidence: dict[str, OrderEvidence] = field(default_factory=dict)
+    exit_code: int = 0
+    rank: int = 2
+
+    def __bool__(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "layers": [
+                {
+                    "name": e.name,
+                    "weight": e.weight_key,
+                    "bias": e.bias_key,
+                    "out_features": e.out_features,
+                    "in_features": e.in_features,
+                    "dtype": e.dtype,
+                    "patches": self.fits[e.name],
+                }
+                for e in self.entries
+            ],
+            "converted": self.converted,
+            "order_evidence": {name: ev.to_dict() for name, ev in self.evidence.items()},
+        }
+
+
+def spec_of(value: str | AnySpec | Any | None) -> AnySpec | None:
+    """A patch given as text (any rank), a spec, or a resolved patch, as a spec."""
+    if value is None or isinstance(value, PatchSpec | PatchSpecNd):
+        return value
+    if isinstance(value, str):
+        return parse_patch_spec(value)
+    nd = as_nd(value)  # a resolved Patch or PatchNd
+    if nd.ndim == 2:
+        return PatchSpec(*nd.sizes, nd.channels)
+    return PatchSpecNd(nd.sizes, nd.channels)
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    *,
+    channels: int | None = None,
+    feature_map: str | AnySpec | None = None,
+    patch: str | AnySpec | None = None,
+    rank: int | None = None,
+    trust_pickle: bool = False,
+) -> InspectResult:
+    """List the Linear-shaped entries of a checkpoint and the patches that fit each.
+
+    Args:
+        path: a checkpoint file, ``-`` for stdin, or a sharded checkpoint's folder.
+        channels: the patch's channels C, if known: every patch of that many
+            channels that fits is listed.
+        feature_map: the feature map the layer reads, if known, as a patch
+            (``HxWxC``, ``l=100,c=64``, ``d=4,h=7,w=7,c=512``): limits the
+            patches listed, and its rank is the rank listed.
+        patch: rank the flatten orders by the weights' evidence for this patch
+            (of any rank).
+        rank: the spatial axes of the patches listed: 1 (lengths; all of
+            them, longest first), 2 (square patches, or every ``kh × kw``
+            with ``channels``; the default) or 3 (cubes, or every ``D × H × W``
+            with ``channels``).
+        trust_pickle: allow arbitrary unpickling (only for files you trust).
+
+    A safetensors file or shard folder is described from its headers alone.
+    """
+    limit = spec_of(feature_map)
+    rank = _rank(rank, limit)
+    if limit is not None:
+        channels = limit.channels or channels
+    describe_only = patch is None  # no tensor bytes are read: a .pt may be memory-mapped
+    source = open_source(str(path), trust_pickle=trust_pickle, describe_only=describe_only)
+    entries = linear_entries(source.info)
+    fits = {entry.name: _fits(entry.in_features, rank, channels, limit) for entry in entries}
+    converted = [
+        {"layer": name, "conv_shape": list(weight.shape), **record}
+        for name, record in source.records.items()
+        if (weight := source.info.get(param_key(name, "weight"))) is not None
+        and len(weight.shape) in CONV_DIMS
+    ]
+    spec = spec_of(patch)
+    evidence = _evidence_for_patch(source, entries, spec) if spec is not None else {}
+    return InspectResult(source.path, source.format, entries, fits, converted, evidence, rank=rank)
+
+
+def _rank(rank: int | None, limit: AnySpec | None) -> int:
+    """The rank asked for, or the feature map's, which must agree."""
+    if rank is not None and rank not in (1, 2, 3):
+        raise SpecError(f"{{rank}} {rank} is not a number of spatial axes; give 1, 2 or 3")
+    if limit is None:
+        return rank or 2
+    if rank is not None and rank != rank_of(limit):
+        raise SpecError(
+            f"the feature map {limit} given as {{input_size}} is {rank_of(limit)}-D, but "
+            f"{{rank}} asks for {rank}-D patches; leave one out"
+        )
+    return rank_of(limit)
+
+
+def _fits(features: int, rank: int, channels: int | None, limit: AnySpec | None) -> list[str]:
+    """The patches of ``rank`` that fit, the most plausible first, within ``limit``."""
+    found = candidate_patches_nd(features, rank, channels, limit=32 if limit else 6)
+    if limit is not None:
+        room = _room(limit)
+        found = [p for p in found if all(map(int.__le__, as_nd(p).sizes, room.sizes))]
+    return [str(p) for p in found][:6]
+
+
+def _room(limit: AnySpec) -> PatchNd:
+    """The feature map's spatial sizes (its channels, when not given, do not matter here)."""
+    if isinstance(limit, PatchSpecNd):
+        return PatchNd(limit.sizes, limit.channels or 1)
+    return PatchNd((limit.height, limit.width), limit.channels or 1)
+
+
+def _evidence_for_patch(
+    source: Source, entries: list[LinearEntry], spec: AnySpec
+) -> dict[str, OrderEvidence]:
+    found = {}
+    for entry in entries:
+        try:
+            fitted = resolve_patch(spec, entry.in_features, entry.name)
+        except SpecError:
+            continue
+        plan = LayerPlan(
+            entry.name, entry.weight_key, entry.bias_key, entry.out_features, fitted,
+            kernel_axes(as_nd(fitted).ndim), layer_stride(fitted, None), entry.dtype,
+        )  # fmt: skip
+        found[entry.name] = order_evidence(source, plan)
+    if not found:
+        raise SpecError(f"patch {spec} fits no Linear-shaped entry; see the patches that fit")
+    return found
+
+
+def order_evidence(source: Source, plan: LayerPlan) -> OrderEvidence:
+    """How the weights rank the flatten orders for ``plan``'s patch (rows read only)."""
+    from fcconv.evidence import MAX_FEATURES, rank_orders, sample_rows
+
+    too_wide = plan.patch.features > MAX_FEATURES  # judged without reading a row
+    rows = [] if too_wide else sample_rows(plan.out_features, plan.patch.features).tolist()
+    return rank_orders(source.read_rows(plan.weight_key, rows), plan.patch)
