@@ -220,7 +220,10 @@ def convert_checkpoint(
         A :class:`ConvertResult`, truthy when written.
     """
     requests = _requests(layers)
-    source = open_source(str(src), trust_pickle=trust_pickle, lazy=True)
+    # A torch zip file is first only described (mapped, no tensor byte read): the
+    # streamed rewrite reads it by byte ranges; the in-memory path reads it whole below.
+    described = str(src) != STDIO
+    source = open_source(str(src), trust_pickle=trust_pickle, lazy=True, describe_only=described)
     if not requests and source.format not in KERAS_FORMATS:  # a Keras model names its head
         raise SpecError("no layer to convert; name one with {layers} NAME[=HxWxC]")
     job = _Job(
@@ -265,7 +268,7 @@ def convert_checkpoint(
         streamed = convert_torch_streaming(job, progress, trust_pickle)
         if streamed is not None:
             return streamed
-    if source.on_disk:
+    if source.on_disk or (described and source.format == TORCH):
         job.source = open_source(str(src), trust_pickle=trust_pickle, lazy=False)
     return _convert_in_memory(job, out_format)
 
