@@ -144,7 +144,7 @@ class ConvertResult:
 
 
 @dataclass
-class _Job:
+class Job:
     """One conversion as asked, parsed, and what it has learnt so far."""
 
     source: Source
@@ -226,7 +226,7 @@ def convert_checkpoint(
     source = open_source(str(src), trust_pickle=trust_pickle, lazy=True, describe_only=described)
     if not requests and source.format not in KERAS_FORMATS:  # a Keras model names its head
         raise SpecError("no layer to convert; name one with {layers} NAME[=HxWxC]")
-    job = _Job(
+    job = Job(
         source=source,
         output=str(dst) if dst is not None else default_output(src),
         requests=requests,
@@ -273,7 +273,7 @@ def convert_checkpoint(
     return _convert_in_memory(job, out_format)
 
 
-def _plan(job: _Job) -> list[LayerPlan]:
+def plan_job(job: Job) -> list[LayerPlan]:
     if job.source.format in KERAS_FORMATS:
         _refuse_nd_for_keras(job)
     plans = plan_layers(
@@ -298,7 +298,7 @@ def _plan(job: _Job) -> list[LayerPlan]:
     return [_settle_order(plan, job) for plan in plans]
 
 
-def _refuse_nd_for_keras(job: _Job) -> None:
+def _refuse_nd_for_keras(job: Job) -> None:
     """Keras files are read and written as Dense and Conv2D layers: 2-D patches only."""
     for request in job.requests:
         spec = request.patch or job.patch
@@ -310,7 +310,7 @@ def _refuse_nd_for_keras(job: _Job) -> None:
             )
 
 
-def _settle_order(plan: LayerPlan, job: _Job) -> LayerPlan:
+def _settle_order(plan: LayerPlan, job: Job) -> LayerPlan:
     """Resolve ``auto`` from the weights, before anything is written."""
     if plan.order != AUTO:
         return plan
@@ -329,7 +329,7 @@ def _settle_order(plan: LayerPlan, job: _Job) -> LayerPlan:
     return plan.with_order(evidence.winner)
 
 
-def _weigh_orders(plans: list[LayerPlan], job: _Job) -> None:
+def weigh_orders(plans: list[LayerPlan], job: Job) -> None:
     """Part of the checks: warn where the weights contradict the order given.
 
     The streaming paths call it after the bytes are written, while the disk
@@ -350,34 +350,34 @@ def _weigh_orders(plans: list[LayerPlan], job: _Job) -> None:
             )
 
 
-def _records(plans: list[LayerPlan]) -> dict[str, dict[str, Any]]:
+def records_of(plans: list[LayerPlan]) -> dict[str, dict[str, Any]]:
     return {plan.name: plan.provenance() for plan in plans}
 
 
-def apply_and_verify(job: _Job, plans: list[LayerPlan]) -> tuple[dict[str, Any], Any]:
+def apply_and_verify(job: Job, plans: list[LayerPlan]) -> tuple[dict[str, Any], Any]:
     """The converted tensors of a loaded source, and their verification (None if skipped)."""
     from fcconv.plan import apply_plans
     from fcconv.verify import verify_conversion
 
     loaded = job.source.loaded
     assert loaded is not None
-    _weigh_orders(plans, job)
+    weigh_orders(plans, job)
     converted = apply_plans(loaded.tensors, plans)
     if not job.verify:
         return converted, None
     return converted, verify_conversion(plans, loaded.tensors, converted, job.size)
 
 
-def _convert_in_memory(job: _Job, out_format: str) -> ConvertResult:
+def _convert_in_memory(job: Job, out_format: str) -> ConvertResult:
     loaded = job.source.loaded
     assert loaded is not None
-    plans = _plan(job)
+    plans = plan_job(job)
     converted, verification = apply_and_verify(job, plans)
     if verification is not None and not verification:
         return job.result(plans, verification)
     new = loaded.with_tensors(converted)
     if out_format == SAFETENSORS:
-        new.metadata = with_provenance(loaded.metadata, _records(plans))
+        new.metadata = with_provenance(loaded.metadata, records_of(plans))
     elif loaded.format == SAFETENSORS and set(loaded.metadata or {}) - {PROVENANCE_KEY}:
         keys = ", ".join(sorted(set(loaded.metadata or {}) - {PROVENANCE_KEY}))
         job.warnings.append(
@@ -390,7 +390,7 @@ def _convert_in_memory(job: _Job, out_format: str) -> ConvertResult:
     return job.result(plans, verification, format=written, mode="in memory")
 
 
-def _convert_sharded(job: _Job, link: bool, progress: Progress | None) -> ConvertResult:
+def _convert_sharded(job: Job, link: bool, progress: Progress | None) -> ConvertResult:
     from fcconv.api.streamed import streamed
     from fcconv.io.sharded import convert_sharded
 

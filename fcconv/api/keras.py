@@ -45,7 +45,7 @@ from fcconv.keras.config import KERAS_ORDER, KerasHead, find_head, layer_classes
 from fcconv.plan import LayerPlan, LayerRequest
 
 if TYPE_CHECKING:
-    from fcconv.api.checkpoints import ConvertResult, _Job
+    from fcconv.api.checkpoints import ConvertResult, Job
     from fcconv.runtime_check import RuntimeCheck
 
 _SUFFIX = {KERAS: ".keras", KERAS_WEIGHTS: ".weights.h5", KERAS_H5: ".h5"}
@@ -66,7 +66,7 @@ def default_keras_output(path: str | Path, kind: str, fmt: str | None) -> str:
     return str(source.with_name(f"{stem}.conv{_TORCH_SUFFIX.get(fmt or '', suffix)}"))
 
 
-def _output_format(job: _Job, fmt: str | None) -> str:
+def _output_format(job: Job, fmt: str | None) -> str:
     kind = job.source.format
     by_name = format_for(job.output, None, kind)
     if fmt is not None and by_name in _SUFFIX and fmt != by_name:
@@ -103,7 +103,7 @@ def _head(file: KerasFile, out: str) -> KerasHead | None:
         return None
 
 
-def _fill_requests(job: _Job, head: KerasHead | None) -> None:
+def _fill_requests(job: Job, head: KerasHead | None) -> None:
     """No layers named: the head's Dense layers; the first gets the map as its patch."""
     if job.order is None:
         job.order = head.order if head is not None else KERAS_ORDER
@@ -150,9 +150,9 @@ def _check_model_plans(plans: list[LayerPlan], head: KerasHead) -> None:
             )
 
 
-def convert_keras(job: _Job, dst: str | Path | None, fmt: str | None) -> ConvertResult:
+def convert_keras(job: Job, dst: str | Path | None, fmt: str | None) -> ConvertResult:
     """Convert Dense layers of a Keras file (see the module's doc)."""
-    from fcconv.api.checkpoints import _plan, _records, apply_and_verify
+    from fcconv.api.checkpoints import apply_and_verify, plan_job, records_of
     from fcconv.verify import VerificationFailed
 
     file = read_keras(job.source.path)
@@ -164,7 +164,7 @@ def convert_keras(job: _Job, dst: str | Path | None, fmt: str | None) -> Convert
     check_output_path(Path(job.output), job.force, (Path(job.source.path),))
     head = _head(file, out)
     _fill_requests(job, head)
-    plans = _plan(job)
+    plans = plan_job(job)
     if out in (KERAS, KERAS_H5) and head is not None:
         _check_model_plans(plans, head)
     loaded = job.source.loaded
@@ -172,7 +172,7 @@ def convert_keras(job: _Job, dst: str | Path | None, fmt: str | None) -> Convert
     converted, verification = apply_and_verify(job, plans)
     if verification is not None and not verification:
         return job.result(plans, verification)
-    records = _records(plans)
+    records = records_of(plans)
     if out in (TORCH, SAFETENSORS):
         metadata = with_provenance(loaded.metadata, records) if out == SAFETENSORS else None
         new = Checkpoint(converted, out, job.source.path, metadata=metadata)
@@ -207,7 +207,7 @@ def check_in_keras(
 
 
 def _run_in_keras(
-    job: _Job, head: KerasHead, plans: list[LayerPlan], temporary: Path, verification: Any
+    job: Job, head: KerasHead, plans: list[LayerPlan], temporary: Path, verification: Any
 ) -> None:
     from fcconv.keras.check import check_models
     from fcconv.verify import VerificationFailed

@@ -13,11 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fcconv.api.checkpoints import ConvertResult, Progress
-from fcconv.api.checkpoints import _Job as Job
-from fcconv.api.checkpoints import _plan as plan_job
-from fcconv.api.checkpoints import _records as records
-from fcconv.api.checkpoints import _weigh_orders as weigh_orders
+from fcconv.api.checkpoints import (
+    ConvertResult,
+    Job,
+    Progress,
+    plan_job,
+    records_of,
+    weigh_orders,
+)
 from fcconv.io.provenance import with_provenance
 from fcconv.io.sources import Source, open_source
 from fcconv.plan import LayerPlan
@@ -76,7 +79,7 @@ def convert_streaming(job: Job, progress: Progress | None) -> ConvertResult:
     from fcconv.io.streaming import stream_convert
 
     def write(layers: dict, plans: list[LayerPlan], check: Any) -> None:
-        metadata = with_provenance(job.source.metadata, records(plans))
+        metadata = with_provenance(job.source.metadata, records_of(plans))
         stream_convert(
             job.source.path, job.output, layers, metadata,
             force=job.force, progress=progress, check=check,

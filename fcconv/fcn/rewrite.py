@@ -19,17 +19,9 @@ from fcconv.fcn.analyse import Analysis, analyze, stride_tuple
 from fcconv.fcn.cells import crop_plan, output_cells, trunk_geometry
 from fcconv.fcn.ops import module_of
 from fcconv.fcn.results import Conversion, LayerChange, OutputFacts
-from fcconv.geometry import PatchNd, conv2d_line, kernel_axes
+from fcconv.geometry import PatchNd, kernel_axes
 from fcconv.surgery import batchnorm1d_to_nd, linear_to_conv_nd, replace_module
-
-
-def _conv_line(kernel: PatchNd, out: int, stride: tuple[int, ...], bias: bool) -> str:
-    if kernel.ndim == 2:
-        return conv2d_line(kernel.to_patch(), out, stride, bias)  # type: ignore[arg-type]
-    return (
-        f"nn.Conv{kernel.ndim}d({kernel.channels}, {out}, kernel_size={kernel.sizes}, "
-        f"stride={tuple(stride)}, padding=0, bias={bias})"
-    )
+from fcconv.windows import conv_line
 
 
 def _linear_change(node, module: nn.Linear, kernel: PatchNd, step: tuple[int, ...]) -> LayerChange:
@@ -40,7 +32,7 @@ def _linear_change(node, module: nn.Linear, kernel: PatchNd, step: tuple[int, ..
         f"stride {strides})"
     )
     was = f"Linear({module.in_features} → {module.out_features})"
-    line = _conv_line(kernel, module.out_features, step, module.bias is not None)
+    line = conv_line(kernel, module.out_features, step, module.bias is not None)
     return LayerChange(str(node.target), was, now, line)
 
 
