@@ -152,7 +152,7 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     conversion = convolutionalize_detailed(Valid().eval(), NATIVE)
     save_exported(conversion.model, folder / "coarse.pt2", (24, 24))
     finer = with_output_stride(convolutionalize_detailed(Valid().eval(), NATIVE), 2)
-    save_exported(finer.model, folder / "fine.pt2", (24, 24), native_size=(18, 18))
+    save_exported(finer.model, folder / "fine.pt2", (24, 24), native_size=NATIVE)
     pixels = np.random.default_rng(0).integers(0, 256, size=(29, 35, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(folder / "image.png")
     return {
@@ -194,13 +194,10 @@ def test_json_grid_holds_every_cell_with_its_box_and_value(
             [offset[1] + q * step, offset[1] + q * step + window[1]],
         ]
         assert entry["value"] == pytest.approx(float(direct[p, q]), abs=1e-6)
-        # counted as crop-exact where the crop fits inside the cell's run (all of one length)
-        phases = 4 // step
-        in_run = all(
-            (j // phases) * 4 + 16 <= n - (phases - 1) * step for j, n in ((p, 29), (q, 35))
-        )
-        assert entry["crop_exact"] is in_run
-        if p * step + 16 > 29 or q * step + 16 > 35:
+        # no padding: a cell is the model on its crop wherever that crop fits in the image
+        fits = p * step + 16 <= 29 and q * step + 16 <= 35
+        assert entry["crop_exact"] is fits
+        if not fits:
             continue  # the window (14 pixels) fits where the native 16x16 crop does not
         with torch.no_grad():
             crop = model(x[..., p * step : p * step + 16, q * step : q * step + 16])[0, 1]
@@ -250,13 +247,13 @@ def test_bad_inputs_are_one_line_and_write_nothing(invoke, programs, tmp_path) -
     text_file = tmp_path / "notes.png"
     text_file.write_text("not an image")
     small = tmp_path / "small.png"
-    Image.fromarray(np.zeros((17, 40, 3), dtype=np.uint8)).save(small)
+    Image.fromarray(np.zeros((15, 40, 3), dtype=np.uint8)).save(small)
     two = _rewritten(model, tmp_path / "two.pt2", _facts_with(in_channels=2))
     none = _rewritten(model, tmp_path / "none.pt2", lambda n, d: None if "fcconv.json" in n else d)
     cases = [
         ((model, text_file, "-o", out), "is not an image Pillow can read"),
         ((two, image, "-o", out), "takes 2 input channels"),
-        ((model, small, "-o", out), "smaller than the smallest input the model takes (18x18)"),
+        ((model, small, "-o", out), "smaller than the smallest input the model takes (16x16)"),
         ((model, image, "-o", out, "--channel", "3"), "choose one with --channel"),
         ((model, image, "-o", out, "--output", "boxes"), "choose one of 'output' with --output"),
         ((model, image, "-o", tmp_path / "map.txt"), "name the picture -o .png"),

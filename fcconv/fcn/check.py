@@ -9,10 +9,9 @@ and warns when no interior cell does.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from fcconv.fcn.analyse import (
     trunk_nodes,
 )
 from fcconv.fcn.cells import CropPlan, OutputCells, crop_plan, output_cells, trunk_geometry
+from fcconv.fcn.float64 import Float64Weights
 from fcconv.fcn.results import CropAccount, DenseCheck, OutputCheck
 from fcconv.fcn.trace import model_dtype_device, running_eval
 from fcconv.fcn.usercode import running_user_code
@@ -86,19 +86,59 @@ def windows(
     return cut, counts
 
 
+WINDOW_BYTES = 64 * 2**20
+"""Windows cut from a feature map at once for the reference head (float64 bytes)."""
+CROP_BATCH = 4
+"""Native-size crops run through the original model at once by the crop account."""
+
+
 def _head_maps(
     an: Analysis, trunk: fx.GraphModule, heads: list[fx.GraphModule], x: torch.Tensor, stride
 ) -> dict[str, torch.Tensor]:
-    """The original head(s) on every window: ``name → [B, O, *cells]``."""
+    """The original head(s) on every window: ``name → [B, O, *cells]``.
+
+    The windows are cut and run in batches of at most :data:`WINDOW_BYTES`,
+    so a map of many cells (a stitched map's reference) never holds every
+    window at once.
+    """
     features = trunk(x)
     maps = {}
     for site, head, feature in zip(an.sites, heads, features, strict=True):
-        cut, counts = windows(feature, site.patch.sizes, stride)
         names = [o.name for o in an.outputs if o.site is site]
-        for name, scores in zip(names, head(cut), strict=True):
-            grid = scores.reshape(x.shape[0], *counts, -1)
+        parts: list[list[torch.Tensor]] = [[] for _ in names]
+        counts = window_counts(feature, site.patch.sizes, stride)
+        for cut in window_batches(feature, site.patch.sizes, stride):
+            for part, scores in zip(parts, head(cut), strict=True):
+                part.append(scores)
+        for name, part in zip(names, parts, strict=True):
+            grid = torch.cat(part).reshape(x.shape[0], *counts, -1)
             maps[name] = grid.permute(0, grid.dim() - 1, *range(1, grid.dim() - 1))
     return maps
+
+
+def window_counts(
+    features: torch.Tensor, kernel: Sequence[int], stride: Sequence[int]
+) -> tuple[int, ...]:
+    """How many ``kernel``-sized windows fit along each axis of ``[B, C, *map]``."""
+    sizes = features.shape[2:]
+    return tuple((n - k) // s + 1 for n, k, s in zip(sizes, kernel, stride, strict=True))
+
+
+def window_batches(
+    features: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], limit: int = WINDOW_BYTES
+) -> Iterator[torch.Tensor]:
+    """:func:`windows` in batches of at most ``limit`` bytes, in the same order."""
+    channels = features.shape[1]
+    ndim = len(kernel)
+    unfolded = features
+    for axis, (k, s) in enumerate(zip(kernel, stride, strict=True)):
+        unfolded = unfolded.unfold(2 + axis, k, s)
+    order = (0, *range(2, 2 + ndim), 1, *range(2 + ndim, 2 + 2 * ndim))
+    every = unfolded.permute(order).flatten(0, ndim)  # a view: [B·cells, C, *kernel]
+    one = channels * math.prod(kernel) * features.element_size()
+    step = max(1, limit // max(1, one))
+    for start in range(0, every.shape[0], step):
+        yield every[start : start + step].reshape(-1, channels, *kernel)
 
 
 def head_on_windows(
@@ -221,8 +261,7 @@ def verify_dense(
     native = size_tuple(input_size, "input_size")
     recorded = getattr(converted, "meta", {}).get("fcconv", {})
     kept = outputs if outputs is not None else recorded.get("selected")
-    reference = copy.deepcopy(original).double().eval()
-    candidate = copy.deepcopy(converted).double().eval()
+    reference, candidate = original, converted  # run in float64 by Float64Weights, not copied
     channels = in_channels or recorded.get("in_channels")
     an = analyze(reference, native, layers, channels, kept)
     native = an.layout.size  # one number for a 2-D model means a square
@@ -237,7 +276,7 @@ def verify_dense(
     generator = torch.Generator().manual_seed(seed)
     layout = an.layout
     _, device = model_dtype_device(reference)
-    with torch.no_grad():
+    with torch.no_grad(), running_eval(reference), running_eval(candidate), Float64Weights():
         x = layout.example(batch, dtype=torch.float64, device=device, generator=generator)
         with running_user_code("the original model's forward"):
             expected = _named(reference(x))
@@ -324,17 +363,14 @@ def exact_along(
 ) -> bool:
     """Whether cell ``index`` along ``axis`` of a map at ``step`` equals the model on its crop.
 
-    A map stitched from ``phases`` shifted runs (:mod:`fcconv.fcn.stride`)
-    takes the cell from run ``index % phases``: a dense map at stride
-    ``step·phases`` over the ``total − (phases−1)·step`` positions starting
-    where that run's first crop starts. The cell equals its crop when cell
-    ``index // phases`` of that run does
-    (:meth:`~fcconv.fcn.cells.CropPlan.exact_along`): its crop lies inside
-    the run, and touches the run's borders that the model reads past. (A
-    crop reaching past its run is not counted even where the whole input
-    holds it: the run may end in a partial ``ceil_mode`` window there.)
+    A map stitched from ``phases`` runs (:mod:`fcconv.fcn.stride`) takes the
+    cell from run ``k = index % phases``: a dense map at stride
+    ``step·phases`` over the input's tail from ``k·step`` (``total − k·step``
+    positions). The cell equals its crop when cell ``index // phases`` of that
+    run does (:meth:`~fcconv.fcn.cells.CropPlan.exact_along`): its crop lies
+    inside the run, and touches the run's borders that the model reads past.
     """
-    run = total - (phases - 1) * step
+    run = total - (index % phases) * step
     return plan.exact_along(axis, index // phases, native, run, step * phases)
 
 
@@ -422,8 +458,14 @@ def _run_crops(reference, big, needed, cells, native, check) -> dict:
             slice(s, s + n) for s, n in zip(start, native, strict=True)
         )
         crops.append(big[cut])
+    parts: dict[str, list[torch.Tensor]] = {}
     with running_user_code("the original model's forward"):
-        outputs = _named(reference(torch.cat(crops)))
+        for first in range(0, len(crops), CROP_BATCH):
+            for name, tensor in _named(
+                reference(torch.cat(crops[first : first + CROP_BATCH]))
+            ).items():
+                parts.setdefault(name, []).append(tensor)
+    outputs = {name: torch.cat(part) for name, part in parts.items()}
     batch = big.shape[0]
     return {
         start: {name: tensor[k * batch : (k + 1) * batch] for name, tensor in outputs.items()}

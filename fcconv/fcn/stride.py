@@ -3,15 +3,17 @@
 A convolutionalized model's map has the trunk's stride ``M`` (32 pixels for
 a VGG): cell ``i`` reads the input box starting at ``offset + i·M``. For a
 map at stride ``S`` (``S`` dividing ``M``), the model is run on ``f = M / S``
-shifted copies of the input per axis, ``x[k·S : k·S + n − (f−1)·S]`` for
-``k = 0 … f−1`` (all of one length, so they run as one batch), and the runs
+tails of the input per axis, ``x[k·S :]`` for ``k = 0 … f−1``, and the runs
 are interleaved: cell ``j = f·i + k`` of the denser map is cell ``i`` of run
 ``k``, whose box starts at ``offset + k·S + i·M = offset + j·S``. Every cell
 is therefore *exactly* the original head on a window of the trunk's feature
 map of a shifted input, whatever the trunk holds (padding, ``ceil_mode``
-pools, ``F.pad``, slices): no layer is changed, nothing is re-derived. The
-runs being of one length, the map may end up to ``f − 1`` cells short of
-the last window that would fit along an axis.
+pools, ``F.pad``, slices): no layer is changed, nothing is re-derived. Each
+run keeps the whole tail, so every window that fits gets its cell (the runs
+differ in size by less than ``M`` and run one after the other; run 0 is the
+coarse map itself, so the coarse map is every ``f``-th cell of the finer
+one), and the smallest input stays the native size: a run shorter than it
+holds no window and adds no cell (:func:`tail_run`, :func:`stitch`).
 
 Why not filter rarefaction (removing the last strides and dilating every
 later kernel, as DeepLab does)? It is cheaper (the layers before the last
@@ -19,7 +21,7 @@ removed stride run once), but it equals the shifted runs only where no layer
 up to the removed strides pads: at a padded trunk's start border a shifted
 run pads where the dilated model reads real pixels, so the two maps differ
 there. Shift-and-stitch is exact on every cell of every trunk fcconv
-converts, costs ``f`` runs per axis (batched), and its cost is reported
+converts, costs ``f`` runs per axis, and its cost is reported
 (:mod:`fcconv.fcn.cost`).
 
 >>> import torch
@@ -29,13 +31,12 @@ converts, costs ``f`` runs per axis (batched), and its cost is reported
 >>> finer = with_output_stride(convolutionalize_detailed(net, (4, 4)), (1, 1))
 >>> finer.outputs[0].cells
 CellGeometry(offset=(0, 0), stride=(1, 1), window=(4, 4))
->>> tuple(finer.model(torch.zeros(1, 1, 7, 5)).shape)
+>>> tuple(finer.model(torch.zeros(1, 1, 7, 5)).shape)  # the 4×2 windows of 4×4 in 7×5
 (1, 3, 4, 2)
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
@@ -58,32 +59,71 @@ from fcconv.fcn.check import (
     _split,
     max_abs,
 )
+from fcconv.fcn.float64 import Float64Weights
 from fcconv.fcn.results import Conversion, DenseCheck, OutputCheck, OutputFacts
-from fcconv.fcn.trace import model_dtype_device
+from fcconv.fcn.trace import model_dtype_device, running_eval
 from fcconv.fcn.usercode import running_user_code
 from fcconv.geometry import CellGeometry
 
 METHOD = "shift-and-stitch"
 
 
-def shifted_runs(x: torch.Tensor, step: Sequence[int], phases: Sequence[int]) -> list[torch.Tensor]:
-    """The input shifted by every ``k·step`` (``k < phases``, per axis), all of one length.
+def tail_run(
+    x: torch.Tensor, shift: Sequence[int], step: Sequence[int], native: Sequence[int]
+) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """Run ``shift`` of a stitched map: the input from ``k·S`` to its end, per axis.
 
-    Run ``k`` along an axis of length ``n`` is ``x[k·S : k·S + n − (f−1)·S]``:
-    as long as the last run can be, so the runs batch together. Runs are
-    listed with the last axis's shift fastest.
+    Each run keeps the whole tail of the input, so every window that fits
+    there gets its cell. A run shorter than the native size (the input is
+    less than one coarse step past it) holds no window: it is padded at its
+    end to the native size so that the model runs on it, and its one cell is
+    marked empty (``1`` in the returned per-axis ``empty``) to be cut off.
+    Sizes are worked out with ``torch.sym_max``/``sym_min`` so that an
+    exported program keeps them symbolic (no branch on the input's size).
+
+    >>> run, empty = tail_run(torch.arange(7.0)[None], (2,), (2,), (4,))
+    >>> run.tolist(), empty
+    ([[4.0, 5.0, 6.0, 0.0]], (1,))
+    """
+    ndim = len(step)
+    sizes = x.shape[x.dim() - ndim :]
+    cut = tuple(slice(k * s, None) for k, s in zip(shift, step, strict=True))
+    run = x[(Ellipsis, *cut)]
+    short = [
+        _clip(m - (n - k * s), 0, None)
+        for k, s, m, n in zip(shift, step, native, sizes, strict=True)
+    ]
+    if any(_nonzero(p) for p in short):
+        pads: list[Any] = []
+        for missing in reversed(short):
+            pads += [0, missing]
+        run = torch.nn.functional.pad(run, pads)
+    return run, tuple(_clip(p, None, 1) for p in short)
+
+
+def _clip(value: Any, low: int | None, high: int | None) -> Any:
+    """``value`` within ``[low, high]``: an int, a SymInt (torch.export) or a traced size (ONNX)."""
+    if isinstance(value, torch.Tensor):
+        return value.clamp(min=low, max=high)
+    if low is not None:
+        value = torch.sym_max(low, value)
+    if high is not None:
+        value = torch.sym_min(high, value)
+    return value
+
+
+def shifted_runs(x: torch.Tensor, step: Sequence[int], phases: Sequence[int]) -> list[torch.Tensor]:
+    """The input's tails from every ``k·step`` (``k < phases``, per axis), last axis fastest.
+
+    Run ``k`` along an axis of length ``n`` is ``x[k·S : n]``: each run keeps
+    the whole tail, so the runs differ in length by up to ``(f−1)·S``.
 
     >>> [r.tolist() for r in shifted_runs(torch.arange(7), (2,), (3,))]
-    [[0, 1, 2], [2, 3, 4], [4, 5, 6]]
+    [[0, 1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6], [4, 5, 6]]
     """
-    ndim = len(phases)
-    sizes = x.shape[x.dim() - ndim :]
     runs = []
     for shift in itertools.product(*(range(f) for f in phases)):
-        cut = tuple(
-            slice(k * s, k * s + n - (f - 1) * s)
-            for k, s, f, n in zip(shift, step, phases, sizes, strict=True)
-        )
+        cut = tuple(slice(k * s, None) for k, s in zip(shift, step, strict=True))
         runs.append(x[(Ellipsis, *cut)])
     return runs
 
@@ -112,8 +152,59 @@ def interleave(maps: torch.Tensor, phases: Sequence[int], map_axes: Sequence[int
     return grid.permute(*order).reshape(merged)
 
 
+def stitch(
+    runs: Sequence[torch.Tensor],
+    empty: Sequence[Sequence[Any]],
+    phases: Sequence[int],
+    map_axes: Sequence[int],
+) -> torch.Tensor:
+    """One output's maps of the tail runs (listed as :func:`shifted_runs` does) as one map.
+
+    Run ``k`` along an axis holds ``c_k`` cells (its map's length less its
+    ``empty`` cell); the runs' inputs differ by less than one coarse step, so
+    ``c_0 ≥ c_1 ≥ … ≥ c_0 − 1``. Every map is padded at its end to run 0's
+    length, the maps are interleaved (cell ``i`` of run ``k`` at ``k + f·i``)
+    and the map is cut to ``Σ c_k`` cells: exactly the padding and the empty
+    cells fall beyond that.
+
+    >>> runs = [torch.tensor([[[0.0, 2.0, 4.0]]]), torch.tensor([[[1.0, 3.0]]])]
+    >>> stitch(runs, [(0,), (0,)], (2,), (2,)).tolist()
+    [[[0.0, 1.0, 2.0, 3.0, 4.0]]]
+    """
+    first = runs[0]
+    full = [first.shape[axis] for axis in map_axes]
+    lowest = min(map_axes)
+    padded = []
+    for run in runs:
+        pads: list[Any] = []
+        for axis in reversed(range(lowest, run.dim())):
+            which = list(map_axes).index(axis) if axis in map_axes else None
+            pads += [0, 0 if which is None else full[which] - run.shape[axis]]
+        padded.append(torch.nn.functional.pad(run, pads) if any(_nonzero(p) for p in pads) else run)
+    merged = interleave(torch.cat(padded), phases, map_axes)
+    shifts = list(itertools.product(*(range(f) for f in phases)))
+    cut: list[Any] = [slice(None)] * merged.dim()
+    for which, axis in enumerate(map_axes):
+        along = [
+            index
+            for index, shift in enumerate(shifts)
+            if all(k == 0 for a, k in enumerate(shift) if a != which)
+        ]
+        cut[axis] = slice(0, sum(runs[i].shape[axis] - empty[i][which] for i in along))
+    return merged[tuple(cut)]
+
+
+def _nonzero(value: Any) -> bool:
+    """Whether a size may be other than 0 (symbolic and traced sizes may be)."""
+    return not isinstance(value, int) or value != 0
+
+
 class StitchedMap(nn.Module):
-    """A dense model run once on a batch of shifted inputs, its maps interleaved: a finer stride.
+    """A dense model run on every tail of the input, its maps interleaved: a finer stride.
+
+    Run ``k`` (one shift per axis) is the dense model on ``x[k·S:]``: each run
+    keeps the tail of the input, so a cell is made for every window that fits
+    (:func:`stitch`). The runs differ in size and run one after the other.
 
     Args:
         dense: the convolutionalized model (stride ``M`` per axis).
@@ -121,7 +212,7 @@ class StitchedMap(nn.Module):
         phases: ``M / S`` per axis: the shifted runs along that axis.
         map_axes: for each output tensor (in ``pytree`` leaf order), the
             tensor axis that steps along each input axis.
-        smallest: the smallest input size (every run at least the native size).
+        smallest: the smallest input size (the native size).
     """
 
     def __init__(
@@ -145,11 +236,15 @@ class StitchedMap(nn.Module):
         if not torch.jit.is_tracing():  # torch.export learns the smallest size from it
             for axis, least in enumerate(self.smallest):
                 torch._check(x.shape[x.dim() - ndim + axis] >= least)
-        maps = self.dense(torch.cat(shifted_runs(x, self.step, self.phases)))
-        leaves, spec = pytree.tree_flatten(maps)
+        outputs, empties, spec = [], [], None
+        for shift in itertools.product(*(range(f) for f in self.phases)):
+            run, empty = tail_run(x, shift, self.step, self.smallest)
+            leaves, spec = pytree.tree_flatten(self.dense(run))
+            outputs.append(leaves)
+            empties.append(empty)
         stitched = [
-            interleave(leaf, self.phases, axes)
-            for leaf, axes in zip(leaves, self.map_axes, strict=True)
+            stitch([run[leaf] for run in outputs], empties, self.phases, axes)
+            for leaf, axes in enumerate(self.map_axes)
         ]
         return pytree.tree_unflatten(stitched, spec)
 
@@ -236,6 +331,8 @@ def with_output_stride(conversion: Conversion, output_stride: Sequence[int] | in
         phases=phases,
     )
     model.meta["fcconv"] = finer.recorded()
+    # a reader of the facts need not know how the runs are cut to know the smallest input
+    model.meta["fcconv"]["smallest_size"] = list(smallest_size(conversion.input_size, step, phases))
     return finer
 
 
@@ -254,8 +351,14 @@ def _finer(output: OutputFacts, step: tuple[int, ...]) -> OutputFacts:
 def smallest_size(
     native: Sequence[int], step: Sequence[int], phases: Sequence[int]
 ) -> tuple[int, ...]:
-    """The smallest input of a stitched map: every shifted run at least the native size."""
-    return tuple(n + (f - 1) * s for n, s, f in zip(native, step, phases, strict=True))
+    """The smallest input of a stitched map: the native size, as for the coarse map.
+
+    (Each run keeps the input's tail; a run too short for a window adds no
+    cell, so the native size gives its one cell.) ``step`` and ``phases`` are
+    kept for the callers that pass them.
+    """
+    del step, phases
+    return tuple(native)
 
 
 # ------------------------------------------------------------------ verification
@@ -310,22 +413,23 @@ def shifted_reference(
     phases: Sequence[int],
     map_axes: dict[str, tuple[int, ...]],
 ) -> dict[str, torch.Tensor]:
-    """The original head on every window of the trunk run on every shifted input, by index.
+    """The original head on every window of the trunk run on every tail of the input, by index.
 
-    Run ``k`` (one shift per axis) reads ``x[k·S : k·S + n − (f−1)·S]`` along
-    an axis of length ``n``; the original trunk runs on it, every window of its
-    feature map is cut and the original head applied; cell ``i`` of the run
-    is placed at ``k + f·i``. Places no run fills stay NaN, so a gap in the
-    tiling fails the comparison.
+    Run ``k`` (one shift per axis) reads ``x[k·S :]``; the original trunk runs
+    on it (a run shorter than the native size holds no window and is left
+    out), every window of its feature map is cut and the original head
+    applied; cell ``i`` of the run is placed at ``k + f·i``. The map along an
+    axis holds as many cells as the runs along it together; places no run
+    fills stay NaN, so a gap in the tiling fails the comparison.
     """
     ndim = len(phases)
+    native = an.layout.size
     lengths = x.shape[x.dim() - ndim :]
     runs = {}
     for shift in itertools.product(*(range(f) for f in phases)):
-        cut = tuple(
-            slice(k * s, n - (f - 1 - k) * s)
-            for k, s, f, n in zip(shift, step, phases, lengths, strict=True)
-        )
+        if any(n - k * s < m for k, s, n, m in zip(shift, step, lengths, native, strict=True)):
+            continue
+        cut = tuple(slice(k * s, None) for k, s in zip(shift, step, strict=True))
         runs[shift] = _head_maps(an, trunk, heads, x[(Ellipsis, *cut)], (1,) * ndim)
     first = runs[(0,) * ndim]
     maps = {}
@@ -333,7 +437,7 @@ def shifted_reference(
         shape = list(first[name].shape)
         for axis, dim in enumerate(axes):
             along = [tuple(k if a == axis else 0 for a in range(ndim)) for k in range(phases[axis])]
-            shape[dim] = sum(runs[shift][name].shape[dim] for shift in along)
+            shape[dim] = sum(runs[shift][name].shape[dim] for shift in along if shift in runs)
         out = first[name].new_full(shape, math.nan)
         for shift, run in runs.items():
             part = run[name]
@@ -381,7 +485,7 @@ def verify_output_stride(
     recorded = stitched.meta.get("fcconv", {})
     kept = outputs if outputs is not None else recorded.get("selected")
     step, phases = stitched.step, stitched.phases
-    reference = copy.deepcopy(original).double().eval()
+    reference = original  # run in float64 by Float64Weights, not copied
     an = analyze(reference, input_size, layers, in_channels or recorded.get("in_channels"), kept)
     native = an.layout.size  # one number for a 2-D model means a square
     coarse = tuple(s * f for s, f in zip(step, phases, strict=True))
@@ -396,7 +500,7 @@ def verify_output_stride(
             f"the check size {'x'.join(map(str, larger))} is smaller than the stitched map's "
             f"smallest input {'x'.join(map(str, smallest))}; give a larger {{check_size}}"
         )
-    candidate = copy.deepcopy(stitched).double().eval()
+    candidate = stitched
     geometry = trunk_geometry(an)
     cells = [_finer_cells(c, step) for c in output_cells(an, geometry, (1,) * len(native))]
     check = StrideCheck(
@@ -411,7 +515,7 @@ def verify_output_stride(
     _, device = model_dtype_device(reference)
     trunk, heads = _split(an)
     axes = {c.name: c.map_axes for c in cells}
-    with torch.no_grad():
+    with torch.no_grad(), running_eval(reference), running_eval(candidate), Float64Weights():
         x = an.layout.example(batch, dtype=torch.float64, device=device, generator=generator)
         with running_user_code("the original model's forward"):
             expected = _named(reference(x))

@@ -57,10 +57,14 @@ class DenseProgram:
     output_stride: tuple[int, ...] | None
     phases: tuple[int, ...]
     reads_past: dict[str, tuple[bool, ...]] | None
+    smallest: tuple[int, ...] | None = None
 
     @property
     def smallest_size(self) -> tuple[int, ...]:
-        """The smallest input the program takes: every shifted run at least the native size."""
+        """The smallest input the program takes, as recorded (the native size since every
+        window gets its cell); a program written before that: every run at least native."""
+        if self.smallest is not None:
+            return self.smallest
         step = self.output_stride or (1,) * len(self.native_size)
         return tuple(
             n + (f - 1) * s for n, s, f in zip(self.native_size, step, self.phases, strict=True)
@@ -144,6 +148,9 @@ def parse_facts(text: str, path: str) -> dict[str, Any]:
         "output_stride": None if stride is None else _ints(stride, 2, "output stride", path),
         "phases": (1, 1) if phases is None else _ints(phases, 2, "phases", path),
         "reads_past": reads_past,
+        "smallest": None
+        if facts.get("smallest_size") is None
+        else _ints(facts["smallest_size"], 2, "smallest size", path),
     }
 
 
