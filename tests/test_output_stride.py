@@ -117,15 +117,16 @@ def runs_of(x: torch.Tensor, step, phases, native):
 def reference_map(model: Net, x: torch.Tensor, step, phases, native) -> torch.Tensor:
     """The original head on every window of the trunk of every tail run, cell by cell.
 
-    Cell ``j`` along an axis is cell ``j // f`` of run ``j % f``; the map has as
-    many cells as the runs along the axis hold together.
+    Cell ``j`` along an axis is cell ``j // f`` of run ``j % f``; the map ends
+    before the first place no run fills.
     """
     (f_h, f_w), (k_h, k_w) = phases, model.features
     features = {shift: model.trunk(run) for shift, run in runs_of(x, step, phases, native).items()}
     counts = {shift: tuple(n - k + 1 for n, k in zip(f.shape[-2:], (k_h, k_w), strict=True))
               for shift, f in features.items()}  # fmt: skip
-    rows = sum(counts[k, 0][0] for k in range(f_h) if (k, 0) in counts)
-    columns = sum(counts[0, k][1] for k in range(f_w) if (0, k) in counts)
+    # the map ends before the first place no run fills (usually: every cell of every run)
+    rows = min(f_h * (counts[k, 0][0] if (k, 0) in counts else 0) + k for k in range(f_h))
+    columns = min(f_w * (counts[0, k][1] if (0, k) in counts else 0) + k for k in range(f_w))
     out = torch.empty(x.shape[0], 3, rows, columns, dtype=x.dtype)
     for j_h in range(rows):
         for j_w in range(columns):
@@ -543,4 +544,7 @@ def test_the_finer_map_has_a_cell_per_window_and_holds_the_coarse_map(
         whole = convolutionalize_detailed(model, native, in_channels=CHANNELS).model(x)
     for axis in range(2):
         assert fine.shape[2 + axis] >= (size[axis] - native[axis]) // step[axis] + 1
-    torch.testing.assert_close(fine[..., :: phases[0], :: phases[1]], whole, rtol=0, atol=0)
+    every = fine[..., :: phases[0], :: phases[1]]  # run 0 is the coarse map (or its start)
+    torch.testing.assert_close(
+        every, whole[..., : every.shape[-2], : every.shape[-1]], rtol=0, atol=0
+    )

@@ -161,11 +161,14 @@ def stitch(
     """One output's maps of the tail runs (listed as :func:`shifted_runs` does) as one map.
 
     Run ``k`` along an axis holds ``c_k`` cells (its map's length less its
-    ``empty`` cell); the runs' inputs differ by less than one coarse step, so
-    ``c_0 ≥ c_1 ≥ … ≥ c_0 − 1``. Every map is padded at its end to run 0's
-    length, the maps are interleaved (cell ``i`` of run ``k`` at ``k + f·i``)
-    and the map is cut to ``Σ c_k`` cells: exactly the padding and the empty
-    cells fall beyond that.
+    ``empty`` cell). Every map is padded at its end to run 0's length, the
+    maps are interleaved (cell ``i`` of run ``k`` at ``k + f·i``) and the map
+    is cut before the first place no run fills: ``min_k (f·c_k + k)`` cells.
+    The runs' inputs differ by less than one coarse step, so usually
+    ``c_0 ≥ c_1 ≥ … ≥ c_0 − 1`` and that is ``Σ c_k``, every cell of every
+    run; a trunk that reads less than its native window (a strided 1×1 conv
+    skipping rows) can have a cell of run 0 past a run too short for any,
+    and the map ends before it.
 
     >>> runs = [torch.tensor([[[0.0, 2.0, 4.0]]]), torch.tensor([[[1.0, 3.0]]])]
     >>> stitch(runs, [(0,), (0,)], (2,), (2,)).tolist()
@@ -190,8 +193,22 @@ def stitch(
             for index, shift in enumerate(shifts)
             if all(k == 0 for a, k in enumerate(shift) if a != which)
         ]
-        cut[axis] = slice(0, sum(runs[i].shape[axis] - empty[i][which] for i in along))
+        ends = [
+            phases[which] * (runs[i].shape[axis] - empty[i][which]) + k for k, i in enumerate(along)
+        ]
+        cut[axis] = slice(0, _smallest(ends))
     return merged[tuple(cut)]
+
+
+def _smallest(values: Sequence[Any]) -> Any:
+    """The least of ints, SymInts (torch.export) or traced sizes (ONNX)."""
+    least = values[0]
+    for value in values[1:]:
+        if isinstance(least, torch.Tensor) or isinstance(value, torch.Tensor):
+            least = torch.minimum(torch.as_tensor(least), torch.as_tensor(value))
+        else:
+            least = torch.sym_min(least, value)
+    return least
 
 
 def _nonzero(value: Any) -> bool:
@@ -437,7 +454,11 @@ def shifted_reference(
         shape = list(first[name].shape)
         for axis, dim in enumerate(axes):
             along = [tuple(k if a == axis else 0 for a in range(ndim)) for k in range(phases[axis])]
-            shape[dim] = sum(runs[shift][name].shape[dim] for shift in along if shift in runs)
+            # the map ends before the first place no run fills
+            shape[dim] = min(
+                phases[axis] * (runs[shift][name].shape[dim] if shift in runs else 0) + k
+                for k, shift in enumerate(along)
+            )
         out = first[name].new_full(shape, math.nan)
         for shift, run in runs.items():
             part = run[name]
@@ -445,7 +466,8 @@ def shifted_reference(
             for axis, dim in enumerate(axes):
                 place[dim] = slice(shift[axis], None, phases[axis])
             target = out[tuple(place)]
-            target[tuple(slice(0, n) for n in part.shape)] = part
+            kept = tuple(slice(0, min(n, m)) for n, m in zip(part.shape, target.shape, strict=True))
+            target[kept] = part[kept]
         maps[name] = out
     return maps
 
