@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,keras,onnx,map]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,keras,onnx,map,tiff]"
 	touch $(STAMP)
 
 demo: install

@@ -44,11 +44,13 @@ PARAMETERS = (
     "output_stride",
     "outputs",
     "patch",
+    "picture",
     "rank",
     "state_dict_out",
     "seed",
     "std",
     "stride",
+    "tile",
     "trust_pickle",
 )
 """The parameters a message may name as ``{placeholder}``."""
@@ -72,11 +74,13 @@ LIBRARY_NAMES: Mapping[str, str] = {
     "output_stride": "output_stride=",
     "outputs": "outputs=",
     "patch": "patch=",
+    "picture": "picture=",
     "rank": "rank=",
     "state_dict_out": "state_dict_out=",
     "seed": "seed=",
     "std": "std=",
     "stride": "stride=",
+    "tile": "tile=",
     "trust_pickle": "trust_pickle=True",
 }
 """How :class:`FcconvError` names parameters for Python callers."""
@@ -100,11 +104,13 @@ CLI_NAMES: Mapping[str, str] = {
     "output_stride": "--output-stride",
     "outputs": "--keep-output",
     "patch": "--patch",
+    "picture": "--picture",
     "rank": "--rank",
     "state_dict_out": "--state-dict-out",
     "seed": "--seed",
     "std": "--std",
     "stride": "--stride",
+    "tile": "--tile",
     "trust_pickle": "--trust-pickle",
 }
 """How the command line names the same parameters."""

@@ -256,7 +256,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(invoke, programs, tmp_path) -
         ((model, small, "-o", out), "smaller than the smallest input the model takes (16x16)"),
         ((model, image, "-o", out, "--channel", "3"), "choose one with --channel"),
         ((model, image, "-o", out, "--output", "boxes"), "choose one of 'output' with --output"),
-        ((model, image, "-o", tmp_path / "map.txt"), "name the picture -o .png"),
+        ((model, image, "-o", tmp_path / "map.txt"), "name the map -o .png"),
         ((model, image, "-o", out, "--mean", "0.5,0.5"), "give one or 3 with --mean"),
         ((model, image, "-o", out, "--std", "0"), "every std must be positive"),
         ((none, image, "-o", out), "carries no coordinate map"),

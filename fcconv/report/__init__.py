@@ -166,7 +166,7 @@ from fcconv.report.checkpoints import (  # noqa: E402
     render_plans,
     render_verification,
 )
-from fcconv.report.maps import render_map  # noqa: E402
+from fcconv.report.maps import render_map, tile_progress  # noqa: E402
 from fcconv.report.models import render_convolutionalize  # noqa: E402
 from fcconv.report.onnx import (  # noqa: E402
     render_onnx_convolutionalize,
@@ -185,6 +185,7 @@ __all__ = [
     "render_onnx_verification",
     "render_inspect",
     "render_map",
+    "tile_progress",
     "render_plans",
     "render_verification",
     "reset_emitted",
