@@ -439,10 +439,12 @@ def verify_checkpoints(
 
     No layer arguments are needed: the converted layers are found (2-D in the
     original, a 3-D, 4-D or 5-D conv kernel with as many elements in the
-    converted file), their order
-    and stride taken from fcconv's provenance where the file has it, else
-    found from the weights. Arguments given explicitly are checked, not
-    trusted. Two files on disk are compared by their bytes; only the
+    converted file), their order and stride taken from fcconv's provenance
+    where the file has it. Without a record or ``order`` each layer is judged
+    in the order the model uses: the weights' evidence when it is clear,
+    else the framework's convention (``chw``; ``hwc`` for Keras files); a
+    kernel that matches only another order is a difference naming it.
+    Arguments given explicitly are checked, not trusted. Two files on disk are compared by their bytes; only the
     converted layers are loaded. ``flip`` (default: as the provenance says)
     checks kernels flipped for a framework that convolves. Keras files are
     compared in PyTorch's layout (a Dense kernel as the Linear weight).
