@@ -444,10 +444,11 @@ def verify_checkpoints(
     in the order the model uses: the weights' evidence when it is clear,
     else the framework's convention (``chw``; ``hwc`` for Keras files); a
     kernel that matches only another order is a difference naming it.
-    Arguments given explicitly are checked, not trusted. Two files on disk are compared by their bytes; only the
-    converted layers are loaded. ``flip`` (default: as the provenance says)
-    checks kernels flipped for a framework that convolves. Keras files are
-    compared in PyTorch's layout (a Dense kernel as the Linear weight).
+    Arguments given explicitly are checked, not trusted. Two files on disk
+    are compared by their bytes; only the converted layers are loaded.
+    ``flip`` (default: as the provenance says) checks kernels flipped for a
+    framework that convolves. Keras files are compared in PyTorch's layout
+    (a Dense kernel as the Linear weight).
 
     Returns:
         A :class:`~fcconv.verify.VerifyResult`, truthy when equivalent.
