@@ -106,7 +106,7 @@ def tiled(model, geometry, pixels, per_tile, dtype="float64"):
 
 @pytest.mark.parametrize("which", ["padded", "valid"])
 @pytest.mark.parametrize("step", [None, 2, 1])
-@pytest.mark.parametrize("size", [(53, 41), (23, 61)])
+@pytest.mark.parametrize("size", [(37, 29)])
 def test_tiles_of_every_size_give_the_one_pass_map_in_float64(which, step, size) -> None:
     model, geometry = dense(which, step)
     pixels = np.random.default_rng(1).standard_normal((3, *size))
@@ -114,7 +114,7 @@ def test_tiles_of_every_size_give_the_one_pass_map_in_float64(which, step, size)
         whole = model(torch.from_numpy(pixels)[None])[0].numpy()
     assert not np.isnan(whole).any()
     seen = set()
-    for per_tile in ((1, 1), (2, 3), (3, 2), (5, 7), (1000, 1000)):
+    for per_tile in ((1, 1), (3, 2), (1000, 1000)):
         with torch.no_grad():
             got, count = tiled(model, geometry, pixels, per_tile)
         seen.add(count)
