@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
-from fcconv.errors import LayerError, SpecError
+from fcconv.errors import LayerError, PatchSpellingError, SpecError
 from fcconv.geometry import linear_weight_to_conv_nd
 from fcconv.patches import (
     AnyPatch,
     AnySpec,
+    PatchNd,
     as_nd,
     fit_extent,
     kernel_axes,
     order_rank,
     parse_order_nd,
     parse_patch_spec,
+    rank_of,
     resolve_patch,
 )
 from fcconv.windows import conv_line, default_input, make_grid
@@ -224,6 +227,8 @@ class LayerPlan:
     dtype: str
     flip: bool = False
     """The kernel is flipped for a framework that convolves (see ``geometry.flip_kernel``)."""
+    channels_from: FeedingConv | None = None
+    """The conv of the same checkpoint whose output the layer flattens, when it is clear."""
 
     @property
     def ndim(self) -> int:
@@ -263,6 +268,7 @@ class LayerPlan:
             "dtype": self.dtype,
             "flip": self.flip,
             f"conv{self.ndim}d": self.conv_line(),
+            "channels_from": None if self.channels_from is None else self.channels_from.to_dict(),
         }
 
     def geometry(self, input_size: tuple[int, ...] | None) -> dict[str, Any]:
@@ -331,6 +337,11 @@ def plan_layers(
                 f"{{patch}} HxWxC or {{layers}} {request.name}=HxWxC"
             )
         patch = resolve_patch(spec, entry.in_features, name)
+        feeder = feeding_conv(info, entry)
+        if feeder is not None and feeder.rank == rank_of(patch):
+            feeder = check_channels(patch, feeder)
+        else:
+            feeder = None
         plans.append(
             LayerPlan(
                 name=name,
@@ -342,6 +353,7 @@ def plan_layers(
                 stride=layer_stride(patch, stride, name),
                 dtype=entry.dtype,
                 flip=flip,
+                channels_from=feeder,
             )
         )
     if not plans:
@@ -457,3 +469,113 @@ def apply_plans(
             weight, plan.patch, plan.order, flip=plan.flip
         )
     return converted
+
+
+# ------------------------------------------------------------------ C from the conv before
+
+
+@dataclass(frozen=True)
+class FeedingConv:
+    """The conv whose output a Linear flattens, as the checkpoint shows it: its
+    ``out_channels`` is the patch's C.
+
+    Found by :func:`feeding_conv`; ``agrees`` says whether the patch as given has that C.
+    """
+
+    layer: str
+    conv: str
+    weight_key: str
+    channels: int
+    rank: int
+    agrees: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conv": self.conv,
+            "weight": self.weight_key,
+            "out_channels": self.channels,
+            "rank": self.rank,
+            "agrees": self.agrees,
+            "rule": f"the last conv before {self.layer} in the checkpoint's key order, with "
+            "no Linear between them",
+        }
+
+
+def key_order(info: Mapping[str, TensorInfo]) -> list[str]:
+    """The keys in the order the model had them, as far as the file tells.
+
+    A torch pickle keeps the state dict's order (the modules' order); a
+    safetensors header sorts names as text, so ``trunk.10`` comes before
+    ``trunk.9``: keys that come sorted are put in natural order (numbers as
+    numbers) instead.
+
+    >>> key_order({"trunk.10.weight": 0, "trunk.9.weight": 0, "z.fc.weight": 0})
+    ['trunk.9.weight', 'trunk.10.weight', 'z.fc.weight']
+    """
+    keys = list(info)
+    if keys != sorted(keys):
+        return keys
+    return sorted(keys, key=lambda key: [int(p) if p.isdigit() else p for p in _DIGITS.split(key)])
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def feeding_conv(info: Mapping[str, TensorInfo], entry: LinearEntry) -> FeedingConv | None:
+    """The conv whose output ``entry`` flattens, when the checkpoint makes it clear.
+
+    That is the last conv-shaped weight (3-, 4- or 5-D ``NAME.weight``) before
+    the Linear in :func:`key_order`, with no other Linear-shaped weight between
+    them (``fc7`` reads ``fc6``, not a conv) and an ``out_channels`` that
+    divides ``in_features``. None when there is no such conv.
+    """
+    keys = key_order(info)
+    for key in reversed(keys[: keys.index(entry.weight_key)]):
+        name = module_name(key)
+        shape = info[key].shape
+        if name is None or len(shape) < 2:
+            continue
+        if len(shape) == 2 or len(shape) > 5:
+            return None
+        channels = shape[0]
+        if channels < 1 or entry.in_features % channels:
+            return None
+        return FeedingConv(entry.name, name, key, channels, len(shape) - 2)
+    return None
+
+
+def check_channels(patch: AnyPatch, feeder: FeedingConv) -> FeedingConv:
+    """Refuse a patch spelt with C first (``16x8x8``, the C×H×W PyTorch prints) where the
+    conv before the layer says C is one of its spatial sides; return ``feeder`` with
+    ``agrees`` set.
+
+    Only that case is refused: another C that does not match is recorded
+    (``agrees`` False), since something between the conv and the flatten may
+    change the channels.
+
+    Raises:
+        PatchSpellingError: the patch's C is not the conv's, and the conv's is a side
+            of the patch; ``proposed`` is the spelling that fits.
+    """
+    nd = as_nd(patch)
+    if nd.channels == feeder.channels:
+        return feeder
+    sizes = list(nd.sizes)
+    if feeder.channels not in sizes:
+        return dataclasses.replace(feeder, agrees=False)
+    sizes.remove(feeder.channels)
+    proposed = PatchNd((*sizes, nd.channels), feeder.channels)
+    spelling = (
+        str(proposed)
+        if proposed.ndim == 1
+        else "x".join(map(str, (*proposed.sizes, proposed.channels)))
+    )
+    raise PatchSpellingError(
+        f"patch {patch} of {feeder.layer} has C={nd.channels}, but {feeder.conv} (the conv "
+        f"before it in the checkpoint) has {feeder.channels} output channels: fcconv spells "
+        f"a patch with C last (PyTorch prints C first); use {{patch}} {spelling}",
+        layer=feeder.layer,
+        proposed=spelling,
+        channels=feeder.channels,
+        conv=feeder.conv,
+    )

@@ -26,7 +26,15 @@ from fcconv.patches import (
     rank_of,
     resolve_patch,
 )
-from fcconv.plan import LayerPlan, LinearEntry, layer_stride, linear_entries, param_key
+from fcconv.plan import (
+    FeedingConv,
+    LayerPlan,
+    LinearEntry,
+    feeding_conv,
+    layer_stride,
+    linear_entries,
+    param_key,
+)
 
 if TYPE_CHECKING:
     from fcconv.evidence import OrderEvidence
@@ -51,6 +59,10 @@ class InspectResult:
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     exit_code: int = 0
     rank: int = 2
+    feeders: dict[str, FeedingConv] = field(default_factory=dict)
+    """Layer → the conv before it in the checkpoint whose ``out_channels`` is its C."""
+    proposed: dict[str, str] = field(default_factory=dict)
+    """Layer → the patch proposed from that conv (a square or cube of its C, or 1-D)."""
 
     def __bool__(self) -> bool:
         return True
@@ -68,6 +80,10 @@ class InspectResult:
                     "in_features": e.in_features,
                     "dtype": e.dtype,
                     "patches": self.fits[e.name],
+                    "proposed_patch": self.proposed.get(e.name),
+                    "channels_from": (
+                        self.feeders[e.name].to_dict() if e.name in self.feeders else None
+                    ),
                 }
                 for e in self.entries
             ],
@@ -123,7 +139,22 @@ def inspect_checkpoint(
     describe_only = patch is None  # no tensor bytes are read: a .pt may be memory-mapped
     source = open_source(str(path), trust_pickle=trust_pickle, describe_only=describe_only)
     entries = linear_entries(source.info)
-    fits = {entry.name: _fits(entry.in_features, rank, channels, limit) for entry in entries}
+    feeders = {
+        entry.name: feeder
+        for entry in entries
+        if (feeder := feeding_conv(source.info, entry)) is not None
+    }
+    fits, proposed = {}, {}
+    for entry in entries:
+        feeder = feeders.get(entry.name)
+        known = channels  # the user's C wins; else the conv's, when it has the rank listed
+        if known is None and feeder is not None and feeder.rank == rank:
+            known = feeder.channels
+        fits[entry.name] = _fits(entry.in_features, rank, known, limit)
+        if feeder is not None and known == feeder.channels:
+            proposal = _proposal(entry.in_features, rank, feeder.channels)
+            if proposal is not None:
+                proposed[entry.name] = proposal
     converted = [
         {"layer": name, "conv_shape": list(weight.shape), **record}
         for name, record in source.records.items()
@@ -132,7 +163,27 @@ def inspect_checkpoint(
     ]
     spec = spec_of(patch)
     evidence = _evidence_for_patch(source, entries, spec) if spec is not None else {}
-    return InspectResult(source.path, source.format, entries, fits, converted, evidence, rank=rank)
+    return InspectResult(
+        source.path, source.format, entries, fits, converted, evidence, rank=rank,
+        feeders=feeders, proposed=proposed,
+    )  # fmt: skip
+
+
+def _proposal(features: int, rank: int, channels: int) -> str | None:
+    """The patch of ``channels`` with equal sides (any length in 1-D), if one fits.
+
+    A conv's output says C, not the sides: only a square (a cube) is proposed.
+
+    >>> _proposal(1024, 2, 16), _proposal(512, 2, 16), _proposal(128, 1, 16)
+    ('8x8x16', None, 'l=8,c=16')
+    """
+    area = features // channels
+    side = round(area ** (1 / rank))
+    for guess in (side - 1, side, side + 1):
+        if guess >= 1 and guess**rank == area:
+            patch = PatchNd((guess,) * rank, channels)
+            return str(patch) if rank == 1 else "x".join(map(str, (*patch.sizes, channels)))
+    return None
 
 
 def _rank(rank: int | None, limit: AnySpec | None) -> int:

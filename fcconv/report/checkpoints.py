@@ -185,6 +185,14 @@ def render_inspect(console: Console, result: InspectResult) -> None:
     console.print(table)
     if not result.entries:
         console.print(text("no Linear-shaped entries (2-D weights) in this checkpoint"))
+    for name, feeder in result.feeders.items():
+        proposal = result.proposed.get(name)
+        console.print(
+            text(
+                f"{name}: C = {feeder.channels}, the out_channels of {feeder.conv} (the conv "
+                f"before it)" + (f"; proposed patch {proposal}" if proposal else "")
+            )
+        )
     for layer in result.converted:
         details = f", patch {layer['patch']}, order {layer['order']}" if "order" in layer else ""
         console.print(
