@@ -24,10 +24,12 @@ from fcconv.patches import (
     fit_extent,
     kernel_axes,
     order_rank,
+    order_text,
     parse_order_nd,
     parse_patch_spec,
     rank_of,
     resolve_patch,
+    spec_from,
 )
 from fcconv.windows import conv_line, default_input, make_grid
 
@@ -173,6 +175,27 @@ class LayerRequest:
             raise SpecError(f"malformed {{layers}} {text!r}: expected NAME or NAME=HxWxC")
         return cls(name.strip(), parse_patch_spec(patch) if patch else None)
 
+    @classmethod
+    def of(cls, value: object) -> LayerRequest:
+        """A layer as the library takes it: ``"fc"``, ``"fc6=7x7x512"``, a request, or a
+        ``(name, patch)`` pair whose patch is any form :func:`~fcconv.patches.spec_from`
+        takes (``("fc", (8, 8, 16))``).
+
+        >>> LayerRequest.of(("fc", (8, 8, 16)))
+        LayerRequest(name='fc', patch=PatchSpec(height=8, width=8, channels=16))
+        """
+        if isinstance(value, LayerRequest):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+            name, patch = value
+            return cls(name, None if patch is None else spec_from(patch))
+        raise SpecError(
+            'a layer is a name ("fc"), "NAME=PATCH" or a (name, patch) pair, '
+            f"not {type(value).__name__}"
+        )
+
 
 def parse_order_option(text: str) -> str:
     """A flatten order of any rank (``chw``, ``lc``, ``dhwc``), or ``auto`` (decided later).
@@ -180,7 +203,7 @@ def parse_order_option(text: str) -> str:
     Whether it suits a layer is checked once the layer's patch is known
     (:func:`order_for`).
     """
-    if text.strip().lower() == AUTO:
+    if order_text(text).strip().lower() == AUTO:
         return AUTO
     order_rank(text)
     return text.strip().lower()

@@ -8,23 +8,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import SpecError
-from fcconv.io.sources import Source, open_source
+from fcconv.io.sources import Source, source_of
 from fcconv.patches import (
     AnySpec,
     PatchNd,
-    PatchSpec,
     PatchSpecNd,
     as_nd,
     candidate_patches_nd,
     kernel_axes,
-    parse_patch_spec,
     rank_of,
     resolve_patch,
+    spec_from,
 )
 from fcconv.plan import (
     FeedingConv,
@@ -93,19 +93,13 @@ class InspectResult:
 
 
 def spec_of(value: str | AnySpec | Any | None) -> AnySpec | None:
-    """A patch given as text (any rank), a spec, or a resolved patch, as a spec."""
-    if value is None or isinstance(value, PatchSpec | PatchSpecNd):
-        return value
-    if isinstance(value, str):
-        return parse_patch_spec(value)
-    nd = as_nd(value)  # a resolved Patch or PatchNd
-    if nd.ndim == 2:
-        return PatchSpec(*nd.sizes, nd.channels)
-    return PatchSpecNd(nd.sizes, nd.channels)
+    """A patch given as text (any rank), a spec, a resolved patch or a tuple, as a spec
+    (see :func:`fcconv.patches.spec_from`); None stays None."""
+    return None if value is None else spec_from(value)
 
 
 def inspect_checkpoint(
-    path: str | Path,
+    path: str | Path | Mapping[str, Any],
     *,
     channels: int | None = None,
     feature_map: str | AnySpec | None = None,
@@ -116,7 +110,8 @@ def inspect_checkpoint(
     """List the Linear-shaped entries of a checkpoint and the patches that fit each.
 
     Args:
-        path: a checkpoint file, ``-`` for stdin, or a sharded checkpoint's folder.
+        path: a checkpoint file, ``-`` for stdin, a sharded checkpoint's folder, or a
+            state dict in memory.
         channels: the patch's channels C, if known: every patch of that many
             channels that fits is listed.
         feature_map: the feature map the layer reads, if known, as a patch
@@ -137,7 +132,7 @@ def inspect_checkpoint(
     if limit is not None:
         channels = limit.channels or channels
     describe_only = patch is None  # no tensor bytes are read: a .pt may be memory-mapped
-    source = open_source(str(path), trust_pickle=trust_pickle, describe_only=describe_only)
+    source = source_of(path, trust_pickle=trust_pickle, describe_only=describe_only)
     entries = linear_entries(source.info)
     feeders = {
         entry.name: feeder

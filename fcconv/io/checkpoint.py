@@ -214,6 +214,20 @@ def _load_torch(
         raise CheckpointError(_corrupt_message(source, error)) from None
     except _UNREADABLE as error:
         raise CheckpointError(_corrupt_message(source, error)) from None
+    return checkpoint_of(loaded, source)
+
+
+IN_MEMORY = "<state dict>"
+"""The name of a checkpoint given as an object in memory (a state dict), in messages."""
+
+
+def checkpoint_of(loaded: Any, source: str = IN_MEMORY) -> Checkpoint:
+    """A checkpoint already in memory (a state dict, or a training checkpoint around
+    one) as a :class:`Checkpoint`, exactly as if ``torch.load`` had returned it.
+
+    Raises:
+        CheckpointError: ``loaded`` holds no mapping of names to tensors.
+    """
     location = find_state_dict(loaded, source)
     mapping = loaded
     for key in location:
