@@ -569,25 +569,24 @@ def feeding_conv(info: Mapping[str, TensorInfo], entry: LinearEntry) -> FeedingC
 
 def check_channels(patch: AnyPatch, feeder: FeedingConv) -> FeedingConv:
     """Refuse a patch spelt with C first (``16x8x8``, the C×H×W PyTorch prints) where the
-    conv before the layer says C is one of its spatial sides; return ``feeder`` with
-    ``agrees`` set.
+    conv before the layer has that first number as its ``out_channels``; return
+    ``feeder`` with ``agrees`` set.
 
     Only that case is refused: another C that does not match is recorded
     (``agrees`` False), since something between the conv and the flatten may
-    change the channels.
+    change the channels, and a side that merely equals C (``3x4x5`` after a
+    4-channel conv) says nothing about the spelling.
 
     Raises:
-        PatchSpellingError: the patch's C is not the conv's, and the conv's is a side
-            of the patch; ``proposed`` is the spelling that fits.
+        PatchSpellingError: the patch's C is not the conv's, and its first side is;
+            ``proposed`` is the spelling that fits (the first side moved last).
     """
     nd = as_nd(patch)
     if nd.channels == feeder.channels:
         return feeder
-    sizes = list(nd.sizes)
-    if feeder.channels not in sizes:
+    if nd.sizes[0] != feeder.channels:  # not C first: only recorded
         return dataclasses.replace(feeder, agrees=False)
-    sizes.remove(feeder.channels)
-    proposed = PatchNd((*sizes, nd.channels), feeder.channels)
+    proposed = PatchNd((*nd.sizes[1:], nd.channels), feeder.channels)
     spelling = (
         str(proposed)
         if proposed.ndim == 1

@@ -137,6 +137,10 @@ def test_another_c_is_recorded_not_refused(invoke, tmp_path) -> None:
     document = json.loads(invoke("convert", model, "-o", tmp_path / "o.pt", "--layer", "head",
                                  "--patch", "4x4x64", "--json").stdout)  # fmt: skip
     assert document["layers"][0]["channels_from"]["agrees"] is False
+    # 8x16x8: the conv's 16 is a side, but not the first: no sign of a C-first spelling
+    document = json.loads(invoke("convert", model, "-o", tmp_path / "q.pt", "--layer", "head",
+                                 "--patch", "8x16x8", "--json").stdout)  # fmt: skip
+    assert document["layers"][0]["channels_from"]["agrees"] is False
     # a 1-D patch on a Conv2d's output: other ranks are not compared
     document = json.loads(invoke("convert", model, "-o", tmp_path / "p.pt", "--layer", "head",
                                  "--patch", "l=64,c=16", "--json").stdout)  # fmt: skip
