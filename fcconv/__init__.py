@@ -1,7 +1,7 @@
 """fcconv: rewrite Linear layers as the strided convolutions that compute the same thing.
 
 Every job the command line does is a function here, returning a result that
-is truthy on success, has ``.to_dict()`` (the ``--json`` document) and
+is truthy on success, has ``.to_dict()`` (the body of the ``--json`` document) and
 ``.exit_code``:
 
 - :func:`inspect_checkpoint`, :func:`convert_checkpoint`,

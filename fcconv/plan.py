@@ -31,6 +31,7 @@ from fcconv.patches import (
     resolve_patch,
     spec_from,
 )
+from fcconv.progress import phased
 from fcconv.windows import conv_line, default_input, make_grid
 
 if TYPE_CHECKING:
@@ -330,6 +331,7 @@ class LayerPlan:
         return dataclasses.replace(self, order=order)
 
 
+@phased("planning")
 def plan_layers(
     info: Mapping[str, TensorInfo],
     requests: Iterable[LayerRequest],

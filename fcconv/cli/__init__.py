@@ -91,8 +91,13 @@ class FcconvGroup(click.Group):
         return next((arg for arg in args if arg in self.commands), None)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from fcconv import progress
+
+        display = report.PhaseDisplay(_display_settings)
+        ctx.meta["fcconv.display"] = display
         try:
-            return super().invoke(ctx)
+            with progress.listening(display):
+                return super().invoke(ctx)
         except OSError as error:
             # click turns a broken pipe into exit 1, which means "different" here
             if error.errno != errno.EPIPE:
@@ -102,6 +107,22 @@ class FcconvGroup(click.Group):
                 "a pipe fcconv was writing to was closed by its reader (broken pipe); the "
                 "output is incomplete"
             ) from error
+        finally:
+            display.close()
+
+
+def _display_settings() -> tuple[bool, bool]:
+    """``(live, verbose)`` for the phase display: live on a terminal unless ``-q``."""
+    context = click.get_current_context(silent=True)
+    level = verbosity(context) if context is not None else 0
+    return level >= 0 and stdio.is_terminal(stdio.STDERR), level > 0
+
+
+def phases(context: click.Context | None = None) -> report.PhaseDisplay:
+    """The running command's phase display (a writer's bytes go to its ``bytes``)."""
+    context = context or click.get_current_context()
+    display = context.meta.get("fcconv.display")
+    return display if display is not None else report.PhaseDisplay(lambda: (False, False))
 
 
 class _Run:
@@ -173,8 +194,6 @@ def verbosity(context: click.Context | None = None) -> int:
     """-1 with ``-q``, 0 by default, the number of ``-v`` otherwise."""
     context = context or click.get_current_context()
     quiet, verbose = context.meta.get("fcconv.quiet"), context.meta.get("fcconv.verbose", 0)
-    if quiet and verbose:
-        raise click.UsageError("-q and -v contradict each other; give one of them")
     return -1 if quiet else verbose
 
 
@@ -195,6 +214,8 @@ def warn(lines: Iterable[str]) -> None:
 def _remember(context: click.Context, param: click.Parameter, value: Any) -> Any:
     if value:
         context.meta[f"fcconv.{param.name}"] = value
+        if context.meta.get("fcconv.quiet") and context.meta.get("fcconv.verbose"):
+            raise click.UsageError("-q and -v contradict each other; give one of them")
     return value
 
 

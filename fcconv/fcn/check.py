@@ -31,6 +31,7 @@ from fcconv.fcn.cells import CropPlan, OutputCells, crop_plan, output_cells, tru
 from fcconv.fcn.results import CropAccount, DenseCheck, OutputCheck
 from fcconv.fcn.trace import model_dtype_device, running_eval
 from fcconv.fcn.usercode import running_user_code
+from fcconv.progress import phased
 from fcconv.verify.judge import Comparison, compare
 
 RULE = "model-float64"
@@ -156,6 +157,7 @@ def _larger(native: tuple[int, ...], cells: list[OutputCells]) -> tuple[int, ...
     return tuple(n + 2 * s for n, s in zip(native, known.stride, strict=True))
 
 
+@phased("checking every cell")
 def verify_dense(
     original: nn.Module,
     converted: nn.Module,

@@ -23,6 +23,7 @@ from fcconv.errors import CheckpointError, UnsafeCheckpointError
 from fcconv.io import stdio
 from fcconv.io.atomic import STDIO, atomic_output, check_output_path, check_stdout
 from fcconv.io.files import open_regular
+from fcconv.progress import phased
 
 if TYPE_CHECKING:
     import torch
@@ -125,6 +126,7 @@ def _replace_at(container: Any, location: tuple[Any, ...], value: Any) -> Any:
 # --------------------------------------------------------------------- reading
 
 
+@phased("reading")
 def load_checkpoint(
     path: str | Path, *, trust_pickle: bool = False, mmap: bool = False
 ) -> Checkpoint:
@@ -418,6 +420,7 @@ def serialize(checkpoint: Checkpoint, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+@phased("writing")
 def save_checkpoint(
     checkpoint: Checkpoint,
     path: str | Path,

@@ -30,6 +30,7 @@ from fcconv.io.checkpoint import (
 from fcconv.io.files import describe_read_error, open_regular, probe
 from fcconv.io.provenance import PROVENANCE_KEY, layer_records
 from fcconv.plan import TensorInfo
+from fcconv.progress import phased
 from fcconv.verify.bits import bits_dtype
 
 if TYPE_CHECKING:
@@ -246,6 +247,7 @@ def tensors_of(source: Source) -> Mapping[str, torch.Tensor]:
     return source.loaded.tensors if source.loaded is not None else LazyTensors(source)
 
 
+@phased("comparing the other tensors")
 def byte_differences(
     before: Source,
     after: Source,

@@ -16,6 +16,7 @@ from typing import Any
 
 from fcconv.errors import ImageError, SpecError
 from fcconv.extras import require
+from fcconv.progress import phased
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 """Pillow's mode for each channel count a model may take."""
@@ -58,6 +59,7 @@ def per_channel(values: Sequence[float] | float | None, channels: int, what: str
     return numbers
 
 
+@phased("reading the image")
 def read_image(
     path: str | Path,
     channels: int,

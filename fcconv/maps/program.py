@@ -17,6 +17,7 @@ from typing import Any
 
 from fcconv.errors import CheckpointError, SpecError, UnsafeCheckpointError
 from fcconv.geometry import CellGeometry
+from fcconv.progress import phased
 
 METADATA = "fcconv.json"
 
@@ -147,6 +148,7 @@ def parse_facts(text: str, path: str) -> dict[str, Any]:
     }
 
 
+@phased("loading the program")
 def load_program(path: str | Path, *, trust_pickle: bool = False) -> DenseProgram:
     """Load a ``.pt2`` program (or an ``.onnx`` graph, with onnxruntime) and its facts.
 
@@ -244,6 +246,7 @@ def _load_pt2(file: Path, trust_pickle: bool) -> tuple[Callable[[Any], list[Any]
         ) from None
     module = program.module()
 
+    @phased("running the model")
     def run(x: Any) -> list[Any]:
         with torch.no_grad():
             result = module(x)
@@ -265,6 +268,7 @@ def _load_onnx(file: Path) -> tuple[Callable[[Any], list[Any]], str]:
         ) from None
     name = session.get_inputs()[0].name
 
+    @phased("running the model")
     def run(x: Any) -> list[Any]:
         import torch
 

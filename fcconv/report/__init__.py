@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -159,6 +161,111 @@ def progress_bar(
         yield update
 
 
+# ------------------------------------------------------------------ phases
+
+
+class PhaseDisplay:
+    """The command line's listener for :mod:`fcconv.progress`: each phase a line of a rich
+    progress display on stderr (only when stderr is a terminal), and with ``verbose`` a
+    line per phase as it ends, with its time.
+
+    ``settings`` is called at the first phase: ``(live, verbose)``, so that the
+    options parsed by then decide.
+    """
+
+    def __init__(self, settings: Callable[[], tuple[bool, bool]]) -> None:
+        self._settings = settings
+        self._decided: tuple[bool, bool] | None = None
+        self._bar: Any = None
+        self._stack: list[tuple[str, Any, float]] = []
+        self._lock = threading.RLock()  # a writer reports from its own threads
+
+    def _decide(self) -> tuple[bool, bool]:
+        if self._decided is None:
+            self._decided = self._settings()
+        return self._decided
+
+    def _progress(self) -> Any:
+        live, _ = self._decide()
+        if self._bar is None and live:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+        return self._bar
+
+    def begin(self, name: str, total: float | None) -> None:
+        with self._lock:
+            bar = self._progress()
+            task = bar.add_task(printable(name), total=total) if bar is not None else None
+            self._stack.append((name, task, time.perf_counter()))
+
+    def update(self, done: float, total: float | None) -> None:
+        with self._lock:
+            if self._stack and self._bar is not None:
+                self._bar.update(self._stack[-1][1], completed=done, total=total)
+
+    def end(self, name: str) -> None:
+        with self._lock:
+            self._end(name)
+
+    def _end(self, name: str) -> None:
+        for index in range(len(self._stack) - 1, -1, -1):
+            if self._stack[index][0] == name:
+                _, task, start = self._stack.pop(index)
+                if self._bar is not None:
+                    self._bar.remove_task(task)
+                if self._decide()[1]:
+                    self._say(f"fcconv: {printable(name)}: {time.perf_counter() - start:.2f} s")
+                return
+
+    def bytes(self, name: str) -> Callable[[int, int], None]:
+        """A writer's ``progress(done, total)``, shown as the phase ``name`` from its
+        first call until :meth:`close`."""
+
+        def progress(done: int, total: int) -> None:
+            with self._lock:
+                if not any(entry[0] == name for entry in self._stack):
+                    self.begin(name, total)
+                if self._stack[-1][0] == name:
+                    self.update(done, total)
+
+        return progress
+
+    def close(self) -> None:
+        """End what is still open (a writer's phase) and take the display away."""
+        with self._lock:
+            while self._stack:
+                self._end(self._stack[-1][0])
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def _say(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(line, markup=False, highlight=False)
+        else:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+
+
 from fcconv.report.checkpoints import (  # noqa: E402
     geometry_lines,
     render_convert,
@@ -174,6 +281,7 @@ from fcconv.report.onnx import (  # noqa: E402
 )
 
 __all__ = [
+    "PhaseDisplay",
     "emit_json",
     "emitted",
     "geometry_lines",

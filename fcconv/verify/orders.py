@@ -31,6 +31,7 @@ from fcconv.plan import (
     order_for,
     resolve_name,
 )
+from fcconv.progress import phased
 from fcconv.verify.bits import bitwise_equal, first_mismatch
 
 KERNEL_DIMS = (3, 4, 5)
@@ -84,6 +85,7 @@ def converted_pairs(
     return pairs
 
 
+@phased("finding the converted layers")
 def plan_verification(
     original: Mapping[str, torch.Tensor],
     converted: Mapping[str, torch.Tensor],
