@@ -17,6 +17,7 @@ from typing import Any
 
 from fcconv.errors import CheckpointError, SpecError, UnsafeCheckpointError
 from fcconv.geometry import CellGeometry
+from fcconv.io.pt2 import code_in_program
 
 METADATA = "fcconv.json"
 
@@ -230,6 +231,13 @@ def _load_pt2(file: Path, trust_pickle: bool) -> tuple[Callable[[Any], list[Any]
         raise UnsafeCheckpointError(
             f"{file} would need arbitrary unpickling to load ({reason}); pass {{trust_pickle}} "
             "only if you trust the file",
+            path=str(file),
+        )
+    code = None if trust_pickle else code_in_program(file)
+    if code is not None:
+        raise UnsafeCheckpointError(
+            f"{file} holds what torch would run as code when loading it ({code}); pass "
+            "{trust_pickle} only if you trust the file",
             path=str(file),
         )
     extra = {METADATA: ""}
