@@ -154,8 +154,8 @@ def _problems(model: dict[str, Any]) -> Iterator[tuple[str, str]]:
     for key, value in ranges.items() if isinstance(ranges, dict) else []:
         if not _SYMBOL.match(key):
             yield f"range constraint {key[:60]!r}", "is not a symbol name"
-        bounds = value.get("min_val"), value.get("max_val") if isinstance(value, dict) else None
-        if not isinstance(value, dict) or any(b is not None and type(b) is not int for b in bounds):
+        bounds = (value.get("min_val"), value.get("max_val")) if isinstance(value, dict) else ()
+        if not bounds or any(b is not None and type(b) is not int for b in bounds):
             yield f"range constraint {key[:60]!r}", "has bounds that are not integers"
     yield from _walk(model)
 
