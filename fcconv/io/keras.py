@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import CheckpointError
+from fcconv.io.hdf5 import checked
 from fcconv.io.provenance import PROVENANCE_KEY
 
 if TYPE_CHECKING:
@@ -172,8 +173,8 @@ class KerasFile:
         """The weights' h5, read-only."""
         h5py = _h5py()
         if self.weights is not None:
-            return h5py.File(io.BytesIO(self.weights), "r")
-        return h5py.File(self.path, "r")
+            return checked(h5py.File(io.BytesIO(self.weights), "r"), self.path)
+        return checked(h5py.File(self.path, "r"), self.path)
 
     def provenance(self) -> dict[str, str] | None:
         """fcconv's record as safetensors-style metadata (``{"fcconv": json}``), if any."""
