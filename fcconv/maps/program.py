@@ -264,6 +264,7 @@ def _load_onnx(file: Path) -> tuple[Callable[[Any], list[Any]], str]:
     from fcconv.extras import require
 
     ort = require("onnxruntime", "onnx", purpose="to run ONNX models")
+    _check_onnx_allocations(file)
     try:
         session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     except Exception as error:  # protobuf or graph errors: not a usable model
@@ -279,3 +280,16 @@ def _load_onnx(file: Path) -> tuple[Callable[[Any], list[Any]], str]:
         return [torch.from_numpy(a) for a in session.run(None, {name: x.numpy()})]
 
     return run, session.get_modelmeta().custom_metadata_map.get(METADATA, "")
+
+
+def _check_onnx_allocations(file: Path) -> None:
+    """Refuse a graph that fixes a tensor larger than the memory budget (before onnxruntime)."""
+    from fcconv.extras import require
+    from fcconv.onnx.budget import check_allocations
+
+    onnx = require("onnx", "onnx", purpose="to read ONNX models")
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception:  # not a protobuf: onnxruntime says so in its own words
+        return
+    check_allocations(model, str(file))
