@@ -234,3 +234,11 @@ def test_targets_in_torchs_operator_namespaces() -> None:
         None,
     ):
         assert target_problem(bad) is not None, bad
+
+
+def test_trust_code_is_the_users_decision(invoke, program, tmp_path) -> None:
+    """``--trust-code`` (alias of ``--trust-pickle``) hands the file to torch as it is."""
+    marker = tmp_path / "marker"
+    evil = rewritten(program["pt2"], tmp_path / "evil.pt2", in_guard(marker))
+    invoke("map", evil, program["image"], "-o", tmp_path / "m.png", "--trust-code", exit=None)
+    assert marker.exists()

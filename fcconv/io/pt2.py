@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-MAX_MODEL_JSON = 256 << 20
+MAX_MODEL_JSON = 64 << 20
 """A model JSON larger than this (unpacked) is not read."""
 MAX_EXPRESSION = 20_000
 """Characters in one expression or guard."""
