@@ -155,3 +155,26 @@ def test_what_is_not_a_file_is_named(tmp_path) -> None:
             read_image(path, 3)
     with pytest.raises(ImageError, match="no such image file"):
         read_image(tmp_path / "missing.png", 3)
+
+
+def test_a_16_bit_grey_png_through_map_image_feeds_the_model_its_scaled_values(tmp_path) -> None:
+    """The map equals the dense program run on the pixels / 65535 (Pillow's 8-bit copy clips)."""
+    import torch
+    from test_hostile_programs import Small
+    from torch import nn
+
+    from fcconv import map_image
+    from fcconv.fcn import convolutionalize_detailed, save_exported
+
+    model = Small()
+    model.trunk[0] = nn.Conv2d(1, 4, 3)
+    dense = convolutionalize_detailed(model.eval(), (8, 8), in_channels=1).model
+    save_exported(dense, tmp_path / "grey.pt2", (12, 12))
+    pixels = np.random.default_rng(0).integers(0, 65536, size=(20, 24), dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    result = map_image(tmp_path / "grey.pt2", tmp_path / "deep.png", tmp_path / "m.png")
+    fed = torch.from_numpy(pixels.astype(np.float32) / 65535)[None, None]
+    expected = torch.export.load(tmp_path / "grey.pt2").module()(fed)[0, 0]
+    np.testing.assert_allclose(
+        np.array(result.grid.values), expected.detach().numpy(), rtol=1e-5, atol=1e-6
+    )
