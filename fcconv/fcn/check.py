@@ -215,12 +215,11 @@ def verify_dense(
     Returns:
         A :class:`DenseCheck`, truthy on pass.
     """
-    from fcconv.fcn.stride import StitchedMap, verify_output_stride
-
-    if isinstance(converted, StitchedMap):  # a map at a finer stride (--output-stride)
-        return verify_output_stride(
-            original,
+    own_check = getattr(type(converted), "verify_against", None)
+    if own_check is not None:  # a map at a finer stride (fcn.stride.StitchedMap) checks itself
+        return own_check(
             converted,
+            original,
             input_size,
             larger_size,
             layers=layers,

@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     import torch
 
 SAFETENSORS = "safetensors"
+KERAS = "keras"
+KERAS_WEIGHTS = "keras-weights"
+KERAS_H5 = "keras-h5"
+KERAS_FORMATS = (KERAS, KERAS_WEIGHTS, KERAS_H5)
+"""Keras files by kind: a ``.keras`` model, Keras 3 ``.weights.h5``, a legacy ``.h5``
+(read and written by :mod:`fcconv.io.keras`)."""
 TORCH = "torch"
 FORMATS = (SAFETENSORS, TORCH)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -402,8 +408,6 @@ def format_for(path: str | Path, override: str | None, fallback: str) -> str:
         return SAFETENSORS
     if suffix in TORCH_SUFFIXES:
         return TORCH
-    from fcconv.io.keras import KERAS, KERAS_H5, KERAS_WEIGHTS
-
     if suffix == ".keras":
         return KERAS
     if name.endswith(".weights.h5"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fcconv.patches import SPATIAL_AXES
-from fcconv.report import num, shape, table, text
+from fcconv.report.console import num, shape, table, text
 from fcconv.windows import AXIS_NOUNS, Grid, default_input, make_grid
 
 if TYPE_CHECKING:
