@@ -35,7 +35,7 @@ RASTER_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA")
 """The formats Pillow may open: raster decoders only, no EPS/PDF/PostScript."""
 
 PIXEL_BUDGET = 1 << 25
-"""Pixels an image read whole may declare (33.5 M, 5792×5792): about 1.3 GB as float32 RGB
+"""Pixels an image read whole may declare (33.6 M, 5792×5792 fits): about 1.3 GB as float32 RGB
 with its 8-bit copies; a 9,400×9,400 image would need 3.5 GB before the model runs."""
 
 STD_FLOOR = 1e-6
