@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from fcconv.report import num, table, text
+from fcconv.report.console import num, table, text
 
 if TYPE_CHECKING:
     from rich.console import Console
