@@ -348,7 +348,7 @@ def output_cells(
         fields, axes = [], []
         for axis in range(an.layout.ndim):
             t = spatial.index(axis)
-            kernel = output.site.patch.sizes[t]
+            kernel = output.site.window[t]
             fields.append(through_layer(place.fields[axis], kernel, stride[t]))
             axes.append(2 + t)
         maps.append(OutputCells(output.name, CellGeometry.from_fields(tuple(fields)), tuple(axes)))

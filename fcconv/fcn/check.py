@@ -28,6 +28,7 @@ from fcconv.fcn.analyse import (
     trunk_nodes,
 )
 from fcconv.fcn.cells import CropPlan, OutputCells, crop_plan, output_cells, trunk_geometry
+from fcconv.fcn.ops import shape_of
 from fcconv.fcn.results import CropAccount, DenseCheck, OutputCheck
 from fcconv.fcn.trace import model_dtype_device, running_eval
 from fcconv.fcn.usercode import running_user_code
@@ -59,10 +60,11 @@ def _head(an: Analysis, site: Any, trunk: set[fx.Node]) -> fx.GraphModule:
     for node in an.gm.graph.nodes:
         if node in trunk or node.op in ("placeholder", "output"):
             continue
-        if node is site.node:
+        if (node is site.node and site.kind == "flatten") or node in site.squeezes:
             # the flatten as such: a traced view may read the batch size off the model's
             # input (torch.export), which the batch of windows does not have
-            env[node] = graph.call_function(torch.flatten, (env[node.args[0]], 1))
+            shape = (-1, *shape_of(node)[1:])
+            env[node] = graph.call_function(torch.reshape, (env[node.args[0]], shape))
             continue
         if node.op != "get_attr" and not all(n in env for n in node.all_input_nodes):
             continue
@@ -93,7 +95,7 @@ def _head_maps(
     features = trunk(x)
     maps = {}
     for site, head, feature in zip(an.sites, heads, features, strict=True):
-        cut, counts = windows(feature, site.patch.sizes, stride)
+        cut, counts = windows(feature, site.window, stride)
         names = [o.name for o in an.outputs if o.site is site]
         for name, scores in zip(names, head(cut), strict=True):
             grid = scores.reshape(x.shape[0], *counts, -1)
@@ -110,20 +112,22 @@ def head_on_windows(
     layers: Sequence[str] | None = None,
     in_channels: int | None = None,
     outputs: Sequence[str] | None = None,
+    head: str | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The reference for a converted model: the original head on every window.
 
     Runs the original trunk (adaptive pools that are the identity at the
     native size bypassed) on ``x``, cuts every window of its feature map at
     ``stride``, and applies the original head (permute, flatten, Linear, …)
-    to each, in eval mode and without gradients.
+    to each, in eval mode and without gradients. With ``head="cam"`` the
+    windows are single feature cells: the head on each cell's feature vector.
 
     Returns:
         ``[B, O, *cells]`` for a model with one output, else a dict from each
         output's name to its map.
     """
     with torch.no_grad(), running_eval(original):
-        an = analyze(original, input_size, layers, in_channels, outputs)
+        an = analyze(original, input_size, layers, in_channels, outputs, head)
         step = stride_tuple(stride, an.sites[0].patch.ndim)
         trunk, heads = _split(an)
         maps = _head_maps(an, trunk, heads, x, step)
@@ -224,7 +228,7 @@ def verify_dense(
     reference = copy.deepcopy(original).double().eval()
     candidate = copy.deepcopy(converted).double().eval()
     channels = in_channels or recorded.get("in_channels")
-    an = analyze(reference, native, layers, channels, kept)
+    an = analyze(reference, native, layers, channels, kept, recorded.get("head"))
     native = an.layout.size  # one number for a 2-D model means a square
     ndim = an.sites[0].patch.ndim
     step = stride_tuple(stride if stride is not None else recorded.get("stride"), ndim)
@@ -242,16 +246,24 @@ def verify_dense(
         with running_user_code("the original model's forward"):
             expected = _named(reference(x))
         got = _dense_leaves(candidate(x))
-        _compare_native(check, an, expected, got, rtol)
+        trunk, heads = _split(an)
+        if an.head_mode == "cam":  # a map at the native size too: every cell, as below
+            wanted = _head_maps(an, trunk, heads, x, step)
+            _compare_dense(check, an, got, wanted, rtol, check.native_size)
+            for result in check.outputs:
+                result.native_max_abs_diff = result.dense_max_abs_diff
+        else:
+            _compare_native(check, an, expected, got, rtol)
         big = layout.example(
             batch, size=larger, dtype=torch.float64, device=device, generator=generator
         )
         dense = _dense_leaves(candidate(big))
-        trunk, heads = _split(an)
         wanted = _head_maps(an, trunk, heads, big, step)
         _compare_dense(check, an, dense, wanted, rtol)
         check.tolerance = max((o.tolerance for o in check.outputs), default=0.0)
-        if not check.problems:
+        if not check.problems and an.head_mode == "cam":
+            _account_cam(check, dense)
+        elif not check.problems:
             _account_crops(check, reference, big, dense, cells, plan, native, max_crops, seed)
     return check
 
@@ -280,8 +292,10 @@ def _compare_native(check: DenseCheck, an: Analysis, expected, got, rtol: float)
         )
 
 
-def _compare_dense(check: DenseCheck, an: Analysis, dense, wanted, rtol: float) -> None:
-    shown = "x".join(map(str, check.larger_size))
+def _compare_dense(
+    check: DenseCheck, an: Analysis, dense, wanted, rtol: float, size: tuple[int, ...] = ()
+) -> None:
+    shown = "x".join(map(str, size or check.larger_size))
     for result, tensor in zip(check.outputs, dense, strict=False):
         reference = wanted[result.name]
         largest = float(reference.abs().max()) if reference.numel() else 0.0
@@ -393,6 +407,17 @@ def _account_crops(
         accounts.append(account)
     check.crops = CropAccount.total(accounts)
     check.warnings.extend(_warnings(plan, cells))
+
+
+def _account_cam(check: DenseCheck, dense: list[torch.Tensor]) -> None:
+    """A class activation map's cells are the head on one feature cell: no crop's output."""
+    reason = (
+        "a class activation map (head cam): each cell is the head on one feature cell, "
+        "not the model on any crop"
+    )
+    for result, tensor in zip(check.outputs, dense, strict=True):
+        result.crops = CropAccount(math.prod(tensor.shape[2:]), 0, reasons=[reason])
+    check.crops = CropAccount.total([r.crops for r in check.outputs])
 
 
 def _sample(items: list, count: int, sampler: random.Random) -> list:
