@@ -475,11 +475,25 @@ def _site(gm: fx.GraphModule, flatten: fx.Node) -> FlattenSite:
     return FlattenSite(flatten, source, order, order_from, PatchNd(tuple(shape[2:]), shape[1]))
 
 
+def reads_size(node: fx.Node) -> bool:
+    """Whether ``node`` reads only sizes: ``x.shape``, ``x.size()`` (``x.view(x.shape[0], -1)``)."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) > 1
+        and node.args[1] in ("shape", "ndim")
+    )
+
+
 def _check_users(gm: fx.GraphModule, head: dict[fx.Node, str], sites: list[FlattenSite]) -> None:
     for site in sites:
         inner = set(site.stage)
         for end in site.stage if site.kind == "pool" else [site.node]:
-            others = [u for u in end.users if u not in head and u not in inner]
+            others = [
+                u for u in end.users if u not in head and u not in inner and not reads_size(u)
+            ]
             if others:
                 shown = ", ".join(describe(gm, u) for u in others)
                 what = "the flatten" if site.kind == "flatten" else "the global pool's"
