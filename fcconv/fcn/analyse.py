@@ -25,6 +25,7 @@ from fcconv.errors import ConvolutionalizeError, LayerError, SpecError
 from fcconv.fcn.ops import (
     ADAPTIVE_POOL_FUNCTIONS,
     ADAPTIVE_POOL_MODULES,
+    SCALAR_OPERATORS,
     SOFTMAX_MODULES,
     ancestors,
     combines_tensors,
@@ -253,6 +254,9 @@ def _classify(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return "concat" if dim in (1, -1) and all(_two_d(p) for p in parts) else None
     if combines_tensors(node):
         return "combine" if all(_two_d(a) for a in node.args) else None
+    if node.op == "call_function" and node.target in SCALAR_OPERATORS:
+        operand = [a for a in node.args if isinstance(a, fx.Node)]
+        return "pointwise" if is_pointwise(gm, node, None) and _two_d(operand[0]) else None
     if not isinstance(node.args[0], fx.Node) or not _two_d(node.args[0]):
         return None
     features = (shape_of(node) or (0, 0))[1]
