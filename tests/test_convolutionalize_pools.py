@@ -9,7 +9,11 @@ window is one feature cell.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ from classifier_models import (
     resnet18,
     timm_resnet18,
 )
+from click.testing import CliRunner
 from fcn_helpers import seeded
 from torch import nn
 
@@ -277,3 +282,67 @@ def test_one_and_three_dimensional_global_pools(model, native, larger, cells) ->
     check = verify_dense(model, conversion.model, native, larger)
     assert check, check.problems
     assert check.map_size == cells
+
+
+# ------------------------------------------------------------------ command line
+
+
+@pytest.fixture
+def pool_archs(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Factories that build a trained model themselves (as ``pretrained=True`` does)."""
+    module = types.ModuleType("fcconv_test_pool_archs")
+    module.timm_resnet = lambda pool="avg": seeded(timm_resnet18(3, 4, pool), seed=11)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module.__name__
+
+
+def invoke(*args: object):
+    from fcconv.cli import models as cli_models
+
+    return CliRunner().invoke(cli_models.convolutionalize, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("head", ["pool", "cam"])
+def test_cli_arch_alone_uses_the_factory_weights(tmp_path: Path, pool_archs: str, head) -> None:
+    out = tmp_path / "r18.pt2"
+    arch = f'{pool_archs}:timm_resnet("avgmax")'
+    result = invoke("--arch", arch, "--input", "32x32", "-o", out, "--head", head, "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["model"] is None
+    assert document["conversion"]["weights_from"] == "factory"
+    (output,) = document["conversion"]["outputs"]
+    assert output["head"] == ("cam" if head == "cam" else "global_pool")
+    assert output["window"] == [1, 1] and output["cells"]["stride"] == [32, 32]
+    assert document["verification"]["passed"] is True
+    recorded = _recorded(out)
+    assert recorded["weights_from"] == "factory" and recorded["head"] == head
+    model = sys.modules[pool_archs].timm_resnet("avgmax")
+    x = torch.randn(1, 3, 96, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got = torch.export.load(out).module()(x)
+        want = head_on_every_window(model.forward_features, model.forward_head, x, (1, 1))
+    assert got.shape == (1, 3, 3, 2)
+    assert_close(got, want)
+    # for people: the report says the weights came from the factory and what the head is
+    result = invoke("--arch", arch, "--input", "32x32", "-o", out, "--head", head, "--force")
+    assert result.exit_code == 0, result.output
+    words = " ".join(result.stderr.replace("│", " ").split())
+    assert "built by the --arch factory" in words
+    assert ("CAM" if head == "cam" else "global pool") in words
+
+
+def _recorded(path: Path) -> dict:
+    """The facts fcconv wrote beside the program in the ``.pt2`` archive."""
+    from fcconv.fcn import METADATA
+
+    extra = {METADATA: ""}
+    torch.export.load(path, extra_files=extra)
+    return json.loads(extra[METADATA])
+
+
+def test_cli_without_model_or_arch_is_a_usage_error(tmp_path: Path) -> None:
+    result = invoke("--input", "32x32", "-o", tmp_path / "o.pt2")
+    assert result.exit_code == 2
+    assert "MODEL" in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -151,6 +151,7 @@ class Conversion:
             "output_stride": None if self.output_stride is None else list(self.output_stride),
             "phases": None if self.phases is None else list(self.phases),
             "head": self.head,
+            "weights_from": self.weights_from,
         }
 
     def _reads_past(self) -> dict[str, list[bool]] | None:

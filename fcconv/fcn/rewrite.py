@@ -207,6 +207,11 @@ def convolutionalize_detailed(
         SpecError: the model does not run at ``input_size``.
         UserCodeError: the model's code raised.
     """
+    if output_stride is not None and head == "cam":
+        raise SpecError(
+            "{head} cam maps every feature cell already, at the trunk's stride; leave out "
+            "{output_stride}"
+        )
     if output_stride is not None:
         from fcconv.fcn.stride import with_output_stride
 
