@@ -98,7 +98,7 @@ def test_reader_of_stdout_closing_early(tmp_path: Path, big: Path) -> None:
         [sys.executable, "-m", "fcconv", "inspect", "big.safetensors", "--json"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     ) as process:  # fmt: skip
-        assert process.stdout.read(10) == b'{\n  "sourc'
+        assert process.stdout.read(10) == b'{\n  "schem'
         process.stdout.close()  # the reader goes away (like `| head -c 10`)
         assert process.wait(timeout=60) == 2
         one_error_line(process.stderr.read(), "broken pipe")

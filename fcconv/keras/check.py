@@ -5,7 +5,7 @@ lambda or custom code is deserialized). The original is cut where its head
 starts (the ``Permute``/``Flatten`` found in its config): its trunk runs on a
 larger input, every window of the trunk's feature map goes through its head,
 and the converted model's map must match cell by cell (see
-:mod:`fcconv.runtime_check`).
+:mod:`fcconv.verify.runtime`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from fcconv.errors import CheckpointError, ConvolutionalizeError
 from fcconv.geometry import Patch
 from fcconv.keras.config import KerasHead
-from fcconv.runtime_check import RuntimeCheck, cut_windows, judge
+from fcconv.verify.runtime import RuntimeCheck, cut_windows, judge
 
 
 def load(path: str | Path) -> Any:
