@@ -237,6 +237,51 @@ def test_what_is_not_per_cell_is_refused_naming_the_op_and_line() -> None:
     assert "\n" not in message
 
 
+class SqueezeNetTail(nn.Module):
+    """torchvision SqueezeNet's classifier: a 1x1 conv, then the pool; plus the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 4, 3, stride=2)
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=0.5),
+            nn.Conv2d(4, 5, 1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d((1, 1)),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.features(x)
+        return torch.flatten(self.classifier(x), 1), torch.flatten(x.mean((2, 3), keepdim=True), 1)
+
+
+def test_pools_without_a_linear_after_them_and_pooled_features_as_outputs() -> None:
+    model = seeded(SqueezeNetTail())
+    conversion = convolutionalize_detailed(model, 17)
+    x = torch.randn(1, 3, 33, 25, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        scores, embedding = conversion.model(x)
+        pooled = lambda w: torch.flatten(model.classifier(w), 1)  # noqa: E731
+        assert_close(scores, head_on_every_window(model.features, pooled, x, (8, 8)))
+        mean = lambda w: w.mean((2, 3))  # noqa: E731
+        assert_close(embedding, head_on_every_window(model.features, mean, x, (8, 8)))
+    assert verify_dense(model, conversion.model, 17)
+
+
+def test_a_pool_over_a_flattened_map_is_refused() -> None:
+    class Flattened(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).flatten(2).mean(-1))  # a raster, not a region
+
+    with pytest.raises(ConvolutionalizeError, match="no region of the input"):
+        convolutionalize(seeded(Flattened()), 8)
+
+
 class Pool1d(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()

@@ -496,7 +496,9 @@ def _check_users(gm: fx.GraphModule, head: dict[fx.Node, str], sites: list[Flatt
         inner = set(site.stage)
         for end in site.stage if site.kind == "pool" else [site.node]:
             others = [
-                u for u in end.users if u not in head and u not in inner and not reads_size(u)
+                u
+                for u in end.users
+                if u not in head and u not in inner and u.op != "output" and not reads_size(u)
             ]
             if others:
                 shown = ", ".join(describe(gm, u) for u in others)
@@ -652,6 +654,7 @@ def analyze(
     unique = list(dict.fromkeys(sites.values()))
     _check_users(gm, ordered, unique)
     _check_single_call_sites(gm, ordered)
+    _check_pool_maps(gm, unique, traced.layout)
     if mode == "cam":
         _as_cam(gm, unique)
     an = Analysis(
@@ -671,6 +674,19 @@ def analyze(
         _check_layers(gm, layers, an.linears)
     _adaptive_pools(an)
     return an
+
+
+def _check_pool_maps(gm: fx.GraphModule, sites: list[FlattenSite], layout: InputLayout) -> None:
+    """A global pool slides only over a map with one axis per input axis."""
+    for site in sites:
+        if site.kind == "pool" and site.patch.ndim != layout.ndim:
+            pool = next(iter(site.reduces))
+            raise refuse(
+                f"the global pool {describe(gm, pool)}{where(pool)} reads a map of "
+                f"{site.patch.ndim} spatial axis(es) from a {layout.ndim}-D input "
+                f"({describe(gm, site.source)}{where(site.source)} made it), so a window "
+                "of it is no region of the input"
+            )
 
 
 def _as_cam(gm: fx.GraphModule, sites: list[FlattenSite]) -> None:
