@@ -391,3 +391,28 @@ def test_cli_without_model_or_arch_is_a_usage_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "MODEL" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+class FlattenHeads(nn.Module):
+    """Two Linear heads on one flattened map, concatenated, or a layer that reads the map."""
+
+    def __init__(self, tail: str) -> None:
+        super().__init__()
+        self.tail = tail
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.fc1, self.fc2 = nn.Linear(2 * 4 * 4, 2), nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = F.relu(self.conv(x).flatten(1))
+        if self.tail == "concat":
+            return torch.cat([self.fc1(flat), self.fc2(flat)], 1).softmax(-1)
+        return self.fc1(flat) + flat.sum(1, keepdim=True)  # sums over the whole window
+
+
+def test_concatenated_linear_heads_on_a_flatten_and_what_reads_the_flat_vector() -> None:
+    model = seeded(FlattenHeads("concat"))
+    dense = convolutionalize(model, 6)
+    assert dense(torch.zeros(1, 3, 10, 8)).shape == (1, 5, 5, 3)
+    assert verify_dense(model, dense, 6)
+    with pytest.raises(ConvolutionalizeError, match=r"'sum_1' \(Tensor.sum\) at .* reads the flat"):
+        convolutionalize(seeded(FlattenHeads("sum")), 6)

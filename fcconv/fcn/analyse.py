@@ -382,19 +382,40 @@ def _walk(
 
 
 def _check_flatten_head(gm, name: str, site: FlattenSite, path: dict, linears: list) -> None:
-    """Only element-wise layers may lie between a flatten and the first Linear(s)."""
+    """Only element-wise layers may lie between a flatten and the first Linear(s).
+
+    A node reading the flattened vector (directly or through such layers) is
+    either a Linear, which becomes the map-sized conv, or element-wise; the
+    output itself must come after a Linear.
+    """
     if not linears:
         raise refuse(
             f"the model's output {name!r} is the flattened feature map "
             f"{describe(gm, site.source)}{where(site.source)} with no Linear layer after it"
         )
-    linear_set = set(linears)
+    before: set[fx.Node] = {site.node}
     for node, kind in path.items():
-        if kind == "linear" or ancestors(node) & linear_set:
+        if not any(operand in before for operand in tensor_operands(node)):
+            continue
+        if kind == "linear":
             continue
         if kind != "pointwise" or not is_pointwise(gm, node, None):
-            first = next(n for n in linears if node in ancestors(n))
-            raise _fed_by(gm, first, node)
+            following = [n for n in linears if node in ancestors(n)]
+            if following:
+                raise _fed_by(gm, following[0], node)
+            raise refuse(
+                f"{describe(gm, node)}{where(node)} in the head of output {name!r} reads the "
+                f"flattened feature map {describe(gm, site.node)} itself; only a Linear "
+                "(after element-wise layers at most) may read it, since only a Linear has "
+                "a twin on every window"
+            )
+        before.add(node)
+    leaf = next(reversed(path)) if path else site.node
+    if leaf in before:
+        raise refuse(
+            f"the model's output {name!r} is the flattened feature map "
+            f"{describe(gm, site.source)}{where(site.source)} with no Linear layer after it"
+        )
 
 
 def first_linears(path: dict[fx.Node, str]) -> list[fx.Node]:
