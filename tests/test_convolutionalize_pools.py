@@ -416,3 +416,20 @@ def test_concatenated_linear_heads_on_a_flatten_and_what_reads_the_flat_vector()
     assert verify_dense(model, dense, 6)
     with pytest.raises(ConvolutionalizeError, match=r"'sum_1' \(Tensor.sum\) at .* reads the flat"):
         convolutionalize(seeded(FlattenHeads("sum")), 6)
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_per_cell_heads_export_and_load_without_the_model_code(tmp_path, monkeypatch, suffix):
+    if suffix == ".onnx":
+        pytest.importorskip("onnxruntime")
+    from fcconv.api import convolutionalize_file
+
+    module = types.ModuleType("fcconv_test_per_cell")
+    module.build = lambda: seeded(PerCellHead("prelu-per-unit"))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    out = tmp_path / f"dense{suffix}"
+    result = convolutionalize_file(None, out, arch=f"{module.__name__}:build", input_size=15)
+    assert result, result.verification.problems
+    # the program or graph was run on probe sizes against the converted model
+    assert result.export.dynamic and result.export.rejected_shapes == []
+    assert result.export.roundtrip_max_abs_diff < 1e-4

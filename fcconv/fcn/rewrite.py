@@ -49,9 +49,12 @@ class FeatureLayerNorm(nn.Module):
         self.bias = norm.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        moved = x.movedim(1, -1)
-        normed = F.layer_norm(moved, self.normalized_shape, self.weight, self.bias, self.eps)
-        return normed.movedim(-1, 1)
+        # explicit non-negative permutations: the ONNX exporter writes movedim(-1, 1) as a
+        # Transpose with a negative axis, which onnxruntime refuses
+        rank = x.dim()
+        last = x.permute(0, *range(2, rank), 1)
+        normed = F.layer_norm(last, self.normalized_shape, self.weight, self.bias, self.eps)
+        return normed.permute(0, rank - 1, *range(1, rank - 1))
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, over dim 1"
