@@ -156,8 +156,12 @@ class Conversion:
         }
 
     def _reads_past(self) -> dict[str, list[bool]] | None:
-        """Per input axis, whether the model reads past its start / end at the native size."""
-        if self.crop_plan is None:
+        """Per input axis, whether the model reads past its start / end at the native size.
+
+        None when unknown, and for a class activation map, whose cells are
+        the head on one feature cell and never the model on a crop.
+        """
+        if self.crop_plan is None or self.head == "cam":
             return None
         return {"start": list(self.crop_plan.before), "end": list(self.crop_plan.after)}
 
