@@ -242,3 +242,19 @@ def test_python_dash_m_never_runs_a_module_planted_in_the_working_folder(tmp_pat
     )
     assert done.returncode == 0, done.stderr
     assert not marker.exists(), marker.read_text()
+
+
+def test_the_api_reference_shows_doctests_as_code() -> None:
+    """scripts/griffe_doctests.py fences doctests outside Example sections, once."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "griffe_doctests", ROOT / "scripts" / "griffe_doctests.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = "Summary.\n\n>>> f()\n['a', 'b']\n\nMore.\n\nExample:\n    >>> g()\n    1\n"
+    fenced = module.fence_doctests(text).splitlines()
+    assert fenced[2:6] == ["```pycon", ">>> f()", "['a', 'b']", "```"]
+    assert fenced[-3:] == ["Example:", "    >>> g()", "    1"]
+    assert module.fence_doctests("```\n>>> h()\n```") == "```\n>>> h()\n```"
