@@ -22,6 +22,7 @@ from fcconv.fcn.cells import crop_plan, output_cells, trunk_geometry
 from fcconv.fcn.ops import describe, feature_reduction, module_of
 from fcconv.fcn.results import Conversion, LayerChange, OutputFacts
 from fcconv.geometry import PatchNd, kernel_axes
+from fcconv.progress import phased
 from fcconv.surgery import batchnorm1d_to_nd, linear_to_conv_nd, replace_module
 from fcconv.windows import conv_line
 
@@ -184,6 +185,7 @@ def _head_kind(site, mode: str) -> str:
     return "cam" if mode == "cam" else "global_pool"
 
 
+@phased("tracing and rewriting")
 def convolutionalize_detailed(
     model: nn.Module,
     input_size: Sequence[int] | int,
