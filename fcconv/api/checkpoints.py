@@ -108,6 +108,7 @@ class ConvertResult:
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    order_from: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.written
@@ -124,6 +125,11 @@ class ConvertResult:
             layers.append(
                 {
                     **plan.to_dict(),
+                    **(
+                        {"order_from": self.order_from[plan.name]}
+                        if plan.name in self.order_from
+                        else {}
+                    ),
                     "geometry": plan.geometry(size),
                     "order_evidence": evidence.to_dict() if evidence is not None else None,
                 }
@@ -160,12 +166,13 @@ class Job:
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    order_from: dict[str, str] = field(default_factory=dict)  # layer → record/flag/model/…
 
     def result(self, plans: list[LayerPlan], verification: Any, **written: Any) -> ConvertResult:
         return ConvertResult(
             self.source.path, self.output, plans, self.size, verification,
             written=bool(written), evidence=self.evidence, notes=self.notes,
-            warnings=self.warnings, **written,
+            warnings=self.warnings, order_from=self.order_from, **written,
         )  # fmt: skip
 
 

@@ -58,6 +58,7 @@ _TORCH_NAMES = {
     "Dense": ("weight", "bias"),
     "Conv2D": ("weight", "bias"),
     "BatchNormalization": ("weight", "bias", "running_mean", "running_var"),
+    "PReLU": ("weight",),  # alpha; torch's nn.PReLU holds it 1-D
 }
 _LEGACY_NAMES = {
     "kernel": "weight",
@@ -66,9 +67,15 @@ _LEGACY_NAMES = {
     "beta": "bias",
     "moving_mean": "running_mean",
     "moving_variance": "running_var",
+    "alpha": "weight",
 }
 # The class of a Keras 3 h5 group, from its name when no config says it.
-_SNAKE_CLASSES = {"dense": "Dense", "conv2d": "Conv2D", "batch_normalization": "BatchNormalization"}
+_SNAKE_CLASSES = {
+    "dense": "Dense",
+    "conv2d": "Conv2D",
+    "batch_normalization": "BatchNormalization",
+    "p_re_lu": "PReLU",
+}
 
 
 def kind_of(path: str | Path) -> str | None:
@@ -210,6 +217,8 @@ def _to_torch(handle: h5py.File, variable: Variable, source: str) -> torch.Tenso
         return keras_dense_to_linear(tensor)
     if variable.layout == "conv":
         return keras_conv_to_oihw(tensor)
+    if variable.layout == "prelu":
+        return tensor.reshape(-1)
     return tensor
 
 
@@ -335,7 +344,7 @@ def _read_keras3(file: KerasFile, handle: h5py.File) -> None:
             if use_torch:
                 assert known is not None and name is not None
                 torch_name = known[int(index)]
-                layout = _layout(cls, torch_name, handle[path].ndim)
+                layout = _layout(cls, torch_name, handle[path].shape)
                 key = f"{name}.{torch_name}"
             else:
                 key, layout = path.replace("/", "."), "raw"
@@ -358,7 +367,7 @@ def _read_legacy(file: KerasFile, handle: h5py.File) -> None:
             if torch_name is None:
                 key, layout = f"{layer}.{variable}", "raw"
             else:
-                key, layout = f"{layer}.{torch_name}", _layout(cls, torch_name, handle[path].ndim)
+                key, layout = f"{layer}.{torch_name}", _layout(cls, torch_name, handle[path].shape)
             if key in file.variables:
                 key, layout = path.replace("/", "."), "raw"
             file.variables[key] = Variable(key, path, layer, layout)
@@ -382,13 +391,15 @@ def _add_raw(file: KerasFile, handle: h5py.File, top: str) -> None:
         file.variables[key] = Variable(key, path, None, "raw")
 
 
-def _layout(cls: str, torch_name: str, ndim: int) -> str:
+def _layout(cls: str, torch_name: str, shape: tuple[int, ...]) -> str:
     if torch_name != "weight":
         return "raw"
-    if cls == "Dense" and ndim == 2:
+    if cls == "Dense" and len(shape) == 2:
         return "dense"
-    if cls == "Conv2D" and ndim == 4:
+    if cls == "Conv2D" and len(shape) == 4:
         return "conv"
+    if cls == "PReLU" and len(shape) > 1 and all(side == 1 for side in shape[:-1]):
+        return "prelu"  # one alpha per channel, shared over the map: 1-D as torch's
     return "raw"
 
 
