@@ -101,3 +101,60 @@ def save(model: Any, path: Path) -> Path:
         else:
             model.save(path)
     return path
+
+
+def global_pool_net(pool: str = "avg") -> Any:
+    """A trunk ending in global pooling (as Keras applications end), then a head with
+    per-cell layers between its Dense layers: 20x18x3 → 7x6x8 map → pool → fc1 (12) →
+    BatchNormalization → PReLU → LayerNormalization → fc2 (softmax over 5)."""
+    keras = _keras()
+    from keras import layers
+
+    image = keras.Input((20, 18, 3), name="img")
+    x = layers.Conv2D(8, 3, activation="relu", name="c1")(image)
+    x = layers.MaxPooling2D(2, name="p1")(x)
+    x = layers.Conv2D(8, 2, name="c2")(x)
+    pooled = (
+        layers.GlobalAveragePooling2D(name="gap")
+        if pool == "avg"
+        else layers.GlobalMaxPooling2D(name="gmp")
+    )(x)
+    x = layers.Dense(12, name="fc1")(pooled)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.PReLU(name="act")(x)
+    x = layers.LayerNormalization(name="ln")(x)
+    scores = layers.Dense(5, activation="softmax", name="fc2")(x)
+    model = keras.Model(image, scores, name=f"g{pool}")
+    _randomize_normalization(model)
+    return model
+
+
+def nested_net() -> Any:
+    """A Functional model whose Dense layers sit inside a nested Sequential sub-model."""
+    keras = _keras()
+    from keras import layers
+
+    head = keras.Sequential(
+        [keras.Input((4, 4, 6)), layers.Flatten(name="flat"), layers.Dense(7, name="fc1")],
+        name="head",
+    )
+    image = keras.Input((6, 6, 3), name="img")
+    x = layers.Conv2D(6, 3, name="c1")(image)
+    scores = layers.Dense(3, name="fc2")(head(x))
+    return keras.Model(image, scores, name="nested")
+
+
+def _randomize_normalization(model: Any) -> None:
+    """Moving statistics and scales that are not the identity, so that a lost layer shows."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        if type(layer).__name__ in ("BatchNormalization", "LayerNormalization", "PReLU"):
+            layer.set_weights(
+                [
+                    (rng.uniform(0.5, 1.5, w.shape) if i % 2 else rng.normal(0, 0.3, w.shape))
+                    .astype(np.float32)
+                    for i, w in enumerate(layer.get_weights())
+                ]
+            )

@@ -239,6 +239,10 @@ def read_order(config: dict[str, Any], dense: str) -> MapOrder | None:
             before it (a layer fcconv cannot follow), or a Permute of another rank.
     """
     graph = read_graph(config)
+    if graph is not None and dense not in graph.inputs and "." in dense:
+        outer, inner = dense.split(".", 1)  # a layer of a nested model
+        if outer in graph.inputs:
+            return read_order(graph.by_name(outer), inner)
     if graph is None or dense not in graph.inputs:
         return None
     name = _first_input(graph, dense)
@@ -341,8 +345,8 @@ def _infer_patch(graph: KerasGraph, entry: str) -> Patch | None:
     while name is not None:
         chain.insert(0, graph.by_name(name))
         name = _first_input(graph, name)
-    if graph.sequential and graph.layers and layer_class(graph.layers[0]) != "InputLayer":
-        chain.insert(0, graph.layers[0])  # a Keras 2 Sequential: the first layer has the shape
+    if graph.sequential and graph.layers and graph.layers[0] not in chain:
+        chain.insert(0, graph.layers[0])  # its InputLayer, or (Keras 2) a first layer's shape
     shape: list[int] | None = None
     for layer in chain:
         cfg, cls = layer_config(layer), layer_class(layer)
