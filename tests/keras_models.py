@@ -153,8 +153,81 @@ def _randomize_normalization(model: Any) -> None:
         if type(layer).__name__ in ("BatchNormalization", "LayerNormalization", "PReLU"):
             layer.set_weights(
                 [
-                    (rng.uniform(0.5, 1.5, w.shape) if i % 2 else rng.normal(0, 0.3, w.shape))
-                    .astype(np.float32)
+                    (
+                        rng.uniform(0.5, 1.5, w.shape) if i % 2 else rng.normal(0, 0.3, w.shape)
+                    ).astype(np.float32)
                     for i, w in enumerate(layer.get_weights())
                 ]
             )
+
+
+# ------------------------------------------------------------ Keras 2-era files
+
+
+def _keras2_layer(cls: str, name: str, config: dict, inbound: list[str] | None) -> dict:
+    layer = {"class_name": cls, "config": {"name": name, "trainable": True, **config}}
+    if inbound is not None:
+        layer["name"] = name
+        layer["inbound_nodes"] = [[[source, 0, 0, {}] for source in inbound]] if inbound else []
+    return layer
+
+
+def keras2_h5(path: Path, style: str, rng: Any) -> dict[str, Any]:
+    """A Keras 2-era ``.h5`` written with h5py, as Keras 2.0 (``style="2.0"``: a Sequential
+    whose config is the list of layers) or 2.2 (``"2.2"``: a ``Model`` whose layers name
+    their inputs in list-form ``inbound_nodes``) saved it.
+
+    The model: 8x8x3 → Conv2D c1 (4, 3x3, relu) → Permute((3, 1, 2)) → Flatten → fc1 (6)
+    → fc2 (3): the head reads the 6x6x4 map as ``chw``. Returns the weights by layer.
+    """
+    import json
+
+    import h5py
+    import numpy as np
+
+    functional = style == "2.2"
+    inbound = (lambda *names: list(names)) if functional else (lambda *names: None)
+    conv = {"filters": 4, "kernel_size": [3, 3], "strides": [1, 1], "padding": "valid",
+            "data_format": "channels_last", "dilation_rate": [1, 1], "activation": "relu",
+            "use_bias": True}  # fmt: skip
+    dense = {"activation": "linear", "use_bias": True}
+    layers = [
+        _keras2_layer("Conv2D", "c1", conv, inbound("input_1")),
+        _keras2_layer("Permute", "nchw", {"dims": [3, 1, 2]}, inbound("c1")),
+        _keras2_layer("Flatten", "flat", {"data_format": "channels_last"}, inbound("nchw")),
+        _keras2_layer("Dense", "fc1", {"units": 6, **dense}, inbound("flat")),
+        _keras2_layer("Dense", "fc2", {"units": 3, **dense}, inbound("fc1")),
+    ]
+    if functional:
+        first = {"batch_input_shape": [None, 8, 8, 3], "dtype": "float32", "sparse": False}
+        layers.insert(0, _keras2_layer("InputLayer", "input_1", first, []))
+        config = {
+            "class_name": "Model",
+            "config": {"name": "model_1", "layers": layers,
+                       "input_layers": [["input_1", 0, 0]], "output_layers": [["fc2", 0, 0]]},
+        }  # fmt: skip
+    else:
+        layers[0]["config"]["batch_input_shape"] = [None, 8, 8, 3]
+        config = {"class_name": "Sequential", "config": layers}
+    weights = {
+        "c1": {"kernel": rng.standard_normal((3, 3, 3, 4)), "bias": rng.standard_normal(4)},
+        "fc1": {"kernel": rng.standard_normal((144, 6)), "bias": rng.standard_normal(6)},
+        "fc2": {"kernel": rng.standard_normal((6, 3)), "bias": rng.standard_normal(3)},
+    }
+    weights = {k: {n: a.astype(np.float32) for n, a in v.items()} for k, v in weights.items()}
+    names = [layer["config"]["name"] for layer in layers]
+    with h5py.File(path, "w") as handle:
+        handle.attrs["keras_version"] = b"2.2.4" if functional else b"2.0.8"
+        handle.attrs["backend"] = b"tensorflow"
+        handle.attrs["model_config"] = json.dumps(config).encode()
+        group = handle.create_group("model_weights")
+        group.attrs["layer_names"] = np.array([n.encode() for n in names])
+        for name in names:
+            layer = group.create_group(name)
+            arrays = weights.get(name, {})
+            layer.attrs["weight_names"] = np.array(
+                [f"{name}/{variable}:0".encode() for variable in arrays], dtype="S"
+            )
+            for variable, array in arrays.items():
+                layer.create_dataset(f"{name}/{variable}:0", data=array)
+    return weights

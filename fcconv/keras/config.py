@@ -297,8 +297,8 @@ def _map_order(graph: KerasGraph, entry: str) -> MapOrder:
         words.append(f"Permute{tuple(dims)}")
     shape = _input_shape(flatten)
     patch = _patch_of(shape, labels)
-    if patch is None and layout == "channels_last":
-        patch = _infer_patch(graph, permutes[0] if permutes else entry)
+    if patch is None:
+        patch = _infer_patch(graph, permutes[0] if permutes else entry, layout)
     if cls == "Flatten" and layer_config(flatten).get("data_format") == "channels_first":
         labels = labels[1:] + labels[:1]
         words.append("Flatten(channels_first)")
@@ -311,7 +311,7 @@ def _map_order(graph: KerasGraph, entry: str) -> MapOrder:
 def _pooled(graph: KerasGraph, entry: str, layout: str) -> MapOrder:
     shape = _input_shape(graph.by_name(entry))
     labels = ["h", "w", "c"] if layout != "channels_first" else ["c", "h", "w"]
-    patch = _patch_of(shape, labels) or _infer_patch(graph, entry)
+    patch = _patch_of(shape, labels) or _infer_patch(graph, entry, layout)
     cls = layer_class(graph.by_name(entry))
     return MapOrder(entry, KERAS_ORDER, patch, f"{cls} of a {layout} map", layout, pool=cls)
 
@@ -337,9 +337,9 @@ def _nested_layout(layer: dict[str, Any]) -> str | None:
 _SHAPE_KEEPING = (*PER_CELL, "InputLayer", "SpatialDropout2D")
 
 
-def _infer_patch(graph: KerasGraph, entry: str) -> Patch | None:
+def _infer_patch(graph: KerasGraph, entry: str, layout: str = "channels_last") -> Patch | None:
     """The map the entry reads, from the input's shape through convs and pools (legacy
-    configs carry no ``build_config``), for a chain of channels-last layers; else None."""
+    configs carry no ``build_config``), for a chain of layers of one layout; else None."""
     chain: list[dict[str, Any]] = []
     name = _first_input(graph, entry)
     while name is not None:
@@ -352,13 +352,13 @@ def _infer_patch(graph: KerasGraph, entry: str) -> Patch | None:
         cfg, cls = layer_config(layer), layer_class(layer)
         given = cfg.get("batch_shape") or cfg.get("batch_input_shape")
         if shape is None and isinstance(given, list) and len(given) == 4:
-            shape = list(given[1:])
+            shape = list(given[1:]) if layout != "channels_first" else [*given[2:], given[1]]
         if cls == "InputLayer" or shape is None or cls in _SHAPE_KEEPING:
             continue
         if cls == "Conv2D":
-            shape = _window_shape(shape, cfg, cfg.get("kernel_size"), cfg.get("filters"))
+            shape = _window_shape(shape, cfg, cfg.get("kernel_size"), cfg.get("filters"), layout)
         elif cls in ("MaxPooling2D", "AveragePooling2D"):
-            shape = _window_shape(shape, cfg, cfg.get("pool_size"), shape[2])
+            shape = _window_shape(shape, cfg, cfg.get("pool_size"), shape[2], layout)
         else:
             return None
         if shape is None:
@@ -369,11 +369,12 @@ def _infer_patch(graph: KerasGraph, entry: str) -> Patch | None:
 
 
 def _window_shape(
-    shape: list[int], cfg: dict[str, Any], kernel: Any, channels: Any
+    shape: list[int], cfg: dict[str, Any], kernel: Any, channels: Any, layout: str
 ) -> list[int] | None:
+    """``[H, W, C]`` after a conv or pool (in the map's layout; another one is unknown)."""
     strides = cfg.get("strides") or kernel
     dilation = cfg.get("dilation_rate", [1, 1])
-    if cfg.get("data_format", "channels_last") != "channels_last" or not isinstance(channels, int):
+    if cfg.get("data_format", "channels_last") != layout or not isinstance(channels, int):
         return None
     try:
         sizes = []
