@@ -311,3 +311,16 @@ def test_dense_layers_inside_nested_models_are_seen(invoke, files, tmp_path) -> 
     document = json.loads(invoke(*args, "--layer", "head.fc1", "--json").stdout)
     assert document["layers"][0]["patch"] == "4x4x6"
     assert document["layers"][0]["order_from"] == "model"
+
+
+def test_inspect_shows_the_head_it_read(invoke, files) -> None:
+    head = json.loads(invoke("inspect", files["rnet.keras"], "--json").stdout)["head"]
+    assert head["found"] and head["permute"] == ["permute"] and head["flatten"] == "flatten"
+    assert (head["feature_map"], head["order"], head["order_from"]) == ("3x3x64", "cwh", "model")
+    assert head["dense"] == ["fc4", "fc5-1", "fc5-2"] and head["outputs"] == ["fc5-1", "fc5-2"]
+    human = invoke("inspect", files["rnet.keras"]).stderr
+    assert "cwh" in human and "permute" in human
+    weights = json.loads(invoke("inspect", files["rnet.weights.h5"], "--json").stdout)["head"]
+    assert not weights["found"] and weights["order_from"] == "default"
+    refused = json.loads(invoke("inspect", files["cf.keras"], "--json").stdout)["head"]
+    assert not refused["found"] and (refused["order"], refused["order_from"]) == ("chw", "model")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import SpecError
+from fcconv.io.keras import KERAS_FORMATS
 from fcconv.io.sources import Source, open_source
 from fcconv.patches import (
     AnySpec,
@@ -51,6 +52,7 @@ class InspectResult:
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     exit_code: int = 0
     rank: int = 2
+    head: dict[str, Any] | None = None  # a Keras/ONNX model's head, as read off its config/graph
 
     def __bool__(self) -> bool:
         return True
@@ -73,6 +75,7 @@ class InspectResult:
             ],
             "converted": self.converted,
             "order_evidence": {name: ev.to_dict() for name, ev in self.evidence.items()},
+            "head": self.head,
         }
 
 
@@ -116,6 +119,10 @@ def inspect_checkpoint(
 
     A safetensors file or shard folder is described from its headers alone.
     """
+    if str(path).lower().endswith(".onnx"):
+        from fcconv.api.onnx import inspect_onnx
+
+        return inspect_onnx(path, channels=channels, rank=_rank(rank, spec_of(feature_map)))
     limit = spec_of(feature_map)
     rank = _rank(rank, limit)
     if limit is not None:
@@ -132,7 +139,14 @@ def inspect_checkpoint(
     ]
     spec = spec_of(patch)
     evidence = _evidence_for_patch(source, entries, spec) if spec is not None else {}
-    return InspectResult(source.path, source.format, entries, fits, converted, evidence, rank=rank)
+    head = None
+    if source.format in KERAS_FORMATS:
+        from fcconv.api.keras import keras_head
+
+        head = keras_head(source.path)
+    return InspectResult(
+        source.path, source.format, entries, fits, converted, evidence, rank=rank, head=head
+    )
 
 
 def _rank(rank: int | None, limit: AnySpec | None) -> int:

@@ -35,6 +35,7 @@ from fcconv.io.keras import (
     KERAS_WEIGHTS,
     KerasFile,
     NewLayout,
+    config_classes,
     group_names,
     keras_zip,
     read_keras,
@@ -223,6 +224,33 @@ def _check_patch(request: LayerRequest, job: Job, read: MapOrder) -> None:
 
 def _hwc(patch: Any) -> tuple[int, int, int]:
     return patch.height, patch.width, patch.channels
+
+
+def keras_head(path: str | Path) -> dict[str, Any]:
+    """What ``inspect`` says of a Keras file's head: the layers read off its config, the
+    feature map and the order (or why it has none to rewrite)."""
+    file = read_keras(path)
+    if file.config is None:
+        return {
+            "found": False,
+            "order": KERAS_ORDER,
+            "order_from": "default",
+            "reason": "no model config (a weights file): the order is Keras's channels-last "
+            "hwc unless a Permute or a channels_first trunk says otherwise",
+        }
+    try:
+        return {"found": True, **find_head(file.config).to_dict()}
+    except FcconvError as error:
+        found: dict[str, Any] = {"found": False, "reason": str(error), "layer": error.layer}
+    for name, cls in config_classes(file.config).items():
+        try:
+            read = read_order(file.config, name) if cls == "Dense" else None
+        except FcconvError:
+            continue
+        if read is not None:  # the order can still be read, for the weights-only routes
+            found.update(order=read.order, order_from="model", order_detail=read.detail)
+            break
+    return found
 
 
 def _check_model_plans(plans: list[LayerPlan], head: KerasHead) -> None:
