@@ -18,13 +18,13 @@ def render_onnx_convolutionalize(console: Console, result: OnnxConvolutionalizeR
     facts = [
         ("model", result.model),
         ("native input", size(result.input_size)),
-        ("feature map / patch", f"{patch.channels} × {patch.height} × {patch.width} ({patch})"),
-        ("order", f"{result.order} (from {result.order_from})"),
+        ("feature map / patch", f"{patch.describe()} ({patch})"),
+        ("order", f"{result.order} (from the model: {result.order_from})"),
         ("stride", f"{size(result.stride)} feature-map cells"),
     ]
     for index, layer in enumerate(result.layers):
-        weight = "×".join(map(str, layer["weight"]))
-        facts.append((f"linear {index + 1}", f"{layer['was']} [{weight}] → {layer['now']}"))
+        weight = f" [{'×'.join(map(str, layer['weight']))}]" if layer["weight"] else ""
+        facts.append((f"layer {index + 1}", f"{layer['was']}{weight} → {layer['now']}"))
     console.print(table(text(f"fcconv convolutionalize {result.model}"), facts))
     rows = [("check", check.summary())]
     if where is not None:
