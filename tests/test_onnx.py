@@ -161,7 +161,9 @@ def test_bad_graphs_are_one_line_errors(invoke, samples, tmp_path) -> None:
     result = invoke("convolutionalize", broken, "-o", tmp_path / "d.onnx", exit=2)
     assert result.stderr.startswith("fcconv: error: ") and result.stderr.count("\n") == 1
     model = onnx.load(samples / SAMPLE)
-    model.graph.output.append(onnx.helper.make_tensor_value_info("/1/Relu_output_0", 1, ["n", "c", "h", "w"]))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("/1/Relu_output_0", 1, ["n", "c", "h", "w"])
+    )
     two = tmp_path / "two.onnx"
     onnx.save(model, two)
     result = invoke("convolutionalize", two, "-o", tmp_path / "d.onnx", exit=2)

@@ -318,3 +318,40 @@ def verify_onnx(
     return OnnxVerifyResult(
         str(original), str(converted), head.patch, head.order, step, check, coordinates
     )
+
+
+def inspect_onnx(path: str | Path, *, channels: int | None = None, rank: int = 2) -> Any:
+    """``inspect`` on an ONNX graph: its linear layers (Gemm, MatMul with a constant 2-D
+    weight) as Linear-shaped entries, the patches that fit, and the head fcconv would
+    rewrite (or why there is none)."""
+    from fcconv.api.inspection import InspectResult
+    from fcconv.errors import FcconvError
+    from fcconv.onnx.graph import LINEARS, _Graph, find_head
+    from fcconv.patches import candidate_patches_nd
+    from fcconv.plan import LinearEntry
+
+    model = load_onnx(path)
+    graph = _Graph(model)
+    entries, fits = [], {}
+    for node in model.graph.node:
+        if node.op_type not in LINEARS or len(node.input) < 2:
+            continue
+        weight = graph.constant(node.input[1])
+        if weight is None or weight.ndim != 2:
+            continue
+        transposed = node.op_type == "Gemm" and graph.attribute(node, "transB", 0)
+        out_features, in_features = weight.shape if transposed else weight.shape[::-1]
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else None
+        name = node.name or node.output[0]
+        entries.append(
+            LinearEntry(
+                name, node.input[1], bias or None, out_features, in_features, str(weight.dtype)
+            )
+        )
+        found = candidate_patches_nd(in_features, rank, channels, limit=6)
+        fits[name] = [str(patch) for patch in found][:6]
+    try:
+        head: dict[str, Any] = find_head(model).to_dict()
+    except FcconvError as error:
+        head = {"found": False, "reason": str(error)}
+    return InspectResult(str(path), "onnx", entries, fits, [], rank=rank, head=head)

@@ -132,6 +132,12 @@ def check_dense(
     if not grid or min(grid) < 1:
         check.problems.append(f"the trunk's map at {'x'.join(map(str, larger))} holds no window")
         return check, None
+    if all(count == 1 for count in grid):
+        check.problems.append(
+            f"the map is 1 cell on a {'x'.join(map(str, larger))} input, as at the native "
+            "size: the dense graph does not slide its head"
+        )
+        return check, None
     outputs = [output.name for output in original.graph.output]
     head_session = session(_part(original, [head.source], outputs, (0,)))
     chunk = fixed or len(windows)

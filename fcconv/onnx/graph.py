@@ -312,6 +312,11 @@ def _read_entry(graph: _Graph, entry: Any) -> OnnxHead:
 def _is_global_pool(graph: _Graph, node: Any) -> bool:
     if node.op_type in GLOBAL_POOLS:
         return True
+    if node.op_type in ("AveragePool", "MaxPool"):  # an adaptive pool to 1, as exported
+        shape = graph.shapes.get(node.input[0])
+        kernel = list(graph.attribute(node, "kernel_shape", []))
+        pads = list(graph.attribute(node, "pads", [])) or [0]
+        return bool(shape) and kernel == list(shape[2:]) and not any(pads)
     return (
         node.op_type in REDUCE_POOLS
         and bool(graph.attribute(node, "keepdims", 1))
@@ -514,7 +519,8 @@ def _pool_node(head: OnnxHead, stride: tuple[int, ...]) -> Any:
     from onnx import helper
 
     assert head.pool is not None
-    op = GLOBAL_POOLS.get(head.pool.op_type) or REDUCE_POOLS[head.pool.op_type]
+    op = GLOBAL_POOLS.get(head.pool.op_type) or REDUCE_POOLS.get(head.pool.op_type)
+    op = op or head.pool.op_type  # an AveragePool/MaxPool over the whole map
     return helper.make_node(
         op,
         [head.source],
