@@ -1,19 +1,23 @@
-# A newcomer's targets: install, demo, test, lint, bench.
-# Everything runs in .venv; torch's small CPU build goes in first so that the
-# loose `torch>=2.3` requirement is already satisfied and pip pulls no CUDA.
+# A newcomer's targets: install, demo, test, lint, bench, docs.
+# Everything runs in .venv; torch goes in first so that the loose `torch>=2.3`
+# requirement is already satisfied when the project is installed. From PyPI on
+# Linux `torch` is the CUDA build (gigabytes); PyTorch's own CPU index has the
+# small one: `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all lint format bench samples clean
+.PHONY: install demo test test-slow test-all lint format bench samples docs clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,keras,onnx,map]"
 	touch $(STAMP)
 
@@ -43,8 +47,18 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 
+# The documentation site (mkdocs.yml, docs/): built strictly, every warning an error.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 samples: install
 	$(BIN)/python scripts/make_samples.py
 
 clean:
-	rm -rf $(VENV) demo_out bench_out .pytest_cache .hypothesis
+	rm -rf $(VENV) demo_out bench_out site .pytest_cache .hypothesis

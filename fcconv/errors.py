@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 PARAMETERS = (
     "arch",
@@ -131,6 +132,40 @@ class FcconvError(Exception):
     def render(self, names: Mapping[str, str]) -> str:
         """The message with each ``{parameter}`` spelt as ``names`` says."""
         return _PLACEHOLDER.sub(lambda match: names[match.group(1)], self.template)
+
+    def fields(self) -> dict[str, Any]:
+        """Every field of this error (``path``, ``layer`` and a subclass's own), JSON-ready.
+
+        A field holding a result object (an order ranking) comes as its ``to_dict()``.
+        """
+        return {
+            name: _plain(value)
+            for name, value in vars(self).items()
+            if name != "template" and not name.startswith("_")
+        }
+
+    def to_dict(self, names: Mapping[str, str] = LIBRARY_NAMES) -> dict[str, Any]:
+        """The error as data: ``kind`` (its class), ``kinds`` (its classes up to
+        :class:`FcconvError`, to branch on a family), ``message`` and its fields.
+
+        >>> SpecError("bad {patch}", layer="fc").to_dict(CLI_NAMES)["kinds"]
+        ['SpecError', 'FcconvError']
+        """
+        kinds = [k.__name__ for k in type(self).__mro__ if issubclass(k, FcconvError)]
+        return {"kind": kinds[0], "kinds": kinds, "message": self.render(names), **self.fields()}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON can hold it: results by their ``to_dict()``, paths as text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    return str(value)
 
 
 class SpecError(FcconvError):

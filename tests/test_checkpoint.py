@@ -277,8 +277,8 @@ def test_every_float_dtype_converts_and_verifies(invoke, tmp_path, dtype, suffix
     assert document["equivalent"] is True
     functional = document["layers"][0]["functional"]
     assert functional["dtype"] == str(dtype).removeprefix("torch.")
-    assert functional["float64_ratio"] <= 1.0
-    assert functional["bound_ratio"] is not None and functional["bound_ratio"] <= 1.0
+    assert functional["float64"]["ratio"] <= 1.0
+    assert functional["in_dtype"]["ratio"] is not None and functional["in_dtype"]["ratio"] <= 1.0
 
 
 # ---------------------------------------------------------- atomic writes

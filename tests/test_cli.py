@@ -182,7 +182,8 @@ def test_inspect_shows_converted_layers(invoke, samples, tmp_path) -> None:
 
 def test_inspect_bad_file_exits_2(invoke, tmp_path) -> None:
     result = invoke("inspect", tmp_path / "nope.pt", "--json", exit=2)
-    assert result.stdout == ""
+    error = json.loads(result.stdout)["error"]  # --json: the failure as a document too
+    assert error["kind"] == "CheckpointError" and error["path"] == str(tmp_path / "nope.pt")
     assert result.stderr.startswith("fcconv: error: ") and "no such file" in result.stderr
 
 
@@ -363,7 +364,7 @@ def test_convert_to_and_from_stdio_in_process(invoke, samples) -> None:
 def test_convert_json_with_checkpoint_on_stdout_is_refused(invoke, seed_pt) -> None:
     result = invoke("convert", seed_pt, "-o", "-", "--layer", "fc", "--patch", "20x20",
                     "--json", exit=2)  # fmt: skip
-    assert result.stdout == ""
+    assert json.loads(result.stdout)["error"]["kind"] == "SpecError"  # the report, not data
     assert result.stderr.startswith("fcconv: error: ") and "stdout" in result.stderr
 
 

@@ -4,7 +4,7 @@ A single element moved anywhere in a large weight, the last block of rows
 included, must be caught, with its place, by the streaming convert's check
 (safetensors and torch zip), the in-memory convert's check, and ``verify``
 of two files on disk. The weight here spans two real blocks
-(``fcconv.exact.BLOCK_BYTES``); a property test moves elements anywhere in
+(``fcconv.verify.exact.BLOCK_BYTES``); a property test moves elements anywhere in
 weights of many shapes cut into blocks of a few rows.
 """
 
@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 from reference import index_table
 from safetensors.torch import load_file, save_file
 
-import fcconv.exact
+import fcconv.verify.exact
 from fcconv import convert_checkpoint, verify_checkpoints
-from fcconv.exact import MemoryTensors, linear_columns, permuted_mismatch
 from fcconv.geometry import ORDERS, Patch, linear_weight_to_conv
 from fcconv.io.sources import DiskTensors, open_source
 from fcconv.io.streaming import _Writer
 from fcconv.verify import functional_check, functional_rows
+from fcconv.verify.exact import MemoryTensors, linear_columns, permuted_mismatch
 
 PATCH = Patch(7, 7, 256)  # 12,544 features: rows of 50 KB
 ROWS = 700  # 35 MB: a 32 MB block of 668 rows, then a last block of 32
@@ -35,7 +35,7 @@ LAST = ROWS - 1
 
 
 def test_the_weight_spans_two_blocks() -> None:
-    per_block = fcconv.exact.BLOCK_BYTES // (PATCH.features * 4)
+    per_block = fcconv.verify.exact.BLOCK_BYTES // (PATCH.features * 4)
     assert per_block < ROWS < 2 * per_block
 
 
@@ -76,7 +76,7 @@ def test_a_moved_element_is_found_anywhere_in_memory_and_on_disk(
     order = data.draw(st.sampled_from(ORDERS))
     patch = Patch(h, w, c)
     monkeypatch.setattr(
-        fcconv.exact, "BLOCK_BYTES", data.draw(st.integers(1, 3)) * patch.features * 4
+        fcconv.verify.exact, "BLOCK_BYTES", data.draw(st.integers(1, 3)) * patch.features * 4
     )
     weight = torch.randn(rows, patch.features, generator=torch.Generator().manual_seed(rows))
     weight = weight + torch.arange(weight.numel()).reshape(weight.shape)  # every value distinct
@@ -241,6 +241,6 @@ def test_the_functional_check_on_a_row_subset_still_sees_a_wrong_order(files) ->
     wrong = linear_weight_to_conv(weight, PATCH, "whc")  # judged as hwc below
     check = functional_check(weight, bias, wrong, bias, PATCH, "hwc", (7, 7))
     assert check.channels_checked == len(functional_rows(ROWS, PATCH.features)) < ROWS
-    assert not check and check.float64_ratio > 1e6
+    assert not check and check.float64.ratio > 1e6
     right = linear_weight_to_conv(weight, PATCH, "hwc")
     assert functional_check(weight, bias, right, bias, PATCH, "hwc", (7, 7))

@@ -68,7 +68,7 @@ def test_non_finite_weights_permuted_exactly_pass(tmp_path: Path, value: float) 
     result = verify_checkpoints(source, out)
     assert result.exit_code == 0, result.to_dict()["layers"][0]["problems"]
     functional = result.layers[0].functional
-    assert functional.nonfinite_cells > 0 and functional.nonfinite_mismatches == 0
+    assert functional.float64.nonfinite > 0 and functional.float64.nonfinite_mismatches == 0
 
 
 def test_non_finite_outputs_of_another_kind_fail() -> None:
@@ -79,7 +79,7 @@ def test_non_finite_outputs_of_another_kind_fail() -> None:
     kernel = linear_weight_to_conv(weight, patch, "chw")
     kernel[2] = -kernel[2]  # row 2 now yields the opposite infinity
     check = functional_check(weight, None, kernel, None, patch, "chw", (2, 3))
-    assert check.nonfinite_mismatches > 0 and not check.float64_passed and not check
+    assert check.float64.nonfinite_mismatches > 0 and not check.float64.passed and not check
 
 
 def test_an_infinity_turned_into_a_nan_is_a_difference(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_float8_converts_and_is_judged_in_float64(tmp_path: Path, name: str) -> 
     result = verify_checkpoints(source, out)
     assert result.exit_code == 0, result.to_dict()
     notes = " ".join(result.layers[0].functional.notes)
-    assert "judged in float64" in notes and result.layers[0].functional.bound_ratio is None
+    assert "judged in float64" in notes and result.layers[0].functional.in_dtype is None
     if name.endswith(".pt"):  # one flipped bit is found
         changed = torch.load(out, weights_only=True)
         bits = changed["fc.weight"].view(torch.uint8)

@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from reference_nd import column_of, kernel_by_definition, linear_on_every_window_nd
 
 from fcconv.errors import SpecError
-from fcconv.exact import MemoryTensors, linear_columns, permuted_mismatch
-from fcconv.functional import MAX_CHECK_ELEMENTS, check_work, functional_check
 from fcconv.geometry import linear_weight_to_conv_nd
 from fcconv.patches import PatchNd, orders_for
 from fcconv.plan import LayerPlan
 from fcconv.verify import check_layer, verify_conversion
+from fcconv.verify.exact import MemoryTensors, linear_columns, permuted_mismatch
+from fcconv.verify.windows import MAX_CHECK_ELEMENTS, check_work, functional_check
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CONV = {1: F.conv1d, 3: F.conv3d}
@@ -100,7 +100,7 @@ def test_a_right_kernel_passes_and_its_conv_is_the_reference(case, dtype, flip, 
     bias = torch.randn(rows, generator=generator).to(dtype)
     kernel = kernel_by_definition(weight, patch.channels, patch.sizes, order, flip)
     check = functional_check(weight, bias, kernel, bias, patch, order, stride, size, flip=flip)
-    assert check, (check.float64_ratio, check.bound_ratio, check.notes)
+    assert check, (check.float64.ratio, check.in_dtype.ratio, check.notes)
     assert check.input_size == size and check.channels_checked == rows
     x = torch.randn(1, patch.channels, *size, generator=generator, dtype=torch.float64)
     run = kernel.double().flip(tuple(range(2, kernel.dim()))) if flip else kernel.double()
@@ -121,7 +121,7 @@ def test_a_kernel_in_another_order_fails(case, data) -> None:
     weight = torch.randn(3, patch.features, generator=torch.Generator().manual_seed(3))
     kernel = linear_weight_to_conv_nd(weight, patch, wrong)
     check = functional_check(weight, None, kernel, None, patch, right, stride, size)
-    assert not check and check.float64_ratio > 1e3
+    assert not check and check.float64.ratio > 1e3
 
 
 def test_a_hand_computed_1d_layer() -> None:
@@ -146,7 +146,7 @@ def test_non_finite_weights_permuted_exactly_pass_in_3d() -> None:
     weight[0, 4], weight[1, 9], weight[2, 0] = float("inf"), float("nan"), float("-inf")
     kernel = linear_weight_to_conv_nd(weight, patch, "dhwc")
     check = functional_check(weight, None, kernel, None, patch, "dhwc", (1, 1, 1), (3, 3, 4))
-    assert check and check.nonfinite_cells > 0 and check.nonfinite_mismatches == 0
+    assert check and check.float64.nonfinite > 0 and check.float64.nonfinite_mismatches == 0
     wrong = linear_weight_to_conv_nd(weight, patch, "cdhw")
     assert not functional_check(weight, None, wrong, None, patch, "dhwc", (1, 1, 1), (3, 3, 4))
 
@@ -156,7 +156,7 @@ def test_float8_1d_layers_are_judged_in_float64() -> None:
     weight = torch.randn(5, 12, generator=torch.Generator().manual_seed(4)).to(torch.float8_e4m3fn)
     kernel = linear_weight_to_conv_nd(weight, patch, "lc")
     check = functional_check(weight, None, kernel, None, patch, "lc", (2,), (10,))
-    assert check and check.bound_ratio is None
+    assert check and check.in_dtype is None
     assert any("cannot convolve float8_e4m3fn" in note for note in check.notes)
 
 

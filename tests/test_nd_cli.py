@@ -321,14 +321,15 @@ def test_a_provenance_record_of_another_rank_is_ignored_field_by_field(invoke, t
 
 
 def _readme_block() -> tuple[list[list[str]], list[str]]:
-    """The commands and the quoted output of the README's 1-D and 3-D example."""
+    """The commands and the quoted output of the 1-D and 3-D example in guide/checkpoints.md."""
     import re
     import shlex
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    start = readme.index("#### 1-D and 3-D patches (Conv1d, Conv3d)")
-    console = re.search(r"```console\n(.*?)```", readme[start:], flags=re.S).group(1)
-    quoted = re.search(r"```text\n(.*?)```", readme[start:], flags=re.S).group(1)
+    page = Path(__file__).resolve().parent.parent / "docs" / "guide" / "checkpoints.md"
+    page = page.read_text()
+    start = page.index("### 1-D and 3-D patches (Conv1d, Conv3d)")
+    console = re.search(r"```console\n(.*?)```", page[start:], flags=re.S).group(1)
+    quoted = re.search(r"```text\n(.*?)```", page[start:], flags=re.S).group(1)
     commands = [shlex.split(line[2:]) for line in console.replace("\\\n", " ").splitlines()]
     return commands, quoted.splitlines()
 
@@ -337,6 +338,7 @@ def test_the_readme_example_runs_and_prints_what_it_quotes(invoke, tmp_path, sam
     import shutil
 
     shutil.copytree(samples, tmp_path / "sample_checkpoints")
+    (tmp_path / "out").mkdir()
     monkeypatch.chdir(tmp_path)
     commands, quoted = _readme_block()
     printed = []
@@ -344,7 +346,7 @@ def test_the_readme_example_runs_and_prints_what_it_quotes(invoke, tmp_path, sam
         assert command[0] == "fcconv"
         printed += invoke(*command[1:]).stderr.splitlines()
     assert [line for line in quoted if line not in printed] == []
-    assert (tmp_path / "seq_head.conv.safetensors").is_file()
+    assert (tmp_path / "out" / "seq_head.conv.safetensors").is_file()
 
 
 @pytest.mark.parametrize("ndim", [1, 3])

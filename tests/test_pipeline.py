@@ -80,7 +80,8 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     fcconv = shlex.quote(fcconv_command())
     failed = sh(f"{fcconv} convert missing.pt --layer fc --patch 20x20x10 --json", tmp_path)
     assert failed.returncode == 2, explain(failed)
-    assert failed.stdout == b""  # --json prints nothing when the command cannot run
+    # --json: the failure as one document (the envelope with its error) on stdout
+    assert json.loads(failed.stdout)["error"]["path"] == "missing.pt"
     [line] = failed.stderr.decode().strip().splitlines()
     assert line.startswith("fcconv: error: no such file: missing.pt")
     usage = sh(f"{fcconv} convert missing.pt --bogus", tmp_path)

@@ -109,9 +109,9 @@ def test_correct_conversion_passes_in_every_order(invoke, original, order, suffi
     assert f"fc: order {order} {source}" in document["notes"]
     functional = layer["functional"]
     assert functional["output_grid"] == [2, 2] and functional["cells"] == 4
-    assert functional["float64_ratio"] <= 1.0  # the sharp judge
-    assert functional["bound_ratio"] <= 1.0
-    assert functional["roundoff_units"] < 10  # healthy: a few units of roundoff at most
+    assert functional["float64"]["ratio"] <= 1.0  # the sharp judge
+    assert functional["in_dtype"]["ratio"] <= 1.0
+    assert functional["in_dtype"]["units_of_u"] < 10  # healthy: a few units of roundoff at most
     invoke("verify", original, converted, "--order", order)  # explicit and right: exit 0
 
 
@@ -125,9 +125,9 @@ def test_functional_numbers_on_a_larger_input_with_overlap(invoke, original) -> 
     # H' = (7 - 3) // 1 + 1 = 5, W' = (9 - 4) // 2 + 1 = 3; column 8 is left uncovered
     assert functional["input_size"] == [7, 9]
     assert functional["output_grid"] == [5, 3] and functional["cells"] == 15
-    assert 0 <= functional["float64_ratio"] <= 1.0
-    assert functional["float64_max_error"] < 1e-12
-    assert functional["needed_rtol"] < 1e-5
+    assert 0 <= functional["float64"]["ratio"] <= 1.0
+    assert functional["float64"]["max_abs_diff"] < 1e-12
+    assert functional["in_dtype"]["needed_tolerance"] < 1e-5
     assert any("1 column(s) uncovered" in note for note in functional["notes"])
 
 
@@ -282,4 +282,4 @@ def test_failing_json_keeps_the_functional_numbers(invoke, original) -> None:
     _, document = verdicts(invoke, original, converted, "--order", "chw")
     functional = document["layers"][0]["functional"]
     assert functional is not None, "verify --json drops the functional check of a failed layer"
-    assert functional["float64_ratio"] > 1.0  # a wrong order errs by the size of the output
+    assert functional["float64"]["ratio"] > 1.0  # a wrong order errs by the size of the output

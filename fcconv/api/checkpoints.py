@@ -297,7 +297,7 @@ def plan_job(job: Job) -> list[LayerPlan]:
         if job.size is not None:
             make_grid(size, plan.patch, plan.stride)
         if job.verify:
-            from fcconv.functional import check_work
+            from fcconv.verify.windows import check_work
 
             check_work(plan.patch, plan.out_features, plan.stride, size, plan.name, True)
     if job.flip:
@@ -457,10 +457,10 @@ def verify_checkpoints(
     Returns:
         A :class:`~fcconv.verify.VerifyResult`, truthy when equivalent.
     """
-    from fcconv.discovery import plan_verification
     from fcconv.io.sources import DiskTensors, byte_differences, read_all, tensors_of
     from fcconv.threads import import_torch_early
     from fcconv.verify import verify_conversion
+    from fcconv.verify.orders import plan_verification
 
     if str(original) == STDIO and str(converted) == STDIO:
         raise SpecError("only one of the two checkpoints can be - (stdin)")
@@ -505,7 +505,7 @@ def verify_checkpoints(
 
 def _surrounding_differences(before: Source, after: Source, notes: list[str]) -> list[str]:
     """Everything but tensors must be kept: metadata, the training state around the weights."""
-    from fcconv.compare import value_differences
+    from fcconv.verify.untouched import value_differences
 
     if before.format != after.format:
         notes.append(

@@ -55,7 +55,7 @@ from fcconv.plan import LayerPlan, LayerRequest
 
 if TYPE_CHECKING:
     from fcconv.api.checkpoints import ConvertResult, Job
-    from fcconv.runtime_check import RuntimeCheck
+    from fcconv.verify.runtime import RuntimeCheck
 
 _SUFFIX = {KERAS: ".keras", KERAS_WEIGHTS: ".weights.h5", KERAS_H5: ".h5"}
 _TORCH_SUFFIX = {TORCH: ".pt", SAFETENSORS: ".safetensors"}

@@ -39,7 +39,7 @@ def streamed(
 
     The check reads the finished temporary output back from the page cache
     while the disk is still writing it: every element of each converted
-    weight against the original (:mod:`fcconv.exact`), the biases, the names,
+    weight against the original (:mod:`fcconv.verify.exact`), the biases, the names,
     dtypes and shapes of every tensor, then the functional check on
     :func:`~fcconv.verify.functional_rows` and the order evidence.
     ``read_output`` describes what ``write`` built, with any differences

@@ -6,56 +6,115 @@ from typing import Any
 
 import click
 
-from fcconv.cli import DEBUG, JSON, TRUST, cli, finish, with_options
+from fcconv.cli import DEBUG, JSON, TRUST, cli, finish, say, verbosity, warn, with_options
 from fcconv.errors import SpecError
 from fcconv.io import stdio
-from fcconv.report import printable
-
-LAYER_OPTIONS = with_options(
-    click.option(
-        "--layer",
-        "layers",
-        multiple=True,
-        metavar="NAME[=PATCH]",
-        help="Layer to convert, e.g. fc, fc6=7x7x512, fc1=16 (1-D) (repeatable).",
-    ),
-    click.option(
-        "--patch",
-        metavar="PATCH",
-        help="Patch of every --layer without its own: HxWxC or HxW (C inferred); "
-        "1-D: T (C inferred) or l=T,c=C; 3-D: DxHxWxC or d=D,h=H,w=W[,c=C].",
-    ),
-    click.option(
-        "--order",
-        metavar="ORDER",
-        help="Flatten order of the patch, slowest axis first: chw (default), hwc, whc, ...; "
-        "1-D: cl (default), lc; 3-D: cdhw (default), dhwc, ...; or auto.",
-    ),
-    click.option(
-        "--stride",
-        metavar="S|SHxSW|SDxSHxSW",
-        help="Window stride, one number or one per axis (default: the patch size).",
-    ),
-    click.option(
-        "--input",
-        "input_size",
-        metavar="T|HxW|DxHxW",
-        help="Input size for the geometry and the functional check (default: two windows "
-        "per axis).",
-    ),
-    click.option(
-        "--flip",
-        is_flag=True,
-        help="Kernels flipped for a framework that convolves (Theano, textbook convolution); "
-        "verify reads it from the file when not given.",
-    ),
-    JSON,
-    TRUST,
-    DEBUG,
-)
 
 
-@cli.command()
+def layer_options(command: str) -> Any:
+    """The layer, patch, order, stride, input and flip options, with help true for
+    ``command``: ``convert`` chooses what to convert; ``verify`` checks what it is told
+    against the files (which need no flags: the converted layers and their provenance)."""
+    converting = command == "convert"
+    return with_options(
+        click.option(
+            "--layer",
+            "layers",
+            multiple=True,
+            metavar="NAME[=PATCH]",
+            help=(
+                "Layer to convert, e.g. fc, fc6=7x7x512, fc1=16 (1-D) (repeatable)."
+                if converting
+                else "Layer to check, e.g. fc or fc6=7x7x512 (repeatable); default: every "
+                "converted layer found."
+            ),
+        ),
+        click.option(
+            "--patch",
+            metavar="PATCH",
+            help=(
+                "Patch of every --layer without its own: HxWxC or HxW (C inferred); "
+                "1-D: T (C inferred) or l=T,c=C; 3-D: DxHxWxC or d=D,h=H,w=W[,c=C]."
+                + ("" if converting else " Default: as the converted file records it.")
+            ),
+        ),
+        click.option(
+            "--order",
+            metavar="ORDER",
+            help=(
+                "Flatten order of the patch, slowest axis first: chw (default), hwc, whc, "
+                "...; 1-D: cl (default), lc; 3-D: cdhw (default), dhwc, ...; or auto (from "
+                "the weights)."
+                if converting
+                else "The flatten order to assert (chw, hwc, ...; 1-D cl, lc; 3-D cdhw, ...), "
+                "checked, not trusted; default: the recorded one, else the model's."
+            ),
+        ),
+        click.option(
+            "--stride",
+            metavar="S|SHxSW|SDxSHxSW",
+            help="Window stride, one number or one per axis (default: the patch size"
+            + ("" if converting else ", or as recorded")
+            + ").",
+        ),
+        click.option(
+            "--input",
+            "input_size",
+            metavar="T|HxW|DxHxW",
+            help="Input size for the geometry and the functional check (default: two windows "
+            "per axis).",
+        ),
+        click.option(
+            "--flip",
+            is_flag=True,
+            help=(
+                "Flip the kernels for a framework that convolves (Theano, textbook "
+                "convolution); recorded in the output."
+                if converting
+                else "The kernels are flipped (Theano, textbook convolution); default: as "
+                "the converted file records it."
+            ),
+        ),
+        JSON,
+        TRUST,
+        DEBUG,
+    )
+
+
+INSPECT_EPILOG = """\b
+Examples:
+  fcconv inspect sample_checkpoints/seed_fc.safetensors
+  fcconv inspect sample_checkpoints/seed_fc.safetensors --channels 10
+  fcconv inspect sample_checkpoints/trained_nhwc.safetensors --patch 8x8x6 --json
+  fcconv inspect sample_checkpoints/seq_head.safetensors --rank 1
+"""
+
+CONVERT_EPILOG = """\b
+Examples:
+  fcconv convert sample_checkpoints/seed_fc.safetensors --layer fc --patch 20x20x10
+  fcconv convert sample_checkpoints/seed_fc.pt -o seed_conv.pt --layer fc=20x20x10 \\
+      --input 100x60
+  fcconv convert sample_checkpoints/head_fc6_fc7.safetensors -o head.conv.safetensors \\
+      --layer fc6=3x3x32 --layer fc7=1x1
+  fcconv convert sample_checkpoints/trained_nhwc.safetensors -o nhwc.conv.safetensors \\
+      --layer fc --patch 8x8x6 --order auto --json
+  fcconv convert - -o - --layer fc --patch 20x20x10 < model.pt > model.conv.pt
+"""
+
+VERIFY_EPILOG = """\b
+Examples:
+  fcconv verify sample_checkpoints/seed_fc.safetensors \\
+      sample_checkpoints/seed_fc.conv.safetensors
+  fcconv verify model.pt model.conv.pt --input 100x60 --json
+  fcconv verify model.pt model.conv.pt --layer fc=20x20x10 --order hwc
+  fcconv verify sample_checkpoints/tiny_cnn.onnx dense.onnx
+
+\b
+Exit 0 when equivalent, 1 when a difference is found, 2 when the check could not run.
+"""
+
+
+@cli.command(epilog=INSPECT_EPILOG)
 @click.argument("checkpoint", metavar="CKPT")
 @click.option("--channels", type=click.IntRange(min=1), help="Channels C of the patch, if known.")
 @click.option(
@@ -79,7 +138,7 @@ def inspect(checkpoint: str, as_json: bool, **options: Any) -> None:
     finish(api.inspect_checkpoint(checkpoint, **options), as_json, report.render_inspect)
 
 
-@cli.command()
+@cli.command(epilog=CONVERT_EPILOG)
 @click.argument("checkpoint", metavar="CKPT")
 @click.option(
     "-o",
@@ -87,7 +146,7 @@ def inspect(checkpoint: str, as_json: bool, **options: Any) -> None:
     metavar="OUT",
     help="Output path (default: <stem>.conv<suffix> beside the input; - = stdout).",
 )
-@LAYER_OPTIONS
+@layer_options("convert")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--no-verify", is_flag=True, help="Skip the checks before writing.")
 @click.option(
@@ -98,13 +157,11 @@ def inspect(checkpoint: str, as_json: bool, **options: Any) -> None:
 @click.option(
     "--link", is_flag=True, help="Sharded input: hard-link untouched shards instead of copying."
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(
     checkpoint: str,
     output: str | None,
     as_json: bool,
     no_verify: bool,
-    quiet: bool,
     **options: Any,
 ) -> None:
     """Convert Linear layers of CKPT into Conv2d (Conv1d, Conv3d) weights; write a new checkpoint.
@@ -118,14 +175,13 @@ def convert(
 
     if (output or (checkpoint if checkpoint == "-" else None)) == "-":
         _check_stdout_takes_data(as_json)
+    quiet = verbosity() < 0
     with report.progress_bar("converting", enabled=False if quiet else None) as progress:
         result = api.convert_checkpoint(
             checkpoint, output, verify=not no_verify, progress=progress, **options
         )
-    for line in result.notes:
-        click.echo(f"fcconv: {printable(line)}", err=True)
-    for line in result.warnings:
-        click.echo(f"fcconv: warning: {printable(line)}", err=True)
+    say(result.notes)
+    warn(result.warnings)
     finish(result, as_json, report.render_convert)
 
 
@@ -142,10 +198,10 @@ def _check_stdout_takes_data(as_json: bool) -> None:
         )
 
 
-@cli.command()
+@cli.command(epilog=VERIFY_EPILOG)
 @click.argument("original", metavar="ORIGINAL")
 @click.argument("converted", metavar="CONVERTED")
-@LAYER_OPTIONS
+@layer_options("verify")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input.")
 def verify(original: str, converted: str, as_json: bool, **options: Any) -> None:
     """Check that CONVERTED holds exactly ORIGINAL's layers as convolutions.

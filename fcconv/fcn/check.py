@@ -31,6 +31,10 @@ from fcconv.fcn.cells import CropPlan, OutputCells, crop_plan, output_cells, tru
 from fcconv.fcn.results import CropAccount, DenseCheck, OutputCheck
 from fcconv.fcn.trace import model_dtype_device, running_eval
 from fcconv.fcn.usercode import running_user_code
+from fcconv.verify.judge import Comparison, compare
+
+RULE = "model-float64"
+"""The judge's rule for a converted model checked in float64 (:mod:`fcconv.verify.judge`)."""
 
 
 def _split(an: Analysis) -> tuple[fx.GraphModule, list[fx.GraphModule]]:
@@ -165,7 +169,7 @@ def verify_dense(
     batch: int = 2,
     seed: int = 0,
     max_crops: int = 16,
-    rtol: float = 1e-9,
+    rule: str = RULE,
 ) -> DenseCheck:
     """Prove ``converted`` computes the original head(s) on every window, in float64.
 
@@ -175,8 +179,11 @@ def verify_dense(
        original head applied to the matching window of the trunk's feature
        map.
 
-    Both within ``rtol · max(1, max|reference|)``: float64 rounding is far
-    below that, a wrong order or weight is of the size of the output. (A map
+    Both judged by ``rule`` (:mod:`fcconv.verify.judge`; default
+    ``model-float64``: within ``1e-9 · max|reference|`` of each output, no
+    absolute floor): float64 rounding is far below that, a wrong order or
+    weight is of the size of the output, and an output too small to judge
+    (all zeros) is not verified. (A map
     at a finer stride, :class:`~fcconv.fcn.stride.StitchedMap`, is checked by
     :func:`~fcconv.fcn.stride.verify_output_stride` against shifted runs.) Then
     the crop account: which cells equal the whole original model run on
@@ -197,7 +204,7 @@ def verify_dense(
         batch: inputs per check.
         seed: for the random inputs and the sample of crops.
         max_crops: at most this many crops of each kind are run per output.
-        rtol: the relative tolerance of the float64 judge.
+        rule: the name of the judge's rule for every comparison.
 
     Returns:
         A :class:`DenseCheck`, truthy on pass.
@@ -216,7 +223,7 @@ def verify_dense(
             batch=batch,
             seed=seed,
             max_crops=max_crops,
-            rtol=rtol,
+            rule=rule,
         )
     native = size_tuple(input_size, "input_size")
     recorded = getattr(converted, "meta", {}).get("fcconv", {})
@@ -232,7 +239,7 @@ def verify_dense(
     cells = output_cells(an, geometry, step)
     plan = crop_plan(an, geometry)
     larger = size_tuple(larger_size, "larger_size") if larger_size else _larger(native, cells)
-    check = DenseCheck(native_size=native, larger_size=larger)
+    check = DenseCheck(native_size=native, larger_size=larger, rule=rule)
     check.outputs = [OutputCheck(o.name) for o in an.outputs]
     generator = torch.Generator().manual_seed(seed)
     layout = an.layout
@@ -242,25 +249,44 @@ def verify_dense(
         with running_user_code("the original model's forward"):
             expected = _named(reference(x))
         got = _dense_leaves(candidate(x))
-        _compare_native(check, an, expected, got, rtol)
+        _compare_native(check, expected, got)
         big = layout.example(
             batch, size=larger, dtype=torch.float64, device=device, generator=generator
         )
         dense = _dense_leaves(candidate(big))
         trunk, heads = _split(an)
         wanted = _head_maps(an, trunk, heads, big, step)
-        _compare_dense(check, an, dense, wanted, rtol)
-        check.tolerance = max((o.tolerance for o in check.outputs), default=0.0)
+        _compare_dense(check, dense, wanted)
         if not check.problems:
             _account_crops(check, reference, big, dense, cells, plan, native, max_crops, seed)
     return check
 
 
-def _compare_native(check: DenseCheck, an: Analysis, expected, got, rtol: float) -> None:
+def judge_output(
+    check: DenseCheck,
+    result: OutputCheck,
+    what: str,
+    got: torch.Tensor,
+    expected: torch.Tensor,
+    where: str,
+    against: str = "the original head on each window",
+) -> Comparison:
+    """One output compared through the judge under the check's rule; a failure is a problem."""
+    found = compare(got, expected, check.rule)
+    result.comparisons[what] = found
+    if not found.judged:
+        check.problems.append(f"output {result.name!r} {where}: {found.summary()}")
+    elif not found.passed:
+        check.problems.append(
+            f"output {result.name!r} {where} differs from {against}: {found.summary()}"
+        )
+    return found
+
+
+def _compare_native(check: DenseCheck, expected, got) -> None:
     shown = "x".join(map(str, check.native_size))
     for result, tensor in zip(check.outputs, got, strict=False):
         reference = expected[result.name]
-        result.tolerance = rtol * max(1.0, float(reference.abs().max()) if reference.numel() else 0)
         cells = tensor.shape[2:]
         if tensor.shape[:2] != reference.shape or math.prod(cells) != 1:
             check.problems.append(
@@ -268,24 +294,21 @@ def _compare_native(check: DenseCheck, an: Analysis, expected, got, rtol: float)
                 f"{tuple(tensor.shape)}, expected {tuple(reference.shape)} and one cell"
             )
             continue
-        result.native_max_abs_diff = max_abs(tensor.reshape(reference.shape), reference)
-        if result.native_max_abs_diff > result.tolerance:
-            check.problems.append(
-                f"output {result.name!r} at the native size differs by up to "
-                f"{result.native_max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
-            )
+        found = judge_output(
+            check, result, "native", tensor.reshape(reference.shape), reference,
+            f"at the native size {shown}", "the original model",
+        )  # fmt: skip
+        result.native_max_abs_diff = found.max_abs_diff
     if len(got) != len(check.outputs):
         check.problems.append(
             f"the converted model returns {len(got)} tensors, expected {len(check.outputs)}"
         )
 
 
-def _compare_dense(check: DenseCheck, an: Analysis, dense, wanted, rtol: float) -> None:
+def _compare_dense(check: DenseCheck, dense, wanted) -> None:
     shown = "x".join(map(str, check.larger_size))
     for result, tensor in zip(check.outputs, dense, strict=False):
         reference = wanted[result.name]
-        largest = float(reference.abs().max()) if reference.numel() else 0.0
-        result.tolerance = max(result.tolerance, rtol * max(1.0, largest))
         result.map_size = tuple(reference.shape[2:])
         if tensor.shape != reference.shape:
             check.problems.append(
@@ -293,13 +316,8 @@ def _compare_dense(check: DenseCheck, an: Analysis, dense, wanted, rtol: float) 
                 f"trunk's feature map holds windows for {tuple(reference.shape)}"
             )
             continue
-        result.dense_max_abs_diff = max_abs(tensor, reference)
-        if result.dense_max_abs_diff > result.tolerance:
-            check.problems.append(
-                f"output {result.name!r} at {shown} differs from the original head on each "
-                f"window by up to {result.dense_max_abs_diff:.3g} (tolerance "
-                f"{result.tolerance:.3g})"
-            )
+        found = judge_output(check, result, "dense", tensor, reference, f"at {shown}")
+        result.dense_max_abs_diff = found.max_abs_diff
 
 
 def _cell_kinds(
@@ -380,10 +398,13 @@ def _account_crops(
             continue
         exact, other = needed[result.name]
         account = result.crops
-        account.max_abs_diff_exact = _differences(tensor, cell_map, exact, scores, result.name)
-        account.max_abs_diff_other = _differences(tensor, cell_map, other, scores, result.name)
+        scale = result.comparisons["dense"].reference_scale
+        exact_found = _differences(tensor, cell_map, exact, scores, result.name, check.rule, scale)
+        other_found = _differences(tensor, cell_map, other, scores, result.name, check.rule, scale)
+        account.max_abs_diff_exact = _largest_diff(exact_found)
+        account.max_abs_diff_other = _largest_diff(other_found)
         account.compared_exact, account.compared_other = len(exact), len(other)
-        if (account.max_abs_diff_exact or 0.0) > result.tolerance:
+        if not all(exact_found):
             account.reasons.append(
                 f"cells fcconv expected to equal their crops differ by up to "
                 f"{account.max_abs_diff_exact:.3g}: a layer depends on the input's size in "
@@ -431,18 +452,21 @@ def _run_crops(reference, big, needed, cells, native, check) -> dict:
     }
 
 
-def _differences(tensor, cell_map, indices, scores, name) -> float | None:
-    if not indices:
-        return None
-    largest = 0.0
+def _differences(tensor, cell_map, indices, scores, name, rule, scale) -> list[Comparison]:
+    """Each cell against the original model on its crop, judged relative to the map's scale."""
+    found = []
     for index in indices:
         position = [slice(None), slice(None)] + [0] * (tensor.dim() - 2)
         for axis, i in enumerate(index):
             position[cell_map.map_axes[axis]] = i
         cell = tensor[tuple(position)]
         crop = scores[_start(index, cell_map.cells)][name].reshape(cell.shape)
-        largest = max(largest, max_abs(cell, crop))
-    return largest
+        found.append(compare(cell, crop, rule, scale=scale))
+    return found
+
+
+def _largest_diff(found: list[Comparison]) -> float | None:
+    return max((c.max_abs_diff for c in found), default=None)
 
 
 def _warnings(plan: CropPlan | None, cells: list[OutputCells]) -> list[str]:

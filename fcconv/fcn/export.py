@@ -24,12 +24,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fcconv import dtypes
 from fcconv.errors import ConvolutionalizeError, SpecError
 from fcconv.fcn.analyse import size_tuple
 from fcconv.fcn.check import max_abs
 from fcconv.fcn.results import ExportInfo
 from fcconv.fcn.trace import InputLayout, first_layer, model_dtype_device, running_eval
 from fcconv.io.atomic import atomic_output, check_output_path
+from fcconv.verify.judge import Comparison, compare, model_rule
 
 METADATA = "fcconv.json"
 """The extra file of a ``.pt2`` that holds fcconv's facts about the program."""
@@ -132,14 +134,20 @@ def _rejected(
             rejected.append(shape)
             continue
         pairs = list(zip(_leaves(got), _leaves(model(x)), strict=False))
+        rule = model_rule(dtypes.name_of(dtype))
         same = len(pairs) == len(_leaves(got)) and all(
-            g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-6) for g, e in pairs
+            g.shape == e.shape and _agrees(compare(g, e, rule)) for g, e in pairs
         )
         if not same:
             rejected.append(shape)
         else:
             largest = max([largest, *(max_abs(g, e) for g, e in pairs)])
     return rejected, largest
+
+
+def _agrees(found: Comparison) -> bool:
+    """The program agrees with the model: within the rule, or identical (all-zero outputs)."""
+    return found.passed or found.identical
 
 
 def _leaves(output: Any) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ from fcconv.geometry import CellGeometry, PatchNd
 if TYPE_CHECKING:
     from fcconv.fcn.cells import CropPlan, OutputCells
     from fcconv.fcn.trace import InputLayout
+    from fcconv.verify.judge import Comparison
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,19 @@ class OutputCheck:
     map_size: tuple[int, ...] | None = None
     native_max_abs_diff: float | None = None
     dense_max_abs_diff: float | None = None
-    tolerance: float = 0.0
     crops: CropAccount | None = None
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+    """What the judge found: ``native``, ``dense`` (and ``smallest`` for a stitched map)."""
+
+    @property
+    def tolerance(self) -> float | None:
+        """The rule's tolerance, relative to each reference's scale."""
+        return max((c.tolerance for c in self.comparisons.values()), default=None)
+
+    @property
+    def needed_tolerance(self) -> float | None:
+        """The smallest relative tolerance that would have passed every comparison."""
+        return _largest(c.needed_tolerance for c in self.comparisons.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -238,6 +250,8 @@ class OutputCheck:
             "native_max_abs_diff": self.native_max_abs_diff,
             "dense_max_abs_diff": self.dense_max_abs_diff,
             "tolerance": self.tolerance,
+            "needed_tolerance": self.needed_tolerance,
+            "comparisons": {k: c.to_dict() for k, c in self.comparisons.items()},
             "crops": None if self.crops is None else self.crops.to_dict(),
         }
 
@@ -256,7 +270,8 @@ class DenseCheck:
 
     native_size: tuple[int, ...]
     larger_size: tuple[int, ...]
-    tolerance: float = 0.0
+    rule: str = "model-float64"
+    """The judge's rule every comparison used (:mod:`fcconv.verify.judge`)."""
     outputs: list[OutputCheck] = field(default_factory=list)
     crops: CropAccount | None = None
     warnings: list[str] = field(default_factory=list)
@@ -282,9 +297,21 @@ class DenseCheck:
         return _largest(o.dense_max_abs_diff for o in self.outputs)
 
     @property
+    def tolerance(self) -> float:
+        """The rule's tolerance, relative to the scale of each output's reference."""
+        from fcconv.verify.judge import RULES
+
+        return RULES[self.rule].tolerance
+
+    @property
     def needed_tolerance(self) -> float | None:
-        """The smallest tolerance that would have passed both equality checks."""
-        return _largest((self.native_max_abs_diff, self.dense_max_abs_diff))
+        """The smallest relative tolerance that would have passed every comparison."""
+        return _largest(o.needed_tolerance for o in self.outputs)
+
+    @property
+    def judged(self) -> bool:
+        """Whether every comparison had a reference large enough to judge."""
+        return all(c.judged for o in self.outputs for c in o.comparisons.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -295,8 +322,10 @@ class DenseCheck:
             "larger_size": list(self.larger_size),
             "map_size": None if self.map_size is None else list(self.map_size),
             "dense_max_abs_diff": self.dense_max_abs_diff,
+            "rule": self.rule,
             "tolerance": self.tolerance,
             "needed_tolerance": self.needed_tolerance,
+            "judged": self.judged,
             "outputs": [o.to_dict() for o in self.outputs],
             "crops": None if self.crops is None else self.crops.to_dict(),
             "warnings": list(self.warnings),

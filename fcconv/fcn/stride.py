@@ -50,13 +50,14 @@ from fcconv.errors import ConvolutionalizeError, SpecError
 from fcconv.fcn.analyse import analyze, size_tuple
 from fcconv.fcn.cells import OutputCells, crop_plan, output_cells, trunk_geometry
 from fcconv.fcn.check import (
+    RULE,
     _account_crops,
     _compare_native,
     _dense_leaves,
     _head_maps,
     _named,
     _split,
-    max_abs,
+    judge_output,
 )
 from fcconv.fcn.results import Conversion, DenseCheck, OutputCheck, OutputFacts
 from fcconv.fcn.trace import model_dtype_device
@@ -279,15 +280,6 @@ class StrideCheck(DenseCheck):
     smallest_size: tuple[int, ...] = ()
     smallest_max_abs_diff: float | None = None
 
-    @property
-    def needed_tolerance(self) -> float | None:
-        known = [
-            v
-            for v in (self.native_max_abs_diff, self.dense_max_abs_diff, self.smallest_max_abs_diff)
-            if v is not None
-        ]
-        return max(known) if known else None
-
     def to_dict(self) -> dict[str, Any]:
         document = super().to_dict()
         document.update(
@@ -358,7 +350,7 @@ def verify_output_stride(
     batch: int = 2,
     seed: int = 0,
     max_crops: int = 16,
-    rtol: float = 1e-9,
+    rule: str = RULE,
 ) -> StrideCheck:
     """Prove a stitched map equals the original head on every window of every shifted input.
 
@@ -366,7 +358,7 @@ def verify_output_stride(
     original model; then every cell of every output, on the smallest input the
     stitched map takes and on ``larger_size`` (default: two coarse steps past
     the native size), against :func:`shifted_reference`, each within
-    ``rtol · max(1, max|reference|)``; then the crop account.
+    judged by ``rule`` (as for :func:`~fcconv.fcn.verify_dense`); then the crop account.
     :func:`fcconv.fcn.verify_dense` hands a :class:`StitchedMap` here.
 
     Args:
@@ -376,7 +368,7 @@ def verify_output_stride(
         larger_size: the larger size of the check.
         layers, in_channels: as for :func:`~fcconv.fcn.convolutionalize`.
         outputs: the outputs kept; default: as recorded.
-        batch, seed, max_crops, rtol: as for :func:`~fcconv.fcn.verify_dense`.
+        batch, seed, max_crops, rule: as for :func:`~fcconv.fcn.verify_dense`.
     """
     recorded = stitched.meta.get("fcconv", {})
     kept = outputs if outputs is not None else recorded.get("selected")
@@ -400,6 +392,7 @@ def verify_output_stride(
     geometry = trunk_geometry(an)
     cells = [_finer_cells(c, step) for c in output_cells(an, geometry, (1,) * len(native))]
     check = StrideCheck(
+        rule=rule,
         native_size=native,
         larger_size=larger,
         output_stride=step,
@@ -415,15 +408,14 @@ def verify_output_stride(
         x = an.layout.example(batch, dtype=torch.float64, device=device, generator=generator)
         with running_user_code("the original model's forward"):
             expected = _named(reference(x))
-        _compare_native(check, an, expected, _dense_leaves(candidate.dense(x)), rtol)
+        _compare_native(check, expected, _dense_leaves(candidate.dense(x)))
         for size in (smallest, larger):
             x = an.layout.example(
                 batch, size=size, dtype=torch.float64, device=device, generator=generator
             )
             got = _dense_leaves(candidate(x))
             wanted = shifted_reference(an, trunk, heads, x, step, phases, axes)
-            _compare(check, got, wanted, size, rtol, larger=size == larger)
-        check.tolerance = max((o.tolerance for o in check.outputs), default=0.0)
+            _compare(check, got, wanted, size, larger=size == larger)
         if not check.problems:
             plan = crop_plan(an, geometry)
             _account_crops(check, reference, x, got, cells, plan, native, max_crops, seed, phases)
@@ -437,17 +429,15 @@ def _finer_cells(cells: OutputCells, step: tuple[int, ...]) -> OutputCells:
     return OutputCells(cells.name, finer, cells.map_axes)
 
 
-def _compare(check: StrideCheck, got, wanted, size, rtol: float, *, larger: bool) -> None:
+def _compare(check: StrideCheck, got, wanted, size, *, larger: bool) -> None:
     shown = "x".join(map(str, size))
     if len(got) != len(check.outputs):
         check.problems.append(
             f"the stitched model returns {len(got)} tensors, expected {len(check.outputs)}"
         )
+    against = "the original head on the windows of the shifted inputs"
     for result, tensor in zip(check.outputs, got, strict=False):
         reference = wanted[result.name]
-        finite = reference[~reference.isnan()]
-        largest = float(finite.abs().max()) if finite.numel() else 0.0
-        result.tolerance = max(result.tolerance, rtol * max(1.0, largest))
         if larger:
             result.map_size = tuple(reference.shape[2:])
         if tensor.shape != reference.shape:
@@ -456,14 +446,12 @@ def _compare(check: StrideCheck, got, wanted, size, rtol: float, *, larger: bool
                 f"shifted runs hold windows for {tuple(reference.shape)}"
             )
             continue
-        difference = max_abs(tensor, reference)
+        what = "dense" if larger else "smallest"
+        # a gap (NaN where the reference has a number) is an infinite difference
+        found = judge_output(check, result, what, tensor, reference, f"at {shown}", against)
         if larger:
-            result.dense_max_abs_diff = difference
+            result.dense_max_abs_diff = found.max_abs_diff
         else:
-            check.smallest_max_abs_diff = max(check.smallest_max_abs_diff or 0.0, difference)
-        if not difference <= result.tolerance:  # NaN (a gap, or a NaN cell) fails too
-            check.problems.append(
-                f"output {result.name!r} at {shown} differs from the original head on the "
-                f"windows of the shifted inputs by up to {difference:.3g} (tolerance "
-                f"{result.tolerance:.3g})"
+            check.smallest_max_abs_diff = max(
+                check.smallest_max_abs_diff or 0.0, found.max_abs_diff
             )

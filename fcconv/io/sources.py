@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
 from fcconv.errors import CheckpointError
-from fcconv.exact import bits_dtype
 from fcconv.geometry import unravel_index
 from fcconv.io.atomic import STDIO
 from fcconv.io.checkpoint import SAFETENSORS, Checkpoint, load_checkpoint
 from fcconv.io.files import describe_read_error, open_regular, probe
 from fcconv.io.provenance import PROVENANCE_KEY, layer_records
 from fcconv.plan import TensorInfo
+from fcconv.verify.bits import bits_dtype
 
 if TYPE_CHECKING:
     import numpy as np
@@ -312,7 +312,7 @@ def _element_differences(left: bytes, right: bytes, itemsize: int) -> np.ndarray
 
 
 class DiskTensors:
-    """:class:`fcconv.exact.Tensors` of a source on disk: every read is a byte range of a file.
+    """:class:`fcconv.verify.exact.Tensors` of a source on disk: each read is a byte range.
 
     Rows are read with ``pread`` straight from the file (from the page cache
     when it was just written), never through a whole-tensor load.

@@ -5,7 +5,7 @@ lambda or custom code is deserialized). The original is cut where its head
 starts (the ``Permute``/``Flatten`` found in its config): its trunk runs on a
 larger input, every window of the trunk's feature map goes through its head,
 and the converted model's map must match cell by cell (see
-:mod:`fcconv.runtime_check`).
+:mod:`fcconv.verify.runtime`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from fcconv.errors import CheckpointError, ConvolutionalizeError
 from fcconv.geometry import Patch
 from fcconv.keras.config import KerasHead
-from fcconv.runtime_check import RuntimeCheck, cut_windows, judge
+from fcconv.verify.runtime import RuntimeCheck, cut_windows, judge
 
 
 def load(path: str | Path) -> Any:
@@ -191,25 +191,25 @@ def judge_outputs(
     native: list[tuple[Any, Any]],
     dense: list[tuple[Any, Any]],
 ) -> RuntimeCheck:
-    """Judge every output of a model; ``check`` holds the worst difference and every problem.
+    """Judge every output of a model (the one judge, rule ``runtime-float32``); ``check``
+    holds the worst difference, every comparison and every problem.
 
     Each output is judged on its own scale (a softmax and box offsets differ in
-    size); the problems name the output.
+    size); with several outputs the comparisons are ``native:0``, ``dense:0``, …
+    and the problems name the output.
     """
     worst_native: float | None = None
     worst_dense: float | None = None
-    tolerance = 0.0
-    problems: list[str] = []
     for index, (pair, native_pair) in enumerate(zip(dense, native, strict=True)):
         one = judge(RuntimeCheck(check.runtime, check.native_size), native_pair, pair)
-        prefix = f"output {index}: " if len(dense) > 1 else ""
-        problems += [f"{prefix}{problem}" for problem in one.problems]
+        several = len(dense) > 1
+        prefix = f"output {index}: " if several else ""
+        check.problems += [f"{prefix}{problem}" for problem in one.problems]
+        for what, found in one.comparisons.items():
+            check.comparisons[f"{what}:{index}" if several else what] = found
         worst_native = _worst(worst_native, one.native_max_abs_diff)
         worst_dense = _worst(worst_dense, one.dense_max_abs_diff)
-        tolerance = max(tolerance, one.tolerance)
     check.native_max_abs_diff, check.dense_max_abs_diff = worst_native, worst_dense
-    check.tolerance = tolerance
-    check.problems += problems
     if len(dense) > 1:
         check.notes.append(f"{len(dense)} outputs, each judged against the head on every window")
     return check

@@ -4,7 +4,7 @@ The original graph is cut in two with ``onnx.utils.Extractor``: the trunk
 (input → the map the head flattens) and the head (that map → the output).
 On a larger input the trunk's map is cut into every window, the head runs on
 each, and the dense model's map must match cell by cell (the judge of
-:mod:`fcconv.runtime_check`). Then the coordinate map (where each cell's
+:mod:`fcconv.verify.runtime`). Then the coordinate map (where each cell's
 window lies in the input) and, where the trunk allows, the crop account: the
 whole original model run on each cell's crop, and how many cells it equals.
 """
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fcconv.onnx.graph import OnnxHead, _onnx, data_inputs
-from fcconv.runtime_check import FLOAT32_RTOL, RuntimeCheck
+from fcconv.verify.judge import compare
+from fcconv.verify.runtime import FLOAT32_RTOL, RULE, RuntimeCheck
 
 # Ops whose output cell (i, j) reads input cells (s·i …) with stride s, no padding.
 _STRIDED = ("Conv", "MaxPool", "AveragePool")
@@ -152,7 +153,8 @@ def check_dense(
     if head.ndim == 2 and len(outputs) == 1:
         coordinates = _coordinates(original, head, stride, native)  # type: ignore[arg-type]
     if coordinates is not None and check.passed:
-        _crop_account(coordinates, whole, big, got[0], check.tolerance)
+        scale = check.comparisons["dense"].reference_scale
+        _crop_account(coordinates, whole, big, got[0], scale)
     return check, coordinates
 
 
@@ -221,7 +223,7 @@ def _coordinates(
 
 
 def _crop_account(
-    coordinates: Coordinates, whole: Any, big: Any, dense: Any, tolerance: float, limit: int = 16
+    coordinates: Coordinates, whole: Any, big: Any, dense: Any, scale: float, limit: int = 16
 ) -> None:
     """Run the original model on each cell's crop; count the cells it equals."""
     import numpy as np
@@ -237,9 +239,9 @@ def _crop_account(
     worst = 0.0
     for p, q in cells:
         crop = np.ascontiguousarray(big[:, :, p * sh : p * sh + wh, q * sw : q * sw + ww])
-        difference = float(np.abs(run(whole, crop) - dense[:, p, q]).max())
-        worst = max(worst, difference)
-        coordinates.crop_exact += difference <= tolerance
+        found = compare(run(whole, crop), dense[:, p, q], RULE, scale=scale)
+        worst = max(worst, found.max_abs_diff)
+        coordinates.crop_exact += found.passed
     coordinates.crops_compared = len(cells)
     coordinates.crop_max_abs_diff = worst if cells else None
     if cells and coordinates.crop_exact == len(cells):

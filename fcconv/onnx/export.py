@@ -67,11 +67,12 @@ def save_onnx(
     Returns:
         An :class:`~fcconv.fcn.results.ExportInfo` (the same facts as a ``.pt2`` export).
     """
-    import numpy as np
     import torch
 
     from fcconv.fcn.results import ExportInfo
     from fcconv.onnx.check import run, session
+    from fcconv.verify.judge import compare
+    from fcconv.verify.runtime import RULE
 
     target = Path(path)
     check_output_path(target, force)
@@ -96,11 +97,11 @@ def save_onnx(
             except Exception:  # onnxruntime refused this shape
                 rejected.append(shape)
                 continue
-            scale = max(1.0, float(np.abs(expected).max()))
-            if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4 * scale):
+            found = compare(got, expected, RULE) if got.shape == expected.shape else None
+            if found is None or not (found.passed or found.identical):
                 rejected.append(shape)
             else:
-                largest = max(largest, float(np.abs(got - expected).max()))
+                largest = max(largest, found.max_abs_diff)
     if rejected:
         shown = ", ".join("x".join(map(str, shape)) for shape in rejected)
         raise ConvolutionalizeError(

@@ -52,6 +52,9 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_emitted: list[bool] = [False]
+
+
 def emit_json(document: Mapping[str, Any]) -> None:
     """Write exactly one strict JSON document to stdout (NaN and infinities become null).
 
@@ -61,7 +64,18 @@ def emit_json(document: Mapping[str, Any]) -> None:
     from fcconv.io.stdio import write_stdout
 
     text = json.dumps(_strict(document), indent=2, default=str, allow_nan=False)
+    _emitted[0] = True  # even if the write fails: a second document must not follow a part
     write_stdout(text + "\n")
+
+
+def emitted() -> bool:
+    """Whether this run has printed its JSON document (see :func:`reset_emitted`)."""
+    return _emitted[0]
+
+
+def reset_emitted() -> None:
+    """Start a run: no JSON document printed yet."""
+    _emitted[0] = False
 
 
 def _strict(value: Any) -> Any:
@@ -161,6 +175,7 @@ from fcconv.report.onnx import (  # noqa: E402
 
 __all__ = [
     "emit_json",
+    "emitted",
     "geometry_lines",
     "printable",
     "progress_bar",
@@ -172,5 +187,6 @@ __all__ = [
     "render_map",
     "render_plans",
     "render_verification",
+    "reset_emitted",
     "stderr_console",
 ]

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from fcconv.api import ConvertResult, InspectResult
     from fcconv.plan import LayerPlan
     from fcconv.verify import LayerCheck, VerifyResult
+    from fcconv.verify.windows import FunctionalCheck
 
 
 # ------------------------------------------------------------------ geometry
@@ -136,11 +137,26 @@ def _check_rows(check: LayerCheck) -> list[tuple[str, str]]:
         *rows,
         ("input → output map", f"{_times(functional.input_size)} → {_times(cells)}"),
         ("receptive field", _field_line(make_grid(functional.input_size, plan.patch, plan.stride))),
-        (f"max abs error ({functional.dtype})", num(functional.max_abs_error)),
-        ("error / bound 2·γ_N·scale", num(functional.bound_ratio)),
-        ("error / u·scale", num(functional.roundoff_units)),
-        ("rtol that would pass", num(functional.needed_rtol)),
-        ("float64 error / 1e-9·scale", num(functional.float64_ratio)),
+        *_comparison_rows(functional),
+    ]
+
+
+def _comparison_rows(functional: FunctionalCheck) -> list[tuple[str, str]]:
+    """The judge's findings: float64 (the sharp rule), then the layer's own dtype."""
+    float64, in_dtype = functional.float64, functional.in_dtype
+    if not float64.judged:
+        return [("float64 check", f"could not judge: {float64.reason}")]
+    rows = [("float64 error / 1e-9·scale", num(float64.ratio))]
+    if in_dtype is None:
+        return rows
+    if not in_dtype.judged:
+        return [*rows, (f"{functional.dtype} check", f"could not judge: {in_dtype.reason}")]
+    return [
+        *rows,
+        (f"max abs error ({functional.dtype})", num(in_dtype.max_abs_diff)),
+        ("error / bound 2·γ_N·scale", num(in_dtype.ratio)),
+        ("error / u·scale", num(in_dtype.units)),
+        ("tolerance that would pass", num(in_dtype.needed_tolerance)),
     ]
 
 

@@ -120,7 +120,11 @@ def render_convolutionalize(console: Console, result: ConvolutionalizeResult) ->
             f"{_sizes(check.larger_size)} input: max |Δ| {num(check.dense_max_abs_diff)} vs the "
             "original head on each window, every cell of every output",
         ),
-        ("tolerance", num(check.tolerance)),
+        (
+            "tolerance",
+            f"{num(check.tolerance)} × each output's largest value ({check.rule}); "
+            f"needed {num(check.needed_tolerance)}",
+        ),
     ]
     if getattr(check, "smallest_size", None):
         rows[1] = (

@@ -6,7 +6,7 @@ with as many elements in the converted file.
 Its patch comes from the kernel's shape; its order from explicit arguments,
 else from fcconv's provenance record, else from the order whose permutation
 maps one weight onto the other exactly. Every claim is then checked by
-:mod:`fcconv.verify`.
+:mod:`fcconv.verify.layers`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from fcconv.compare import bitwise_equal, first_mismatch
 from fcconv.errors import LayerError
 from fcconv.geometry import coinciding_orders, conv_weight_to_linear_nd, patch_of_kernel
 from fcconv.patches import AnyPatch, AnySpec, as_nd, kernel_axes, orders_for, resolve_patch
@@ -32,6 +31,7 @@ from fcconv.plan import (
     order_for,
     resolve_name,
 )
+from fcconv.verify.bits import bitwise_equal, first_mismatch
 
 KERNEL_DIMS = (3, 4, 5)
 """The ranks of conv kernels: Conv1d ``[O, C, L]``, Conv2d and Conv3d."""

@@ -17,97 +17,13 @@ from typing import TYPE_CHECKING, Any
 from fcconv import dtypes
 from fcconv.errors import CheckpointError
 from fcconv.geometry import unravel_index
+from fcconv.verify.bits import bitwise_equal, first_mismatch, same_quantization
 
 if TYPE_CHECKING:
     import torch
 
-_INT_OF_WIDTH = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 MAX_REPORTED = 20
 """Differences of non-tensor values listed at most (then a count of the rest)."""
-
-
-# ------------------------------------------------------------ bitwise equality
-
-
-def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    if tensor.is_quantized:  # its stored integers; viewing its bytes crashes torch
-        tensor = tensor.int_repr()
-    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    width = flat.element_size()
-    if width in _INT_OF_WIDTH:
-        return flat.view(getattr(torch, _INT_OF_WIDTH[width]))
-    return flat.view(torch.int64) if width % 8 == 0 else flat
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and layout, and the same bits (so NaN == NaN and 0.0 != -0.0).
-
-    Quantized tensors compare their stored integers and quantization
-    parameters; sparse ones their indices and values. A tensor of a kind
-    fcconv cannot compare raises :class:`~fcconv.errors.CheckpointError`
-    (a difference it cannot judge is not a difference it found).
-    """
-    if a.dtype != b.dtype or a.shape != b.shape or a.layout != b.layout:
-        return False
-    if a.is_quantized != b.is_quantized or a.is_meta != b.is_meta:
-        return False
-    if a.is_meta:
-        return True  # no data on either side
-    if a.is_quantized:
-        return _same_quantization(a, b) and _equal_bits(a, b)
-    parts_a, parts_b = _parts(a), _parts(b)
-    return len(parts_a) == len(parts_b) and all(
-        x.shape == y.shape and _equal_bits(x, y) for x, y in zip(parts_a, parts_b, strict=True)
-    )
-
-
-def _equal_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    import torch
-
-    return torch.equal(_as_bits(a), _as_bits(b))
-
-
-def _parts(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The dense tensors that hold a tensor's data: itself, or a sparse one's indices and values."""
-    import torch
-
-    layout = tensor.layout
-    if layout == torch.strided:
-        return (tensor,)
-    if layout == torch.sparse_coo:
-        return (tensor._indices(), tensor._values())
-    if layout in (torch.sparse_csr, torch.sparse_bsr):
-        return (tensor.crow_indices(), tensor.col_indices(), tensor.values())
-    if layout in (torch.sparse_csc, torch.sparse_bsc):
-        return (tensor.ccol_indices(), tensor.row_indices(), tensor.values())
-    raise CheckpointError(
-        f"fcconv cannot compare tensors of layout {layout}; convert them to dense tensors first"
-    )
-
-
-def _same_quantization(a: torch.Tensor, b: torch.Tensor) -> bool:
-    import struct
-
-    import torch
-
-    if a.qscheme() != b.qscheme():
-        return False
-    if a.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        scales = struct.pack("<d", a.q_scale()) == struct.pack("<d", b.q_scale())
-        return scales and a.q_zero_point() == b.q_zero_point()
-    return (
-        a.q_per_channel_axis() == b.q_per_channel_axis()
-        and bitwise_equal(a.q_per_channel_scales(), b.q_per_channel_scales())
-        and bitwise_equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points())
-    )
-
-
-def first_mismatch(expected: torch.Tensor, actual: torch.Tensor) -> tuple[int, int]:
-    """(count, flat index of the first) of elements whose bits differ; same shape."""
-    differ = (_as_bits(expected) != _as_bits(actual)).nonzero()
-    return len(differ), int(differ[0]) if len(differ) else -1
 
 
 def _dtype(tensor: torch.Tensor) -> str:
@@ -158,7 +74,7 @@ def _tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str:
         return f"layout {a.layout} → {b.layout}"
     if a.layout != torch.strided:
         return "its indices or values"
-    if a.is_quantized and not _same_quantization(a, b):
+    if a.is_quantized and not same_quantization(a, b):
         return "its quantization parameters"
     count, first = first_mismatch(a, b)
     index = list(unravel_index(first, tuple(a.shape)))
@@ -258,8 +174,6 @@ def _short(value: Any) -> str:
 
 
 __all__ = [
-    "bitwise_equal",
-    "first_mismatch",
     "metadata_differences",
     "untouched_differences",
     "value_differences",

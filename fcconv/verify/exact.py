@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from fcconv import dtypes
 from fcconv.patches import AnyPatch, as_nd, kernel_axes, parse_order_nd
 from fcconv.plan import TensorInfo, describe
+from fcconv.verify.bits import bits_dtype, differing, tensor_bits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,31 +50,6 @@ class Tensors(Protocol):
 
     def tensor(self, key: str) -> torch.Tensor:
         """All of ``key`` (for small tensors such as biases)."""
-
-
-def bits_dtype(dtype: str) -> np.dtype:
-    """The unsigned integer type as wide as one element of ``dtype``."""
-    import numpy as np
-
-    known = dtypes.by_name(dtype)
-    return np.dtype(f"u{known.itemsize if known is not None else 1}")
-
-
-def tensor_bits(tensor: torch.Tensor) -> np.ndarray:
-    """The elements of a CPU tensor as unsigned ints of their width, ``[rows, row]``.
-
-    A view of the tensor's memory when it is contiguous (no copy).
-    """
-    import numpy as np
-    import torch
-
-    width = bits_dtype(dtypes.name_of(tensor.dtype))
-    rows = tensor.shape[0] if tensor.dim() else 1
-    if tensor.numel() == 0:
-        return np.empty((rows, 0), dtype=width)
-    flat = tensor.detach().contiguous().reshape(-1)
-    raw = flat.view(torch.uint8).numpy().view(width)
-    return raw.reshape(rows, raw.size // rows if rows else 0)
 
 
 class MemoryTensors:
@@ -181,7 +156,7 @@ def permuted_mismatch(
     for start in range(0, rows, block):
         stop = min(rows, start + block)
         expected = np.take(original.row_bits(key, start, stop), columns, axis=1)
-        differ = expected != converted.row_bits(key, start, stop)
+        differ = differing(expected, converted.row_bits(key, start, stop))
         found = int(np.count_nonzero(differ))
         if found and first[0] < 0:
             row, tap = divmod(int(np.flatnonzero(differ)[0]), patch.features)

@@ -5,8 +5,9 @@ Both runtimes are judged alike. At the native size the converted model's
 of its map must equal the original model's head applied to the matching
 window of the trunk's feature map (the trunk and the head both run in the
 runtime, on the original graph). The runtimes compute in float32, so the
-judge is a float32 tolerance relative to the outputs' size: a wrong order or
-weight is off by the size of the output itself.
+judge is the rule ``runtime-float32`` of :mod:`fcconv.verify.judge`, a
+tolerance relative to the outputs' size: a wrong order or weight is off by
+the size of the output itself.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fcconv.verify.judge import RULES, Comparison, compare
+
 if TYPE_CHECKING:
     import numpy as np
 
     from fcconv.geometry import Patch
 
-FLOAT32_RTOL = 1e-4
-"""|map − head on window| ≤ 1e-4 · max(1, max |head on window|)."""
+RULE = "runtime-float32"
+"""The rule every runtime comparison is judged by."""
+FLOAT32_RTOL = RULES[RULE].tolerance
+"""|map − head on window| ≤ 1e-4 · max |head on window|."""
 
 
 @dataclass
@@ -34,7 +39,10 @@ class RuntimeCheck:
     windows: int = 0
     native_max_abs_diff: float | None = None
     dense_max_abs_diff: float | None = None
-    tolerance: float = 0.0
+    tolerance: float = FLOAT32_RTOL
+    """Relative to the scale of each reference (its largest magnitude)."""
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+    """``native`` and ``dense``: what the judge found for each."""
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -47,9 +55,9 @@ class RuntimeCheck:
 
     @property
     def needed_tolerance(self) -> float | None:
-        """The smallest absolute tolerance that would have passed both comparisons."""
-        diffs = [d for d in (self.native_max_abs_diff, self.dense_max_abs_diff) if d is not None]
-        return max(diffs) if diffs else None
+        """The smallest relative tolerance that would have passed both comparisons."""
+        needed = [c.needed_tolerance for c in self.comparisons.values()]
+        return max(needed) if needed else None
 
     def summary(self) -> str:
         """One line for people: what ran, and how close the map came."""
@@ -62,7 +70,7 @@ class RuntimeCheck:
             f"{self.runtime}: on {height}x{width} the converted model's {rows}x{cols} map "
             f"{verdict} the original head on each of its {self.windows} windows (max |Δ| "
             f"{self.dense_max_abs_diff:.3g}, native size max |Δ| "
-            f"{_num(self.native_max_abs_diff)}, tolerance {self.tolerance:.3g})"
+            f"{_num(self.native_max_abs_diff)}, tolerance {self.tolerance:.3g} relative)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +85,8 @@ class RuntimeCheck:
             "dense_max_abs_diff": self.dense_max_abs_diff,
             "tolerance": self.tolerance,
             "needed_tolerance": self.needed_tolerance,
+            "rule": RULE,
+            "comparisons": {k: c.to_dict() for k, c in self.comparisons.items()},
             "problems": list(self.problems),
             "notes": list(self.notes),
         }
@@ -125,11 +135,6 @@ def judge(
     output. ``dense``: the map and the head on every window, both
     ``[B, P, Q, O]``.
     """
-    import numpy as np
-
-    scale = max(1.0, float(np.abs(dense[1]).max()) if dense[1].size else 1.0)
-    scale = max(scale, float(np.abs(native[1]).max()) if native[1].size else 1.0)
-    check.tolerance = FLOAT32_RTOL * scale
     for (got, expected), what in ((native, "native"), (dense, "dense")):
         if got.shape != expected.shape:
             check.problems.append(
@@ -137,11 +142,9 @@ def judge(
                 f"expected {expected.shape}"
             )
             continue
-        difference = float(np.abs(got.astype(np.float64) - expected).max()) if got.size else 0.0
-        setattr(check, f"{what}_max_abs_diff", difference)
-        if difference > check.tolerance:
-            check.problems.append(
-                f"at the {what} size the converted model differs from the original by up "
-                f"to {difference:.3g} (tolerance {check.tolerance:.3g})"
-            )
+        found = compare(got, expected, RULE)
+        check.comparisons[what] = found
+        setattr(check, f"{what}_max_abs_diff", found.max_abs_diff)
+        if not found.passed:
+            check.problems.append(f"at the {what} size the converted model: {found.summary()}")
     return check

@@ -8,7 +8,7 @@ with "cut the window, flatten it in ORDER, apply the Linear", computed here
 independently from the *original* weight with ``unfold`` and a matmul.
 
 The exact check reads every element of both weights, a block of rows at a
-time (:mod:`fcconv.exact`). The functional check runs on
+time (:mod:`fcconv.verify.exact`). The functional check runs on
 :func:`functional_rows` output channels: all of them in a layer of up to
 ``FUNCTIONAL_ELEMENTS`` weight elements, else evenly spaced rows, the first and
 last included. Every row goes through the same permutation, which the exact
@@ -19,15 +19,18 @@ that the permutation is the convolution's.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fcconv.compare import bitwise_equal, untouched_differences
 from fcconv.errors import LayerError
-from fcconv.exact import Mismatch, Tensors, as_tensors, permuted_mismatch
-from fcconv.functional import (
+from fcconv.geometry import unravel_index
+from fcconv.patches import as_nd
+from fcconv.plan import LayerPlan, layer_inputs
+from fcconv.verify.bits import bitwise_equal
+from fcconv.verify.exact import Mismatch, Tensors, as_tensors, permuted_mismatch
+from fcconv.verify.untouched import untouched_differences
+from fcconv.verify.windows import (
     BLOCK_ELEMENTS,
-    FLOAT64_TOLERANCE,
     FUNCTIONAL_ELEMENTS,
     MAX_CHECK_ELEMENTS,
     MAX_CHECK_MACS,
@@ -36,9 +39,6 @@ from fcconv.functional import (
     functional_check,
     functional_rows,
 )
-from fcconv.geometry import unravel_index
-from fcconv.patches import as_nd
-from fcconv.plan import LayerPlan, layer_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +68,7 @@ class LayerCheck:
             **self.plan.to_dict(),
             "exact": self.exact,
             "problems": self.problems,
-            "functional": asdict(self.functional) if self.functional is not None else None,
+            "functional": self.functional.to_dict() if self.functional is not None else None,
             "notes": self.notes,
             "passed": self.passed,
         }
@@ -126,7 +126,7 @@ def exact_problems(
     """Where the converted layer is not a pure permutation of the original, in words.
 
     Every element of the weight is compared, bit for bit, a block of rows at a
-    time (:func:`fcconv.exact.permuted_mismatch`); the biases as wholes.
+    time (:func:`fcconv.verify.exact.permuted_mismatch`); the biases as wholes.
     """
     original, converted = as_tensors(original), as_tensors(converted)
     weight, kernel = original.describe(plan.weight_key), converted.describe(plan.weight_key)
@@ -183,7 +183,7 @@ def check_layer(
     """The exact check, then the functional check, for one layer.
 
     ``original`` and ``converted`` are mappings of tensors, or
-    :class:`~fcconv.exact.Tensors` that read them from disk a part at a time.
+    :class:`~fcconv.verify.exact.Tensors` that read them from disk a part at a time.
 
     Raises:
         LayerError: the original weight is not one fcconv converts (integer,
@@ -209,24 +209,36 @@ def check_layer(
             rows=rows,
             flip=plan.flip,
         )
-        if functional.nonfinite_mismatches:
-            problems.append(
-                f"{functional.nonfinite_mismatches} NaN or infinite output value(s) of the conv "
-                "are not the same kind (NaN, +inf, -inf) as Linear-on-every-window's"
-            )
-        elif not functional.float64_passed:
-            problems.append(
-                f"conv output differs from Linear-on-every-window by up to "
-                f"{functional.float64_max_error:.3g} in float64 "
-                f"({functional.float64_ratio:.3g}× the 1e-9 tolerance)"
-            )
-        elif not functional.dtype_passed:
-            problems.append(
-                f"in {functional.dtype} the error {functional.max_abs_error:.3g} exceeds "
-                f"the floating-point bound ({functional.bound_ratio:.3g}× 2·γ_N); it "
-                f"would have needed rtol {functional.needed_rtol:.3g}"
-            )
+        problems += functional_problems(functional)
     return LayerCheck(plan, exact=exact, problems=problems, functional=functional)
+
+
+def functional_problems(functional: FunctionalCheck) -> list[str]:
+    """What the functional check found wrong (or could not judge), in words."""
+    float64, in_dtype = functional.float64, functional.in_dtype
+    if not float64.judged:
+        return [
+            f"the functional check could not judge the conv: {float64.reason} (the layer's "
+            "weights and bias give Linear-on-every-window no size to compare against)"
+        ]
+    if float64.nonfinite_mismatches:
+        return [
+            f"{float64.nonfinite_mismatches} NaN or infinite output value(s) of the conv "
+            "are not the same kind (NaN, +inf, -inf) as Linear-on-every-window's"
+        ]
+    if not float64.passed:
+        return [
+            f"conv output differs from Linear-on-every-window by up to "
+            f"{float64.max_abs_diff:.3g} in float64 ({float64.ratio:.3g}× the "
+            f"{float64.tolerance:g}·(|W|·|x|+|b|) tolerance)"
+        ]
+    if in_dtype is not None and in_dtype.judged and not in_dtype.passed:
+        return [
+            f"in {functional.dtype} the error {in_dtype.max_abs_diff:.3g} exceeds "
+            f"the floating-point bound ({in_dtype.ratio:.3g}× 2·γ_N); it "
+            f"would have needed tolerance {in_dtype.needed_tolerance:.3g}"
+        ]
+    return []
 
 
 def _check_judgeable(plan: LayerPlan, original: Tensors) -> None:
@@ -290,7 +302,6 @@ def verify_conversion(
 
 __all__ = [
     "BLOCK_ELEMENTS",
-    "FLOAT64_TOLERANCE",
     "FUNCTIONAL_ELEMENTS",
     "MAX_CHECK_ELEMENTS",
     "MAX_CHECK_MACS",
@@ -301,6 +312,7 @@ __all__ = [
     "bitwise_equal",
     "check_layer",
     "check_work",
+    "functional_problems",
     "functional_check",
     "functional_rows",
     "untouched_differences",

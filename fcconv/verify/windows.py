@@ -25,13 +25,11 @@ from fcconv import dtypes
 from fcconv.errors import SpecError
 from fcconv.patches import SPATIAL_AXES, AnyPatch, PatchNd, as_nd
 from fcconv.threads import torch_threads
+from fcconv.verify.judge import Comparison, compare, rounding_bound
 from fcconv.windows import default_input, make_grid
 
 if TYPE_CHECKING:
     import torch
-
-FLOAT64_TOLERANCE = 1e-9
-"""The float64 judge: |conv − reference| ≤ 1e-9 · (|W|·|x| + |b|) per element."""
 
 BLOCK_ELEMENTS = 1 << 24
 """Weight elements converted to float64 at a time by the functional check (128 MB)."""
@@ -58,34 +56,42 @@ class FunctionalCheck:
     """Conv output vs. Linear-on-every-window, on one random input.
 
     ``input_size`` and ``output_grid`` have one number per spatial axis
-    (``[H, W]`` for a 2-D layer, ``[T]`` for a 1-D one).
+    (``[H, W]`` for a 2-D layer, ``[T]`` for a 1-D one). ``float64`` is the
+    sharp judge (rule ``float64-sharp``); ``in_dtype`` the conv run in the
+    layer's own dtype against the rounding bound (rule ``rounding-bound``),
+    None when it could not run (float8) or the bound is vacuous (N·u ≥ 1).
     """
 
     input_size: tuple[int, ...]
     output_grid: tuple[int, ...]
     cells: int
-    float64_max_error: float
-    float64_ratio: float  # max error / (1e-9·scale): ≤ 1 passes
     dtype: str
-    max_abs_error: float | None  # in the layer's dtype, against the float64 reference
-    roundoff_units: float | None  # max error / (u·scale): healthy ≪ 1
-    bound_ratio: float | None  # max error / (2·γ_N·scale); None when N·u ≥ 1 or not run
-    needed_rtol: float | None  # the tolerance, relative to scale, that would have passed
+    float64: Comparison
+    in_dtype: Comparison | None = None
     notes: list[str] = field(default_factory=list)
-    nonfinite_cells: int = 0  # cells whose reference is NaN or ±inf (the weight holds them)
-    nonfinite_mismatches: int = 0  # of those, cells where the conv gives another kind
     channels_checked: int | None = None  # output channels compared (see functional_rows)
 
     @property
-    def float64_passed(self) -> bool:
-        return self.float64_ratio <= 1.0 and not self.nonfinite_mismatches
-
-    @property
-    def dtype_passed(self) -> bool:
-        return self.bound_ratio is None or self.bound_ratio <= 1.0
+    def passed(self) -> bool:
+        """The float64 judge passed, and the dtype's bound where it could judge."""
+        in_dtype = self.in_dtype
+        return self.float64.passed and (in_dtype is None or not in_dtype.judged or in_dtype.passed)
 
     def __bool__(self) -> bool:
-        return self.float64_passed and self.dtype_passed
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": list(self.input_size),
+            "output_grid": list(self.output_grid),
+            "cells": self.cells,
+            "channels_checked": self.channels_checked,
+            "dtype": self.dtype,
+            "passed": self.passed,
+            "float64": self.float64.to_dict(),
+            "in_dtype": None if self.in_dtype is None else self.in_dtype.to_dict(),
+            "notes": list(self.notes),
+        }
 
 
 def check_work(
@@ -231,9 +237,8 @@ def _compare_on_windows(
     notes = grid.warnings()
     if kernel.shape[0] == 0:
         notes.append("the layer has no outputs: there is nothing to compare")
-        return FunctionalCheck(
-            tuple(size), grid.counts, grid.cells, 0.0, 0.0, dtype_name, 0.0, 0.0, None, 0.0, notes
-        )
+        empty = compare([], [], "float64-sharp")
+        return FunctionalCheck(tuple(size), grid.counts, grid.cells, dtype_name, empty, None, notes)
     check_work(patch, kernel.shape[0], stride, size)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(1, patch.channels, *size, generator=generator, dtype=torch.float64)
@@ -251,30 +256,14 @@ def _compare_on_windows(
         dense64 = _conv(x64, kernel[rows].double(), kernel_bias64[rows], stride)
         blocks.append((reference, scale, dense64))
     reference, scale, dense64 = (torch.cat(parts, dim=1) for parts in zip(*blocks, strict=True))
-    finite = torch.isfinite(reference)
-    same_kind = (torch.isnan(reference) & torch.isnan(dense64)) | (reference == dense64)
-    nonfinite, mismatched = int((~finite).sum()), int((~finite & ~same_kind).sum())
-    if nonfinite:
+    float64 = compare(dense64, reference, "float64-sharp", scale=scale)
+    if float64.nonfinite:
         notes.append(
-            f"{nonfinite} output value(s) are NaN or infinite (the weights hold such values); "
-            f"{nonfinite - mismatched} of them match the reference in kind"
+            f"{float64.nonfinite} output value(s) are NaN or infinite (the weights hold such "
+            f"values); {float64.nonfinite - float64.nonfinite_mismatches} of them match the "
+            "reference in kind"
         )
-    error64 = torch.where(finite, (dense64 - reference).abs(), 0.0)
-    result = FunctionalCheck(
-        input_size=tuple(size),
-        output_grid=grid.counts,
-        cells=grid.cells,
-        float64_max_error=_largest(error64),
-        float64_ratio=_max_ratio(error64, FLOAT64_TOLERANCE * scale),
-        dtype=dtype_name,
-        max_abs_error=None,
-        roundoff_units=None,
-        bound_ratio=None,
-        needed_rtol=None,
-        notes=notes,
-        nonfinite_cells=nonfinite,
-        nonfinite_mismatches=mismatched,
-    )
+    result = FunctionalCheck(tuple(size), grid.counts, grid.cells, dtype_name, float64, None, notes)
     if dtype_name not in _NATIVE_CONV:
         notes.append(
             f"torch cannot convolve {dtype_name} on this machine: judged in float64 from the "
@@ -283,7 +272,9 @@ def _compare_on_windows(
         return result
     with _reliable_conv(kernel.dtype):
         dense = _conv(x, kernel, kernel_bias, stride)
-    _judge_in_dtype(result, dense, reference, scale, finite, torch.finfo(kernel.dtype), patch)
+    result.in_dtype = _judge_in_dtype(
+        result, dense, reference, scale, torch.finfo(kernel.dtype), patch
+    )
     return result
 
 
@@ -292,38 +283,31 @@ def _judge_in_dtype(
     dense: torch.Tensor,
     reference: torch.Tensor,
     scale: torch.Tensor,
-    finite: torch.Tensor,
     info: Any,
     patch: PatchNd,
-) -> None:
-    """The error of the conv run in the layer's own dtype, against the rigorous bound."""
+) -> Comparison | None:
+    """The conv run in the layer's own dtype, against the rigorous rounding bound."""
     import torch
 
-    # Where |W|·|x| + |b| exceeds the dtype's range the rounding bound says nothing.
-    judged = finite & (scale <= info.max)
-    error = torch.where(judged, (dense.double() - reference).abs(), 0.0)
-    u = info.eps / 2
-    nu = (patch.features + 1) * u  # N products and the bias: N + 1 roundings
-    gamma = nu / (1 - nu) if nu < 1 else math.inf
-    if gamma == math.inf:
+    rule = rounding_bound(info.eps, info.tiny, patch.features)
+    if rule is None:
         result.notes.append(
             f"the rigorous {result.dtype} bound is vacuous for N={patch.features} "
             "(N·u ≥ 1); the float64 check is the judge"
         )
-    out_of_range = int((finite & ~judged).sum())
+        return None
+    finite = torch.isfinite(reference)
+    # Where |W|·|x| + |b| exceeds the dtype's range the rounding bound says nothing.
+    in_range = finite & (scale <= info.max)
+    out_of_range = int((finite & ~in_range).sum())
     if out_of_range:
         result.notes.append(
             f"{out_of_range} output value(s) exceed the range of {result.dtype}; judged in "
             "float64 only"
         )
-    result.max_abs_error = _largest(error)
-    result.roundoff_units = _max_ratio(error, u * scale)
-    result.bound_ratio = None if gamma == math.inf else _max_ratio(error, 2 * gamma * scale)
-    result.needed_rtol = _max_ratio(error, scale)
-
-
-def _largest(values: torch.Tensor) -> float:
-    return float(values.max()) if values.numel() else 0.0
+    # Non-finite values were judged by kind in float64; here only sizes count.
+    got = torch.where(finite, dense.double(), reference)
+    return compare(got, reference, rule, scale=scale, where=in_range)
 
 
 @contextlib.contextmanager
@@ -381,12 +365,3 @@ def _linear_on_windows(
     scale = vectors.abs() @ weight.abs().T + bias.abs()
     last = output.dim() - 1
     return output.movedim(last, 1), scale.movedim(last, 1)
-
-
-def _max_ratio(error: torch.Tensor, allowed: torch.Tensor) -> float:
-    import torch
-
-    if not error.numel():
-        return 0.0
-    ratio = torch.where(allowed > 0, error / allowed, torch.where(error > 0, math.inf, 0.0))
-    return float(ratio.max())
