@@ -324,3 +324,12 @@ def test_inspect_shows_the_head_it_read(invoke, files) -> None:
     assert not weights["found"] and weights["order_from"] == "default"
     refused = json.loads(invoke("inspect", files["cf.keras"], "--json").stdout)["head"]
     assert not refused["found"] and (refused["order"], refused["order_from"]) == ("chw", "model")
+
+
+def test_the_orders_a_model_uses_are_read_for_every_dense_that_reads_a_map(files) -> None:
+    from fcconv.api.keras import model_orders
+
+    assert {k: v[0] for k, v in model_orders(files["rnet.keras"]).items()} == {"fc4": "cwh"}
+    assert {k: v[0] for k, v in model_orders(files["cf.h5"]).items()} == {"fc1": "chw"}
+    assert {k: v[0] for k, v in model_orders(files["nested.keras"]).items()} == {"head.fc1": "hwc"}
+    assert model_orders(files["rnet.weights.h5"]) == {}

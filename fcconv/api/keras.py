@@ -548,3 +548,26 @@ def _drop_layer_names(target: Path, removed: set[str]) -> None:
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["layer_names"]]
         kept = [n for n in names if n not in removed]
         group.attrs["layer_names"] = np.array([n.encode() for n in kept], dtype="S")
+
+
+def model_orders(path: str | Path) -> dict[str, tuple[str, str]]:
+    """Dense layer name → (order, how it was read) for every Dense layer of a Keras model
+    that reads a flattened map, read off its config (empty for a file without one).
+
+    For checks that judge a conversion against the order the model uses
+    (``order_from: model``).
+    """
+    file = read_keras(path)
+    found: dict[str, tuple[str, str]] = {}
+    if file.config is None:
+        return found
+    for name, cls in config_classes(file.config).items():
+        if cls != "Dense":
+            continue
+        try:
+            read = read_order(file.config, name)
+        except FcconvError:
+            continue
+        if read is not None and read.pool is None:
+            found[name] = (read.order, read.detail)
+    return found

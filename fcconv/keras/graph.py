@@ -42,7 +42,20 @@ class KerasGraph:
     legacy: bool = False
 
     def by_name(self, name: str) -> dict[str, Any]:
-        return next(layer for layer in self.layers if layer_name(layer) == name)
+        """The layer config named ``name``.
+
+        Raises:
+            ConvolutionalizeError: the config reads a layer it does not hold.
+        """
+        found = next((layer for layer in self.layers if layer_name(layer) == name), None)
+        if found is None:
+            from fcconv.errors import ConvolutionalizeError
+
+            raise ConvolutionalizeError(
+                f"the Keras config reads a layer {name!r} it does not hold; re-save the model",
+                layer=name,
+            )
+        return found
 
     def readers(self, name: str) -> list[str]:
         """The layers that read ``name``'s output, in config order."""
