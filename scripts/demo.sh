@@ -74,7 +74,7 @@ session = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])
 scores = session.run(None, {'image': np.zeros((1, 3, 40, 32), 'float32')})[0]
 print('class-score map:', scores.shape, '= batch x 5 classes x 13 x 9 windows')
 " "$OUT/tiny_cnn.dense.onnx"
-# The README's walk-through: a two-headed detector stage (face scores and boxes) made dense
+# The docs' walk-through (docs/guide/models.md): a two-headed detector stage (face scores and boxes) made dense
 # together; each output's coordinate map travels in the program's metadata.
 run "$BIN/fcconv" convolutionalize sample_checkpoints/detector_stage.safetensors \
     --arch 'fcconv.samples_models:detector_stage(width=16, hidden=64)' --input 24x24 \

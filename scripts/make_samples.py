@@ -14,7 +14,7 @@
 - keras_cnn.keras / keras_cnn.weights.h5 / tiny_cnn.onnx: Keras and ONNX
   classifiers (see make_format_samples.py).
 - detector_stage.safetensors: weights of fcconv.samples_models.detector_stage,
-  a two-headed face-detector stage (random init), for the README's walk-through.
+  a two-headed face-detector stage (random init), for the walk-through in docs/guide/models.md.
 - blob_net.safetensors / blobs.png: weights of fcconv.samples_models.blob_net (set
   by hand: red, green and blue blob scores) and a synthetic 320x240 picture of
   coloured blobs, for `fcconv map` (Pillow writes the PNG).
