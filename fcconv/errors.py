@@ -200,6 +200,17 @@ class ConvolutionalizeError(LayerError):
     """A model whose head fcconv cannot rewrite as convolutions."""
 
 
+class NotDenseError(ConvolutionalizeError):
+    """A converted model whose map is one cell on every input (a global pool): not dense.
+
+    ``layer`` is the layer that collapses the feature maps, ``where`` its ``file:line``.
+    """
+
+    def __init__(self, message: str, *, layer: str | None = None, where: str | None = None):
+        super().__init__(message, layer=layer)
+        self.where = where
+
+
 class UntraceableModelError(ConvolutionalizeError):
     """A model that neither ``torch.fx`` nor ``torch.export`` can trace."""
 

@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 
 AUTO = "auto"
 
+ORDER_FROM = ("record", "flag", "model", "weights", "default")
+"""Where a layer's flatten order came from (``order_from`` in every result):
+fcconv's provenance record, an explicit flag or argument, the model itself
+(a traced flatten, a Keras config, an ONNX Transpose), the weights' evidence
+(with its margin), or the framework's convention (``chw`` for PyTorch)."""
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -224,6 +230,10 @@ class LayerPlan:
     dtype: str
     flip: bool = False
     """The kernel is flipped for a framework that convolves (see ``geometry.flip_kernel``)."""
+    order_from: str = "default"
+    """Where ``order`` came from: one of :data:`ORDER_FROM`."""
+    order_margin: float | None = None
+    """With ``order_from`` ``weights``: the evidence's margin over the next family."""
 
     @property
     def ndim(self) -> int:
@@ -259,6 +269,8 @@ class LayerPlan:
             "conv_shape": list(self.conv_shape),
             "patch": str(self.patch),
             "order": self.order,
+            "order_from": self.order_from,
+            "order_margin": self.order_margin,
             "stride": list(self.stride),
             "dtype": self.dtype,
             "flip": self.flip,
@@ -297,8 +309,12 @@ class LayerPlan:
         }
         return {**record, "flip": True} if self.flip else record
 
-    def with_order(self, order: str) -> LayerPlan:
-        return dataclasses.replace(self, order=order)
+    def with_order(
+        self, order: str, order_from: str | None = None, margin: float | None = None
+    ) -> LayerPlan:
+        """The same plan in ``order`` (and, when given, where that order came from)."""
+        came = self.order_from if order_from is None else order_from
+        return dataclasses.replace(self, order=order, order_from=came, order_margin=margin)
 
 
 def plan_layers(
@@ -342,6 +358,7 @@ def plan_layers(
                 stride=layer_stride(patch, stride, name),
                 dtype=entry.dtype,
                 flip=flip,
+                order_from="default" if order is None else "flag",
             )
         )
     if not plans:

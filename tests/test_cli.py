@@ -480,27 +480,37 @@ def test_verify_exit_1_and_json_verdict(invoke, seed_pt, tmp_path) -> None:
     assert document["equivalent"] is False and document["exit_code"] == 1
 
 
-def test_verify_finds_the_order_without_flags(invoke, tmp_path) -> None:
+def test_verify_judges_the_default_order_without_a_record_or_flag(invoke, tmp_path) -> None:
+    """A .pt keeps no record and random weights no evidence: the model is taken to flatten
+    chw, PyTorch's convention; a kernel in any other order is a difference naming it."""
     source = tmp_path / "m.pt"
     torch.save(tiny_linear(), source)
     for order in ORDERS:
         out = tmp_path / f"m.{order}.pt"
         invoke("convert", source, "-o", out, "--layer", "fc", "--patch", "3x4x2", "--order", order)
-        document = json.loads(invoke("verify", source, out, "--json").stdout)
-        assert document["equivalent"] is True
-        assert document["layers"][0]["order"] == order
-        assert any(f"order {order} found from the weights" in n for n in document["notes"])
+        if order == "chw":
+            document = json.loads(invoke("verify", source, out, "--json").stdout)
+            assert document["layers"][0]["order_from"] == "default"
+            continue
+        failed = json.loads(invoke("verify", source, out, "--json", exit=1).stdout)
+        (layer,) = failed["layers"]
+        assert layer["order"] == "chw" and layer["order_from"] == "default"
+        assert any(f"--order {order}" in p and f'order="{order}"' in p for p in layer["problems"])
+        asserted = json.loads(invoke("verify", source, out, "--order", order, "--json").stdout)
+        assert asserted["equivalent"] is True
+        assert asserted["layers"][0]["order"] == order
+        assert asserted["layers"][0]["order_from"] == "flag"
 
 
 def test_verify_says_when_orders_coincide(invoke, samples, tmp_path) -> None:
-    out = tmp_path / "head.conv.pt"  # .pt: no provenance, the order must be discovered
+    out = tmp_path / "head.conv.pt"  # .pt: no provenance, the default order is judged
     invoke("convert", samples / "head_fc6_fc7.safetensors", "-o", out, "--layer", "fc6=6x6x8",
-           "--layer", "fc7=1x1", "--order", "hwc")  # fmt: skip
+           "--layer", "fc7=1x1")  # fmt: skip
     result = invoke("verify", samples / "head_fc6_fc7.safetensors", out, "--json")
     document = json.loads(result.stdout)
     assert document["equivalent"] is True
     notes = " ".join(document["notes"])
-    assert "fc6: order hwc found from the weights" in notes
+    assert "fc6: order chw, the framework's default" in notes
     assert "same permutation for a 1x1x32 patch" in notes
 
 

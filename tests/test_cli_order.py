@@ -92,9 +92,17 @@ def test_inspect_ranks_orders_for_a_patch(invoke, samples) -> None:
     assert "ranking: chw" in human.stderr
 
 
-def test_verify_notes_when_the_weights_favour_another_order(invoke, samples, tmp_path) -> None:
+def test_verify_judges_the_order_the_weights_show(invoke, samples, tmp_path) -> None:
+    """No record, no flag: the weights clearly say hwc, so a chw kernel is a difference."""
     out = tmp_path / "out.pt"
     invoke("convert", samples / "trained_nhwc.pt", "-o", out, "--layer", "fc", "--patch", PATCH)
-    result = json.loads(invoke("verify", samples / "trained_nhwc.pt", out, "--json").stdout)
-    assert result["equivalent"] is True
+    failed = json.loads(invoke("verify", samples / "trained_nhwc.pt", out, "--json", exit=1).stdout)
+    (layer,) = failed["layers"]
+    assert layer["order"] == "hwc" and layer["order_from"] == "weights"
+    assert layer["order_margin"] > 0.1
+    assert any("--order chw" in p for p in layer["problems"])
+    # asserted, it passes, and the note says the weights disagree
+    flag = ("--order", "chw")
+    result = json.loads(invoke("verify", samples / "trained_nhwc.pt", out, *flag, "--json").stdout)
+    assert result["equivalent"] is True and result["layers"][0]["order_from"] == "flag"
     assert any("probably trained on hwc" in note for note in result["notes"])

@@ -65,7 +65,7 @@ def test_non_finite_weights_permuted_exactly_pass(tmp_path: Path, value: float) 
     state["fc.weight"][1, 7] = value
     state["fc.weight"][3, 0] = -math.inf
     source, out = converted(tmp_path, state, order="hwc")
-    result = verify_checkpoints(source, out)
+    result = verify_checkpoints(source, out, order="hwc")  # a .pt keeps no record
     assert result.exit_code == 0, result.to_dict()["layers"][0]["problems"]
     functional = result.layers[0].functional
     assert functional.float64.nonfinite > 0 and functional.float64.nonfinite_mismatches == 0
@@ -112,7 +112,7 @@ def test_json_reports_stay_strict_json(tmp_path: Path, invoke) -> None:
 @pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
 def test_float8_converts_and_is_judged_in_float64(tmp_path: Path, name: str) -> None:
     source, out = converted(tmp_path, weights(torch.float8_e4m3fn), name, order="hwc")
-    result = verify_checkpoints(source, out)
+    result = verify_checkpoints(source, out, order="hwc")
     assert result.exit_code == 0, result.to_dict()
     notes = " ".join(result.layers[0].functional.notes)
     assert "judged in float64" in notes and result.layers[0].functional.in_dtype is None
@@ -121,7 +121,7 @@ def test_float8_converts_and_is_judged_in_float64(tmp_path: Path, name: str) -> 
         bits = changed["fc.weight"].view(torch.uint8)
         bits[0, 0, 0, 0] ^= 1
         torch.save(changed, out)
-        assert verify_checkpoints(source, out).exit_code == 1
+        assert verify_checkpoints(source, out, order="hwc").exit_code == 1
 
 
 KINDS = {

@@ -333,3 +333,16 @@ def test_the_orders_a_model_uses_are_read_for_every_dense_that_reads_a_map(files
     assert {k: v[0] for k, v in model_orders(files["cf.h5"]).items()} == {"fc1": "chw"}
     assert {k: v[0] for k, v in model_orders(files["nested.keras"]).items()} == {"head.fc1": "hwc"}
     assert model_orders(files["rnet.weights.h5"]) == {}
+
+
+def test_verify_judges_a_keras_conversion_against_the_models_order(invoke, files, tmp_path):
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    args = ("convert", files["rnet.keras"], "--format", "torch", "--layer", "fc4")
+    invoke(*args, "-o", good)
+    invoke(*args, "-o", bad, "--order", "hwc")  # a torch .pt keeps no record of the order
+    document = json.loads(invoke("verify", files["rnet.keras"], good, "--json").stdout)
+    layer = document["layers"][0]
+    assert (layer["order"], layer["order_from"]) == ("cwh", "model")
+    failed = json.loads(invoke("verify", files["rnet.keras"], bad, "--json", exit=1).stdout)
+    assert (failed["layers"][0]["order"], failed["layers"][0]["order_from"]) == ("cwh", "model")
+    assert any("hwc" in problem for problem in failed["layers"][0]["problems"])

@@ -96,8 +96,10 @@ def test_convert_then_verify_on_every_path(invoke, tmp_path, path, ndim) -> None
         assert torch.equal(after[f"{name}.weight"].view(torch.int32), kernel.view(torch.int32))
     untouched = [k for k in before if not any(k.startswith(f"{n}.weight") for n in heads(ndim))]
     assert all(torch.equal(before[k], after[k]) for k in untouched)
-    # verify needs no flags: the converted layers and their orders come from the files
-    check = json.loads(invoke("verify", source, output, "--json").stdout)
+    # verify needs no flags where the file records the orders; a .pt has no record, and
+    # random weights no evidence: its order is asserted (else the default would judge it)
+    flags = ("--order", order) if path in ("pt", "in memory") else ()
+    check = json.loads(invoke("verify", source, output, *flags, "--json").stdout)
     assert check["equivalent"] and [layer["layer"] for layer in check["layers"]] == list(
         heads(ndim)
     )
@@ -165,12 +167,18 @@ def test_the_3d_report_names_conv3d_and_every_axis(invoke, tmp_path) -> None:
     assert "cell (p, q, r) sees input frames 2p … 2p+1, rows 3q … 3q+2, columns 2r … 2r+1" in human
 
 
-def test_verify_finds_the_order_from_the_weights_without_provenance(invoke, tmp_path) -> None:
+def test_verify_without_provenance_judges_the_default_order_and_names_the_fit(
+    invoke, tmp_path
+) -> None:
     source = write(tmp_path, "pt")
     invoke("convert", source, *RUNS[3][0], "-o", tmp_path / "out.pt")
-    check = json.loads(invoke("verify", source, tmp_path / "out.pt", "--json").stdout)
-    assert check["equivalent"]
-    assert "clip.fc: order hwdc found from the weights" in check["notes"]
+    wrong = json.loads(invoke("verify", source, tmp_path / "out.pt", "--json", exit=1).stdout)
+    (layer,) = wrong["layers"]
+    assert layer["order"] == "cdhw" and layer["order_from"] == "default"
+    assert any("order hwdc" in p and "--order hwdc" in p for p in layer["problems"])
+    flag = ("--order", "hwdc")
+    check = json.loads(invoke("verify", source, tmp_path / "out.pt", *flag, "--json").stdout)
+    assert check["equivalent"] and check["layers"][0]["order_from"] == "flag"
     # no provenance in a .pt: the stride is the patch's unless given
     assert check["layers"][0]["stride"] == [2, 3, 2]
 
@@ -313,10 +321,14 @@ def test_a_provenance_record_of_another_rank_is_ignored_field_by_field(invoke, t
         "seq.fc1": {"patch": "l=4,c=8", "linear_shape": [6, 32]},
         "seq.fc2": {"order": "cdhw"},
     }
-    check = json.loads(invoke("verify", source, converted, "--json").stdout)
+    # the records name no order of the kernels' rank: each layer is judged in the default cl
+    default = json.loads(invoke("verify", source, converted, "--json", exit=1).stdout)
+    assert default["layers"][0]["order_from"] == "default"
+    assert any("--order lc" in p for p in default["layers"][0]["problems"])
+    assert default["layers"][1]["passed"]  # a 1-position patch: every order is one permutation
+    check = json.loads(invoke("verify", source, converted, "--order", "lc", "--json").stdout)
     assert check["equivalent"]
-    assert "seq.fc1: order lc found from the weights" in check["notes"]
-    assert check["notes"][1].startswith("seq.fc2: orders cl, lc are the same permutation")
+    assert "seq.fc1: order lc as given" in check["notes"]
     assert check["layers"][0]["stride"] == [4]  # the recorded [2, 2] is no 1-D stride
 
 

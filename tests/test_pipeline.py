@@ -67,7 +67,8 @@ def test_pipeline_through_stdin_and_stdout(tmp_path: Path, samples: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]  # no temp file, no stray
 
     # verify reads the converted file from a pipe too, and prints exactly one JSON document
-    checked = sh(f"cat out.pt | {fcconv} verify {seed} - --json --input 100x60", tmp_path)
+    flags = "--order hwc --json --input 100x60"  # a .pt keeps no record of its order
+    checked = sh(f"cat out.pt | {fcconv} verify {seed} - {flags}", tmp_path)
     assert checked.returncode == 0, explain(checked)
     document = json.loads(checked.stdout)  # the whole stdout: nothing before or after it
     assert document["equivalent"] is True and document["exit_code"] == 0

@@ -100,12 +100,15 @@ def problems(document: dict) -> str:
 @pytest.mark.parametrize("order", ORDERS)
 def test_correct_conversion_passes_in_every_order(invoke, original, order, suffix) -> None:
     converted = convert(invoke, original, order, suffix)
-    document = json.loads(invoke("verify", original, converted, "--json").stdout)
+    # a .pt keeps no record: its order is asserted with the flag (the weights are random)
+    flags = ("--order", order) if suffix == ".pt" else ()
+    document = json.loads(invoke("verify", original, converted, *flags, "--json").stdout)
     assert document["equivalent"] is True and document["exit_code"] == 0
     assert document["differences"] == []
     [layer] = document["layers"]
     assert layer["order"] == order and layer["exact"] is True and layer["problems"] == []
-    source = "from the file's metadata" if suffix == ".safetensors" else "found from the weights"
+    assert layer["order_from"] == ("record" if suffix == ".safetensors" else "flag")
+    source = "from the file's metadata" if suffix == ".safetensors" else "as given"
     assert f"fc: order {order} {source}" in document["notes"]
     functional = layer["functional"]
     assert functional["output_grid"] == [2, 2] and functional["cells"] == 4
@@ -118,8 +121,11 @@ def test_correct_conversion_passes_in_every_order(invoke, original, order, suffi
 def test_functional_numbers_on_a_larger_input_with_overlap(invoke, original) -> None:
     converted = convert(invoke, original, "whc")
     document = json.loads(
-        invoke("verify", original, converted, "--stride", "1x2", "--input", "7x9", "--json").stdout
-    )
+        invoke(
+            "verify", original, converted, "--order", "whc", "--stride", "1x2", "--input", "7x9",
+            "--json",
+        ).stdout
+    )  # fmt: skip
     [layer] = document["layers"]
     functional = layer["functional"]
     # H' = (7 - 3) // 1 + 1 = 5, W' = (9 - 4) // 2 + 1 = 3; column 8 is left uncovered
@@ -142,12 +148,13 @@ def test_one_changed_weight(invoke, original, order, suffix) -> None:
     def nudge(state):
         state["fc.weight"][1, 1, 1, 2] += 0.5
 
-    human, document = verdicts(invoke, original, rewrite(converted, nudge))
+    flags = ("--order", order) if suffix == ".pt" else ()  # a .pt keeps no record
+    human, document = verdicts(invoke, original, rewrite(converted, nudge), *flags)
     col = column(order, 1, 1, 2)
     where = f"first at conv [1, 1, 1, 2] = Linear [1, {col}]"
     assert "fc.weight: 1 element(s) are not the original's" in human and where in human
     assert where in problems(document)
-    assert document["layers"][0]["order"] == order  # the closest order, or the recorded one
+    assert document["layers"][0]["order"] == order  # the asserted order, or the recorded one
 
 
 def test_one_ulp_is_caught_bit_for_bit(invoke, original) -> None:
@@ -157,7 +164,7 @@ def test_one_ulp_is_caught_bit_for_bit(invoke, original) -> None:
         w = state["fc.weight"]
         w[4, 0, 2, 3] = torch.nextafter(w[4, 0, 2, 3], torch.tensor(float("inf")))
 
-    human, document = verdicts(invoke, original, rewrite(converted, one_ulp))
+    human, document = verdicts(invoke, original, rewrite(converted, one_ulp), "--order", "hwc")
     where = f"conv [4, 0, 2, 3] = Linear [4, {column('hwc', 0, 2, 3)}]"
     assert where in human and where in problems(document)
     assert document["layers"][0]["exact"] is False

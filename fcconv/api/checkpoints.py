@@ -108,7 +108,6 @@ class ConvertResult:
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    order_from: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.written
@@ -125,11 +124,6 @@ class ConvertResult:
             layers.append(
                 {
                     **plan.to_dict(),
-                    **(
-                        {"order_from": self.order_from[plan.name]}
-                        if plan.name in self.order_from
-                        else {}
-                    ),
                     "geometry": plan.geometry(size),
                     "order_evidence": evidence.to_dict() if evidence is not None else None,
                 }
@@ -166,13 +160,12 @@ class Job:
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    order_from: dict[str, str] = field(default_factory=dict)  # layer → record/flag/model/…
 
     def result(self, plans: list[LayerPlan], verification: Any, **written: Any) -> ConvertResult:
         return ConvertResult(
             self.source.path, self.output, plans, self.size, verification,
             written=bool(written), evidence=self.evidence, notes=self.notes,
-            warnings=self.warnings, order_from=self.order_from, **written,
+            warnings=self.warnings, **written,
         )  # fmt: skip
 
 
@@ -333,7 +326,7 @@ def _settle_order(plan: LayerPlan, job: Job) -> LayerPlan:
     job.notes.append(
         f"{plan.name}: order {evidence.winner} chosen from the weights ({evidence.ranking_text()})"
     )
-    return plan.with_order(evidence.winner)
+    return plan.with_order(evidence.winner, "weights", evidence.margin)
 
 
 def weigh_orders(plans: list[LayerPlan], job: Job) -> None:
@@ -446,13 +439,16 @@ def verify_checkpoints(
 
     No layer arguments are needed: the converted layers are found (2-D in the
     original, a 3-D, 4-D or 5-D conv kernel with as many elements in the
-    converted file), their order
-    and stride taken from fcconv's provenance where the file has it, else
-    found from the weights. Arguments given explicitly are checked, not
-    trusted. Two files on disk are compared by their bytes; only the
-    converted layers are loaded. ``flip`` (default: as the provenance says)
-    checks kernels flipped for a framework that convolves. Keras files are
-    compared in PyTorch's layout (a Dense kernel as the Linear weight).
+    converted file), their order and stride taken from fcconv's provenance
+    where the file has it. Without a record or ``order`` each layer is judged
+    in the order the model uses: the weights' evidence when it is clear,
+    else the framework's convention (``chw``; ``hwc`` for Keras files); a
+    kernel that matches only another order is a difference naming it.
+    Arguments given explicitly are checked, not trusted. Two files on disk
+    are compared by their bytes; only the converted layers are loaded.
+    ``flip`` (default: as the provenance says) checks kernels flipped for a
+    framework that convolves. Keras files are compared in PyTorch's layout
+    (a Dense kernel as the Linear weight).
 
     Returns:
         A :class:`~fcconv.verify.VerifyResult`, truthy when equivalent.
@@ -474,7 +470,7 @@ def verify_checkpoints(
         import_torch_early()  # while the bytes are compared
     before = tensors_of(before_source) if on_disk else read_all(before_source)
     after = tensors_of(after_source) if on_disk else read_all(after_source)
-    plans, notes = plan_verification(
+    planned = plan_verification(
         before,
         after,
         requests=_requests(layers),
@@ -485,7 +481,11 @@ def verify_checkpoints(
         source=str(original),
         info=(before_source.info, after_source.info),
         flip=flip,
+        weigh=_weigher(before_source),
+        default_order=default_order(before_source.format),
+        model_orders=_model_orders(before_source),
     )
+    plans, notes = planned.plans, planned.notes
     size = extent(input_size, "input size")
     if on_disk:
         skip = {plan.weight_key for plan in plans}
@@ -494,8 +494,11 @@ def verify_checkpoints(
         result = verify_conversion(plans, *sides, size, seed, differences)
     else:
         result = verify_conversion(plans, before, after, size, seed)
+    for check in result.layers:
+        if check.plan.name in planned.problems:
+            check.problems.insert(0, planned.problems[check.plan.name])
     result.differences += _surrounding_differences(before_source, after_source, notes)
-    result.notes = notes + _evidence_notes(plans, before_source)
+    result.notes = notes + _evidence_notes(plans, before_source, planned.evidence)
     if before_source.format == after_source.format == KERAS and result:
         from fcconv.api.keras import check_in_keras
 
@@ -516,11 +519,42 @@ def _surrounding_differences(before: Source, after: Source, notes: list[str]) ->
     return value_differences(before.surroundings, after.surroundings, "checkpoint")
 
 
-def _evidence_notes(plans: list[LayerPlan], source: Source) -> list[str]:
+def _model_orders(source: Source) -> dict[str, tuple[str, str]]:
+    """The orders a Keras model's config says its Dense layers read (none for other files)."""
+    if source.format not in KERAS_FORMATS:
+        return {}
+    from fcconv.api.keras import model_orders
+
+    return model_orders(source.path)
+
+
+def default_order(source_format: str) -> str | None:
+    """The framework's convention for a file of this format (None: PyTorch's ``chw``).
+
+    A Keras Dense after a channels_last ``Flatten`` reads ``hwc``.
+    """
+    return "hwc" if source_format in KERAS_FORMATS else None
+
+
+def _weigher(source: Source) -> Any:
+    """``weigh(name, weight_key, patch, out_features)``: the evidence of one layer's weight."""
+
+    def weigh(name: str, key: str, patch: Any, out_features: int) -> OrderEvidence:
+        plan = LayerPlan(name, key, None, out_features, patch, "", (), "")
+        return order_evidence(source, plan)
+
+    return weigh
+
+
+def _evidence_notes(
+    plans: list[LayerPlan], source: Source, weighed: dict[str, OrderEvidence]
+) -> list[str]:
     """Where the weights clearly favour another order than the one the files agree on."""
     notes = []
     for plan in plans:
-        evidence = order_evidence(source, plan)
+        if plan.order_from == "weights":
+            continue  # the evidence chose it
+        evidence = weighed.get(plan.name) or order_evidence(source, plan)
         if evidence.favours_other_than(plan.order):
             notes.append(
                 f"{evidence.disagreement(plan.name, plan.order)}: the two files agree, "

@@ -132,7 +132,7 @@ def inspect_checkpoint(
     entries = linear_entries(source.info)
     fits = {entry.name: _fits(entry.in_features, rank, channels, limit) for entry in entries}
     converted = [
-        {"layer": name, "conv_shape": list(weight.shape), **record}
+        {"layer": name, "conv_shape": list(weight.shape), **record, **_order_from(record)}
         for name, record in source.records.items()
         if (weight := source.info.get(param_key(name, "weight"))) is not None
         and len(weight.shape) in CONV_DIMS
@@ -196,6 +196,11 @@ def _evidence_for_patch(
     if not found:
         raise SpecError(f"patch {spec} fits no Linear-shaped entry; see the patches that fit")
     return found
+
+
+def _order_from(record: dict[str, Any]) -> dict[str, str]:
+    """A recorded conversion's order comes from fcconv's record."""
+    return {"order_from": "record"} if "order" in record else {}
 
 
 def order_evidence(source: Source, plan: LayerPlan) -> OrderEvidence:

@@ -112,7 +112,7 @@ def _head(file: KerasFile, out: str) -> KerasHead | None:
         return None
 
 
-def _fill_requests(job: Job, file: KerasFile, head: KerasHead | None) -> None:
+def _fill_requests(job: Job, file: KerasFile, head: KerasHead | None) -> str:
     """No layers named: the head's Dense layers, each reading the map gets it as its patch."""
     if not job.requests:
         if head is None or head.patch is None:
@@ -121,7 +121,7 @@ def _fill_requests(job: Job, file: KerasFile, head: KerasHead | None) -> None:
                 "Dense head with a known feature map; name one with {layers} NAME=HxWxC"
             )
         job.requests = [LayerRequest(name, _given_or(job, head, name)) for name in head.dense]
-    _settle_file_order(job, file)
+    return _settle_file_order(job, file)
 
 
 def _given_or(job: Job, head: KerasHead, name: str) -> Any:
@@ -141,14 +141,15 @@ def _reader_patch(head: KerasHead, name: str) -> PatchSpec:
     return PatchSpec(1, 1)  # C inferred from in_features
 
 
-def _settle_file_order(job: Job, file: KerasFile) -> None:
+def _settle_file_order(job: Job, file: KerasFile) -> str:
     """The order of the layers that read the map: the flag, else the config, else ``hwc``.
 
     Every request is looked up in the model's config; a layer that reads a
     flattened map takes its patch from it when none is given (and must agree
     with it when one is). A file with no config (``.weights.h5``) gets Keras's
     channels-last ``hwc``, said out loud: a ``Permute`` before the ``Flatten``
-    or a ``channels_first`` trunk would change it.
+    or a ``channels_first`` trunk would change it. Returns where the order came
+    from (``flag``, ``model`` or ``default``).
     """
     found: dict[str, MapOrder] = {}
     for index, request in enumerate(job.requests):
@@ -167,26 +168,23 @@ def _settle_file_order(job: Job, file: KerasFile) -> None:
             + ", ".join(f"{name}: {read.order}" for name, read in found.items())
             + "); convert them one at a time"
         )
-    names = [request.name for request in job.requests]
     if job.order is not None:
-        job.order_from.update(dict.fromkeys(names, "flag"))
         for name, read in found.items():
             if read.order != job.order:
                 job.warnings.append(
                     f"{name}: {{order}} {job.order} given, but the model's config flattens "
                     f"its map as {read.order} ({read.detail})"
                 )
-        return
+        return "flag"
     if found:
         name, read = next(iter(found.items()))
         job.order = read.order
-        job.order_from.update(dict.fromkeys(names, "model"))
         job.notes.append(f"{name}: order {read.order} read from the model's config ({read.detail})")
-        return
+        return "model"
     job.order = KERAS_ORDER
-    job.order_from.update(dict.fromkeys(names, "default"))
     if not any(_pointwise(request, job) for request in job.requests):
         job.warnings.append(_default_order_warning(job, file))
+    return "default"
 
 
 def _pointwise(request: LayerRequest, job: Job) -> bool:
@@ -288,8 +286,8 @@ def convert_keras(job: Job, dst: str | Path | None, fmt: str | None) -> ConvertR
     check_output_path(Path(job.output), job.force, (Path(job.source.path),))
     head = _head(file, out)
     pool_stride = _pool_stride(job, head, out)
-    _fill_requests(job, file, head)
-    plans = plan_job(job)
+    came = _fill_requests(job, file, head)
+    plans = [plan.with_order(plan.order, came) for plan in plan_job(job)]
     if out in (KERAS, KERAS_H5) and head is not None:
         _check_model_plans(plans, head)
     loaded = job.source.loaded

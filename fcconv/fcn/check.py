@@ -12,13 +12,15 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from fcconv.errors import NotDenseError, SpecError
 from fcconv.fcn.analyse import (
     Analysis,
     analyze,
@@ -26,11 +28,13 @@ from fcconv.fcn.analyse import (
     size_tuple,
     stride_tuple,
     trunk_nodes,
+    where,
 )
 from fcconv.fcn.cells import CropPlan, OutputCells, crop_plan, output_cells, trunk_geometry
+from fcconv.fcn.ops import describe
 from fcconv.fcn.results import CropAccount, DenseCheck, OutputCheck
 from fcconv.fcn.trace import model_dtype_device, running_eval
-from fcconv.fcn.usercode import running_user_code
+from fcconv.fcn.usercode import running_user_code, stack_location
 from fcconv.verify.judge import Comparison, compare
 
 RULE = "model-float64"
@@ -257,6 +261,7 @@ def verify_dense(
         trunk, heads = _split(an)
         wanted = _head_maps(an, trunk, heads, big, step)
         _compare_dense(check, dense, wanted)
+        refuse_single_cell(check, trunk, partial(_example, layout, batch, device, generator))
         if not check.problems:
             _account_crops(check, reference, big, dense, cells, plan, native, max_crops, seed)
     return check
@@ -281,6 +286,104 @@ def judge_output(
             f"output {result.name!r} {where} differs from {against}: {found.summary()}"
         )
     return found
+
+
+def refuse_single_cell(
+    check: DenseCheck, trunk: fx.GraphModule, example: Callable[[tuple[int, ...]], torch.Tensor]
+) -> None:
+    """A dense program must be dense: never verify a map of one cell on the check input.
+
+    A map of one cell on the check input proves nothing about other windows.
+    When the trunk's feature maps keep their size as the input doubles (a
+    global pool), the map is one cell on *every* input: the model is
+    refused, naming the layer that collapses the maps and its ``file:line``.
+    Otherwise the check input was too small to hold a second window, and a
+    larger one is asked for. ``example(size)`` makes an input of that size.
+
+    Raises:
+        NotDenseError: the maps are one cell whatever the input.
+        SpecError: the check size holds one window only.
+    """
+    sizes = [o.map_size for o in check.outputs if o.map_size is not None]
+    if not sizes or any(math.prod(size) != 1 for size in sizes):
+        return
+    native = check.native_size
+    doubled = tuple(2 * n for n in native)
+    collapsing, grown = _collapsing_node(trunk, example(native), example(doubled))
+    if grown:
+        raise SpecError(
+            f"the check input {_sizes(check.larger_size)} holds one window of the converted "
+            "model only; give a larger {check_size} (the default is two window steps past "
+            "the native size)"
+        )
+    what = (
+        f"{describe(trunk, collapsing)}{where(collapsing)} makes"
+        if collapsing is not None
+        else "the trunk makes"
+    )
+    location = None if collapsing is None else stack_location(collapsing.meta.get("stack_trace"))
+    raise NotDenseError(
+        f"cannot convolutionalize: {what} every feature map 1x1 whatever the input's size "
+        f"({_sizes(native)} and {_sizes(doubled)} alike), so the converted model's map is one "
+        "cell on every input: not a dense map; make the pooling a sliding window over "
+        "native-size windows (or convert the head's weights only with fcconv convert)",
+        layer=None if collapsing is None else _layer_name(collapsing),
+        where=None if location is None else location[0],
+    )
+
+
+def _example(layout: Any, batch: int, device: Any, generator: Any, size: tuple[int, ...]):
+    """A float64 input of ``size`` (the guard's probes)."""
+    return layout.example(batch, size=size, dtype=torch.float64, device=device, generator=generator)
+
+
+def _layer_name(node: fx.Node) -> str:
+    """A module's qualified name, else the node's (``adaptive_avg_pool2d``)."""
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _sizes(size: Sequence[int]) -> str:
+    return "x".join(map(str, size))
+
+
+class _Shapes(fx.Interpreter):
+    """Runs a graph and keeps the shape of every tensor a node returns."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if isinstance(value, torch.Tensor):
+            self.shapes[n] = tuple(value.shape)
+        return value
+
+
+def _collapsing_node(
+    trunk: fx.GraphModule, small: torch.Tensor, big: torch.Tensor
+) -> tuple[fx.Node | None, bool]:
+    """The first node whose input grows with the model's input while its output does not,
+    and whether the trunk's feature maps grow at all."""
+    runs = []
+    for x in (small, big):
+        interpreter = _Shapes(trunk)
+        with running_user_code("the original model's forward"):
+            maps = interpreter.run(x)
+        runs.append((interpreter.shapes, _shapes_of(maps)))
+    (before, maps_before), (after, maps_after) = runs
+    if maps_before != maps_after:
+        return None, True
+    for node in trunk.graph.nodes:
+        if node not in before or node not in after or before[node] != after[node]:
+            continue
+        if any(i in before and before[i] != after.get(i) for i in node.all_input_nodes):
+            return node, False
+    return None, False
+
+
+def _shapes_of(maps: Any) -> list[tuple[int, ...]]:
+    return [tuple(m.shape) for m in pytree.tree_leaves(maps) if isinstance(m, torch.Tensor)]
 
 
 def _compare_native(check: DenseCheck, expected, got) -> None:

@@ -40,6 +40,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -54,10 +55,12 @@ from fcconv.fcn.check import (
     _account_crops,
     _compare_native,
     _dense_leaves,
+    _example,
     _head_maps,
     _named,
     _split,
     judge_output,
+    refuse_single_cell,
 )
 from fcconv.fcn.results import Conversion, DenseCheck, OutputCheck, OutputFacts
 from fcconv.fcn.trace import model_dtype_device
@@ -416,6 +419,8 @@ def verify_output_stride(
             got = _dense_leaves(candidate(x))
             wanted = shifted_reference(an, trunk, heads, x, step, phases, axes)
             _compare(check, got, wanted, size, larger=size == larger)
+        example = partial(_example, an.layout, batch, device, generator)
+        refuse_single_cell(check, trunk, example)
         if not check.problems:
             plan = crop_plan(an, geometry)
             _account_crops(check, reference, x, got, cells, plan, native, max_crops, seed, phases)

@@ -240,6 +240,7 @@ def read_keras(path: str | Path) -> KerasFile:
         with file.open_h5() as handle:
             if kind == KERAS_H5:
                 file.config = _legacy_config(handle, str(path))
+                file.metadata = _root_metadata(handle)
                 _read_legacy(file, handle)
             else:
                 if kind == KERAS_WEIGHTS:

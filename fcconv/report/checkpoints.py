@@ -52,6 +52,14 @@ def _field_line(grid: Grid) -> str:
     return f"cell {cell} sees input {spans} (a {field} receptive field)"
 
 
+def order_words(plan: LayerPlan) -> str:
+    """``chw (default)``, ``hwc (flag)``, ``hwc (weights, margin 0.319)``: where it came from."""
+    came = plan.order_from
+    if came == "weights" and plan.order_margin is not None:
+        came = f"weights, margin {plan.order_margin:.3g}"
+    return f"{plan.order} ({came})"
+
+
 # ------------------------------------------------------------------- convert
 
 
@@ -66,7 +74,7 @@ def render_plans(
             text(
                 (plan.name, "bold"),
                 f": Linear {plan.linear_shape[0]}←{plan.linear_shape[1]} → conv "
-                f"{shape(plan.conv_shape)}, patch {plan.patch}, order {plan.order}, "
+                f"{shape(plan.conv_shape)}, patch {plan.patch}, order {order_words(plan)}, "
                 f"stride {'x'.join(map(str, plan.stride))}",
             )
         )
@@ -125,7 +133,7 @@ def _check_rows(check: LayerCheck) -> list[tuple[str, str]]:
         ("linear → conv", f"{shape(plan.linear_shape)} → {shape(plan.conv_shape)}"),
         (
             "patch · order · stride",
-            f"{plan.patch} · {plan.order} · {'x'.join(map(str, plan.stride))}",
+            f"{plan.patch} · {order_words(plan)} · {'x'.join(map(str, plan.stride))}",
         ),
         ("exact (bit for bit)", "yes" if check.exact else "no"),
         ("build it with", plan.conv_line()),
@@ -186,7 +194,11 @@ def render_inspect(console: Console, result: InspectResult) -> None:
     if not result.entries:
         console.print(text("no Linear-shaped entries (2-D weights) in this checkpoint"))
     for layer in result.converted:
-        details = f", patch {layer['patch']}, order {layer['order']}" if "order" in layer else ""
+        details = (
+            f", patch {layer.get('patch')}, order {layer['order']} ({layer['order_from']})"
+            if "order" in layer and "order_from" in layer
+            else ""
+        )
         console.print(
             text(f"converted: {layer['layer']} conv {shape(layer['conv_shape'])}{details}")
         )

@@ -3,16 +3,18 @@
 ``verify`` needs no layer arguments: a layer is converted when its weight is
 2-D in the original and 3-D, 4-D or 5-D (a Conv1d, Conv2d or Conv3d kernel)
 with as many elements in the converted file.
-Its patch comes from the kernel's shape; its order from explicit arguments,
-else from fcconv's provenance record, else from the order whose permutation
-maps one weight onto the other exactly. Every claim is then checked by
-:mod:`fcconv.verify.layers`.
+Its patch comes from the kernel's shape; its order is the one the model
+uses: explicit arguments, else fcconv's provenance record, else the weights'
+evidence when it is clear, else the framework's convention. Never merely an
+order that fits: a kernel that matches only another order is a difference.
+Every claim is then checked by :mod:`fcconv.verify.layers`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import LayerError
@@ -38,6 +40,8 @@ KERNEL_DIMS = (3, 4, 5)
 
 if TYPE_CHECKING:
     import torch
+
+    from fcconv.evidence import OrderEvidence
 
 
 def matching_orders(weight: torch.Tensor, kernel: torch.Tensor, *, flip: bool = False) -> list[str]:
@@ -84,6 +88,34 @@ def converted_pairs(
     return pairs
 
 
+@dataclass(frozen=True)
+class OrderClaim:
+    """The order one layer is judged in, where it came from, and what to say about it."""
+
+    order: str
+    order_from: str
+    note: str
+    margin: float | None = None
+    problem: str | None = None
+    """A difference found while choosing: the kernel matches only another order."""
+
+
+Weigh = Callable[[str, str, AnyPatch, int], "OrderEvidence"]
+"""``weigh(name, weight_key, patch, out_features)``: the weights' evidence for a layer."""
+
+
+@dataclass
+class VerificationPlan:
+    """What :func:`plan_verification` found: the plans, the notes, and the differences."""
+
+    plans: list[LayerPlan]
+    notes: list[str]
+    problems: dict[str, str] = field(default_factory=dict)
+    """Layer name → a difference found while choosing its order."""
+    evidence: dict[str, OrderEvidence] = field(default_factory=dict)
+    """The evidence weighed per layer (when it was needed to choose the order)."""
+
+
 def plan_verification(
     original: Mapping[str, torch.Tensor],
     converted: Mapping[str, torch.Tensor],
@@ -96,17 +128,24 @@ def plan_verification(
     source: str,
     info: tuple[Mapping[str, TensorInfo], Mapping[str, TensorInfo]] | None = None,
     flip: bool | None = None,
-) -> tuple[list[LayerPlan], list[str]]:
-    """Find the converted layers and how each claims to have been converted.
+    weigh: Weigh | None = None,
+    default_order: str | None = None,
+    model_orders: Mapping[str, tuple[str, str]] | None = None,
+) -> VerificationPlan:
+    """Find the converted layers and the order each must be judged in (SPEC §2).
 
-    Explicit flags win, then the file's provenance, then discovery: the order
-    whose permutation maps one weight onto the other exactly. A kernel is
-    flipped (for a framework that convolves) when ``flip`` says so, else when
-    the provenance says so; a kernel that only a flip maps onto the weight is
-    named in a note, and checked unflipped (so it fails). Returns the plans
-    and the notes that say where each fact came from; flags that disagree with
-    the files come back as plans that the checks will fail. ``info`` (shapes
-    and dtypes of both sides) spares reading tensors that are still on disk.
+    The order is the one the model uses, never merely one that fits: an
+    explicit flag, else the file's provenance record, else the weights'
+    evidence when it is clear (``weigh``; the rule ``--order auto`` uses),
+    else the framework's convention (``default_order``, else ``chw`` and
+    its 1-D/3-D twins). ``model_orders`` (layer → order and how it was read,
+    from a Keras config) is the model's own word: it comes after a flag and
+    a record, before the weights. A kernel that matches only another order is a
+    difference that names that order and how to assert it. A kernel is
+    flipped (for a framework that convolves) when ``flip`` says so, else
+    when the provenance says so; a kernel that only a flip maps onto the
+    weight is named in a note, and checked unflipped (so it fails). ``info``
+    (shapes and dtypes of both sides) spares reading tensors still on disk.
     """
     info, info_after = info or (describe(original), describe(converted))
     pairs = converted_pairs(info, info_after)
@@ -121,7 +160,7 @@ def plan_verification(
         )
     entries = {entry.name: entry for entry in linear_entries(info)}
     specs = {r.name: r.patch for r in requests}
-    plans, notes = [], []
+    found = VerificationPlan([], [])
     for requested, name in zip(requests or names, names, strict=True):
         if name not in entries:
             raise LayerError(f"{name} is not Linear-shaped in {source}; nothing to verify")
@@ -142,36 +181,64 @@ def plan_verification(
         flipped = flip if flip is not None else bool(record.get("flip"))
         if as_nd(claimed_patch).ndim == as_nd(patch).ndim:
             # the weights are read only when neither flags nor provenance name the order
-            layer_order, note = _claimed_order(
+            claim = _claimed_order(
                 name,
                 lambda key=entry.weight_key: (original[key], converted[key]),
                 patch,
                 order,
                 record,
                 flipped,
+                _weighing(weigh, found.evidence, name, entry.weight_key, patch, entry.out_features),
+                default_order,
+                (model_orders or {}).get(name),
             )
         else:  # a claim the kernel cannot hold: checked as claimed, the shapes differ
             layer_order = order_for(None if order == AUTO else order, claimed_patch, name)
-            note = (
+            claim = OrderClaim(
+                layer_order,
+                "flag" if order not in (None, AUTO) else "default",
                 f"{name}: the converted kernel is {as_nd(patch).ndim}-D ({patch}), not "
                 f"{as_nd(claimed_patch).ndim}-D as the patch {claimed_patch} given says; "
-                f"checked as {layer_order}"
+                f"checked as {layer_order}",
             )
-        notes.append(note)
-        plans.append(
+        found.notes.append(claim.note)
+        if claim.problem:
+            found.problems[name] = claim.problem
+        found.plans.append(
             LayerPlan(
                 name,
                 entry.weight_key,
                 entry.bias_key,
                 entry.out_features,
                 claimed_patch,
-                layer_order,
+                claim.order,
                 _claimed_stride(claimed_patch, stride, record, name),
                 entry.dtype,
                 flipped,
+                claim.order_from,
+                claim.margin,
             )  # fmt: skip
         )
-    return plans, notes
+    return found
+
+
+def _weighing(
+    weigh: Weigh | None,
+    into: dict[str, OrderEvidence],
+    name: str,
+    key: str,
+    patch: AnyPatch,
+    out_features: int,
+) -> Callable[[], OrderEvidence | None]:
+    """The evidence of one layer, weighed only when asked for (and kept in ``into``)."""
+
+    def weighed() -> OrderEvidence | None:
+        if weigh is None:
+            return None
+        into[name] = weigh(name, key, patch, out_features)
+        return into[name]
+
+    return weighed
 
 
 def _claimed_stride(
@@ -191,42 +258,73 @@ def _claimed_order(
     order: str | None,
     record: Mapping[str, Any],
     flip: bool,
-) -> tuple[str, str]:
+    weigh: Callable[[], OrderEvidence | None],
+    default_order: str | None,
+    model_order: tuple[str, str] | None = None,
+) -> OrderClaim:
     as_flipped = " (kernel flipped)" if flip else ""
+    ndim = as_nd(patch).ndim
     if order is not None and order != AUTO:
         order = order_for(order, patch, name)  # an order of another rank is refused
-        return order, f"{name}: order {order} as given{as_flipped}"
-    if record.get("order") in orders_for(as_nd(patch).ndim):
-        return record["order"], (
-            f"{name}: order {record['order']}{as_flipped} from the file's metadata"
-        )
+        return OrderClaim(order, "flag", f"{name}: order {order} as given{as_flipped}")
+    if record.get("order") in orders_for(ndim):
+        return OrderClaim(
+            record["order"], "record",
+            f"{name}: order {record['order']}{as_flipped} from the file's metadata",
+        )  # fmt: skip
+    default = default_order if default_order in orders_for(ndim) else kernel_axes(ndim)
     weight, kernel = weights()
     if weight.numel() == 0:
-        default = kernel_axes(as_nd(patch).ndim)
-        return default, (
-            f"{name}: the weight is empty, so every order maps it; checked as {default}"
-        )
+        return OrderClaim(
+            default, "default",
+            f"{name}: the weight is empty, so every order maps it; checked as {default}",
+        )  # fmt: skip
+    evidence = weigh() if model_order is None or model_order[0] not in orders_for(ndim) else None
+    if model_order is not None and model_order[0] in orders_for(ndim):
+        model, came, margin = model_order[0], "model", None
+        why = f"order {model} from the model ({model_order[1]})"
+    elif evidence is not None and evidence.winner is not None:
+        model, came, margin = evidence.winner, "weights", evidence.margin
+        why = f"order {model} from the weights ({evidence.ranking_text()})"
+    else:
+        model, came, margin = default, "default", None
+        unclear = f": {evidence.reason}" if evidence is not None else ""
+        why = f"order {model}, the framework's default (the weights do not decide{unclear})"
     matches = matching_orders(weight, kernel, flip=flip)
-    if not matches:
-        return _unmatched(name, weight, kernel, flip)
-    same = coinciding_orders(patch, matches[0])
-    if len(matches) == 1:
-        return matches[0], f"{name}: order {matches[0]} found from the weights"
-    if set(matches) <= set(same):
-        return matches[0], (
-            f"{name}: orders {', '.join(matches)} are the same permutation for a "
-            f"{patch} patch; any of them is right"
+    same = coinciding_orders(patch, model)
+    if any(m in same for m in matches):
+        also = (
+            f"; orders {', '.join(same)} are the same permutation for a {patch} patch"
+            if len(same) > 1
+            else ""
         )
-    return matches[0], (
-        f"{name}: orders {', '.join(matches)} all map the kernel onto the weight "
-        f"(its values repeat); checked as {matches[0]}"
-    )
+        return OrderClaim(model, came, f"{name}: {why}{as_flipped}{also}", margin)
+    if matches:
+        other = matches[0]
+        return OrderClaim(
+            model, came, f"{name}: {why}{as_flipped}", margin,
+            problem=(
+                f"the kernel of {name} is the weight flattened in order {other}, not in "
+                f"{model} ({_came_words(came)}); if the model really flattens {other}, "
+                f"assert it with --order {other} (order=\"{other}\")"
+            ),
+        )  # fmt: skip
+    note = _unmatched(name, weight, kernel, flip)[1]
+    return OrderClaim(model, came, f"{name}: {why}{as_flipped}; {note}", margin)
+
+
+def _came_words(came: str) -> str:
+    return {
+        "weights": "the order the weights' evidence shows",
+        "model": "the order the model's config flattens in",
+        "default": "the framework's default, which the model is assumed to use",
+    }.get(came, came)
 
 
 def _unmatched(
     name: str, weight: torch.Tensor, kernel: torch.Tensor, flip: bool
 ) -> tuple[str, str]:
-    """The order to check a kernel that no order maps onto the weight, and why.
+    """The order closest to a kernel that no order maps onto the weight, and why.
 
     A flip is a permutation too, so it is decided exactly: when the kernel
     matches only the other way round, the note says so and how to check it.
@@ -241,8 +339,6 @@ def _unmatched(
                 "framework that convolves (Theano, textbook convolution); if that is what "
                 "was meant, check it with --flip (flip=True)"
             )
-        return other[0], f"{name}: the kernel {what}"
+        return other[0], f"the kernel {what}"
     closest = closest_order(weight, kernel, flip=flip)
-    return closest, (
-        f"{name}: no order maps the kernel onto the weight exactly; the closest is {closest}"
-    )
+    return closest, f"no order maps the kernel onto the weight exactly; the closest is {closest}"

@@ -133,8 +133,15 @@ def judge(
 
     ``native``: the converted model's ``[B, O]`` cells and the original's
     output. ``dense``: the map and the head on every window, both
-    ``[B, P, Q, O]``.
+    ``[B, P, Q, O]``. A map of one cell on the larger input is no dense map (a
+    global pool before the head): a problem, never "verified".
     """
+    if dense[0].ndim == 4 and dense[0].shape[1] * dense[0].shape[2] == 1:
+        height, width = check.larger_size or (0, 0)
+        check.problems.append(
+            f"the converted model's map is 1x1 on the larger {height}x{width} input: not a "
+            "dense map (a global pool before the head keeps it one cell on every input)"
+        )
     for (got, expected), what in ((native, "native"), (dense, "dense")):
         if got.shape != expected.shape:
             check.problems.append(
