@@ -327,7 +327,7 @@ def test_inspect_shows_the_head_it_read(invoke, files) -> None:
 
 
 def test_the_orders_a_model_uses_are_read_for_every_dense_that_reads_a_map(files) -> None:
-    from fcconv.api.keras import model_orders
+    from fcconv.keras.summary import model_orders
 
     assert {k: v[0] for k, v in model_orders(files["rnet.keras"]).items()} == {"fc4": "cwh"}
     assert {k: v[0] for k, v in model_orders(files["cf.h5"]).items()} == {"fc1": "chw"}

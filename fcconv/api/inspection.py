@@ -8,26 +8,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import SpecError
 from fcconv.io.keras import KERAS_FORMATS
-from fcconv.io.sources import Source, open_source
+from fcconv.io.sources import Source, source_of
 from fcconv.patches import (
     AnySpec,
     PatchNd,
-    PatchSpec,
     PatchSpecNd,
     as_nd,
     candidate_patches_nd,
     kernel_axes,
-    parse_patch_spec,
     rank_of,
     resolve_patch,
+    spec_from,
 )
-from fcconv.plan import LayerPlan, LinearEntry, layer_stride, linear_entries, param_key
+from fcconv.plan import (
+    FeedingConv,
+    LayerPlan,
+    LinearEntry,
+    feeding_conv,
+    layer_stride,
+    linear_entries,
+    param_key,
+)
 
 if TYPE_CHECKING:
     from fcconv.evidence import OrderEvidence
@@ -52,7 +60,12 @@ class InspectResult:
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     exit_code: int = 0
     rank: int = 2
-    head: dict[str, Any] | None = None  # a Keras/ONNX model's head, as read off its config/graph
+    feeders: dict[str, FeedingConv] = field(default_factory=dict)
+    """Layer → the conv before it in the checkpoint whose ``out_channels`` is its C."""
+    proposed: dict[str, str] = field(default_factory=dict)
+    """Layer → the patch proposed from that conv (a square or cube of its C, or 1-D)."""
+    head: dict[str, Any] | None = None
+    """A Keras or ONNX model's head, as read off its config or graph."""
 
     def __bool__(self) -> bool:
         return True
@@ -70,6 +83,10 @@ class InspectResult:
                     "in_features": e.in_features,
                     "dtype": e.dtype,
                     "patches": self.fits[e.name],
+                    "proposed_patch": self.proposed.get(e.name),
+                    "channels_from": (
+                        self.feeders[e.name].to_dict() if e.name in self.feeders else None
+                    ),
                 }
                 for e in self.entries
             ],
@@ -80,19 +97,13 @@ class InspectResult:
 
 
 def spec_of(value: str | AnySpec | Any | None) -> AnySpec | None:
-    """A patch given as text (any rank), a spec, or a resolved patch, as a spec."""
-    if value is None or isinstance(value, PatchSpec | PatchSpecNd):
-        return value
-    if isinstance(value, str):
-        return parse_patch_spec(value)
-    nd = as_nd(value)  # a resolved Patch or PatchNd
-    if nd.ndim == 2:
-        return PatchSpec(*nd.sizes, nd.channels)
-    return PatchSpecNd(nd.sizes, nd.channels)
+    """A patch given as text (any rank), a spec, a resolved patch or a tuple, as a spec
+    (see :func:`fcconv.patches.spec_from`); None stays None."""
+    return None if value is None else spec_from(value)
 
 
 def inspect_checkpoint(
-    path: str | Path,
+    path: str | Path | Mapping[str, Any],
     *,
     channels: int | None = None,
     feature_map: str | AnySpec | None = None,
@@ -103,7 +114,8 @@ def inspect_checkpoint(
     """List the Linear-shaped entries of a checkpoint and the patches that fit each.
 
     Args:
-        path: a checkpoint file, ``-`` for stdin, or a sharded checkpoint's folder.
+        path: a checkpoint file, ``-`` for stdin, a sharded checkpoint's folder, or a
+            state dict in memory.
         channels: the patch's channels C, if known: every patch of that many
             channels that fits is listed.
         feature_map: the feature map the layer reads, if known, as a patch
@@ -120,17 +132,30 @@ def inspect_checkpoint(
     A safetensors file or shard folder is described from its headers alone.
     """
     if str(path).lower().endswith(".onnx"):
-        from fcconv.api.onnx import inspect_onnx
-
-        return inspect_onnx(path, channels=channels, rank=_rank(rank, spec_of(feature_map)))
+        return _inspect_onnx(path, channels, _rank(rank, spec_of(feature_map)))
     limit = spec_of(feature_map)
     rank = _rank(rank, limit)
     if limit is not None:
         channels = limit.channels or channels
     describe_only = patch is None  # no tensor bytes are read: a .pt may be memory-mapped
-    source = open_source(str(path), trust_pickle=trust_pickle, describe_only=describe_only)
+    source = source_of(path, trust_pickle=trust_pickle, describe_only=describe_only)
     entries = linear_entries(source.info)
-    fits = {entry.name: _fits(entry.in_features, rank, channels, limit) for entry in entries}
+    feeders = {
+        entry.name: feeder
+        for entry in entries
+        if (feeder := feeding_conv(source.info, entry)) is not None
+    }
+    fits, proposed = {}, {}
+    for entry in entries:
+        feeder = feeders.get(entry.name)
+        known = channels  # the user's C wins; else the conv's, when it has the rank listed
+        if known is None and feeder is not None and feeder.rank == rank:
+            known = feeder.channels
+        fits[entry.name] = _fits(entry.in_features, rank, known, limit)
+        if feeder is not None and known == feeder.channels:
+            proposal = _proposal(entry.in_features, rank, feeder.channels)
+            if proposal is not None:
+                proposed[entry.name] = proposal
     converted = [
         {"layer": name, "conv_shape": list(weight.shape), **record, **_order_from(record)}
         for name, record in source.records.items()
@@ -141,12 +166,30 @@ def inspect_checkpoint(
     evidence = _evidence_for_patch(source, entries, spec) if spec is not None else {}
     head = None
     if source.format in KERAS_FORMATS:
-        from fcconv.api.keras import keras_head
+        from fcconv.keras.summary import keras_head
 
         head = keras_head(source.path)
     return InspectResult(
-        source.path, source.format, entries, fits, converted, evidence, rank=rank, head=head
-    )
+        source.path, source.format, entries, fits, converted, evidence, rank=rank,
+        feeders=feeders, proposed=proposed, head=head,
+    )  # fmt: skip
+
+
+def _proposal(features: int, rank: int, channels: int) -> str | None:
+    """The patch of ``channels`` with equal sides (any length in 1-D), if one fits.
+
+    A conv's output says C, not the sides: only a square (a cube) is proposed.
+
+    >>> _proposal(1024, 2, 16), _proposal(512, 2, 16), _proposal(128, 1, 16)
+    ('8x8x16', None, 'l=8,c=16')
+    """
+    area = features // channels
+    side = round(area ** (1 / rank))
+    for guess in (side - 1, side, side + 1):
+        if guess >= 1 and guess**rank == area:
+            patch = PatchNd((guess,) * rank, channels)
+            return str(patch) if rank == 1 else "x".join(map(str, (*patch.sizes, channels)))
+    return None
 
 
 def _rank(rank: int | None, limit: AnySpec | None) -> int:
@@ -210,3 +253,38 @@ def order_evidence(source: Source, plan: LayerPlan) -> OrderEvidence:
     too_wide = plan.patch.features > MAX_FEATURES  # judged without reading a row
     rows = [] if too_wide else sample_rows(plan.out_features, plan.patch.features).tolist()
     return rank_orders(source.read_rows(plan.weight_key, rows), plan.patch)
+
+
+def _inspect_onnx(path: str | Path, channels: int | None, rank: int) -> InspectResult:
+    """``inspect`` on an ONNX graph: its linear layers (Gemm, MatMul with a constant 2-D
+    weight) as Linear-shaped entries, the patches that fit, and the head fcconv would
+    rewrite (or why there is none)."""
+    from fcconv.api.onnx import load_onnx
+    from fcconv.errors import FcconvError
+    from fcconv.onnx.graph import LINEARS, _Graph, find_head
+
+    model = load_onnx(path)
+    graph = _Graph(model)
+    entries, fits = [], {}
+    for node in model.graph.node:
+        if node.op_type not in LINEARS or len(node.input) < 2:
+            continue
+        weight = graph.constant(node.input[1])
+        if weight is None or weight.ndim != 2:
+            continue
+        transposed = node.op_type == "Gemm" and graph.attribute(node, "transB", 0)
+        out_features, in_features = weight.shape if transposed else weight.shape[::-1]
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else None
+        name = node.name or node.output[0]
+        entries.append(
+            LinearEntry(
+                name, node.input[1], bias or None, out_features, in_features, str(weight.dtype)
+            )
+        )
+        found = candidate_patches_nd(in_features, rank, channels, limit=6)
+        fits[name] = [str(patch) for patch in found][:6]
+    try:
+        head: dict[str, Any] = find_head(model).to_dict()
+    except FcconvError as error:
+        head = {"found": False, "reason": str(error)}
+    return InspectResult(str(path), "onnx", entries, fits, [], rank=rank, head=head)

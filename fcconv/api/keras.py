@@ -35,7 +35,6 @@ from fcconv.io.keras import (
     KERAS_WEIGHTS,
     KerasFile,
     NewLayout,
-    config_classes,
     group_names,
     keras_zip,
     read_keras,
@@ -222,33 +221,6 @@ def _check_patch(request: LayerRequest, job: Job, read: MapOrder) -> None:
 
 def _hwc(patch: Any) -> tuple[int, int, int]:
     return patch.height, patch.width, patch.channels
-
-
-def keras_head(path: str | Path) -> dict[str, Any]:
-    """What ``inspect`` says of a Keras file's head: the layers read off its config, the
-    feature map and the order (or why it has none to rewrite)."""
-    file = read_keras(path)
-    if file.config is None:
-        return {
-            "found": False,
-            "order": KERAS_ORDER,
-            "order_from": "default",
-            "reason": "no model config (a weights file): the order is Keras's channels-last "
-            "hwc unless a Permute or a channels_first trunk says otherwise",
-        }
-    try:
-        return {"found": True, **find_head(file.config).to_dict()}
-    except FcconvError as error:
-        found: dict[str, Any] = {"found": False, "reason": str(error), "layer": error.layer}
-    for name, cls in config_classes(file.config).items():
-        try:
-            read = read_order(file.config, name) if cls == "Dense" else None
-        except FcconvError:
-            continue
-        if read is not None:  # the order can still be read, for the weights-only routes
-            found.update(order=read.order, order_from="model", order_detail=read.detail)
-            break
-    return found
 
 
 def _check_model_plans(plans: list[LayerPlan], head: KerasHead) -> None:
@@ -546,26 +518,3 @@ def _drop_layer_names(target: Path, removed: set[str]) -> None:
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["layer_names"]]
         kept = [n for n in names if n not in removed]
         group.attrs["layer_names"] = np.array([n.encode() for n in kept], dtype="S")
-
-
-def model_orders(path: str | Path) -> dict[str, tuple[str, str]]:
-    """Dense layer name → (order, how it was read) for every Dense layer of a Keras model
-    that reads a flattened map, read off its config (empty for a file without one).
-
-    For checks that judge a conversion against the order the model uses
-    (``order_from: model``).
-    """
-    file = read_keras(path)
-    found: dict[str, tuple[str, str]] = {}
-    if file.config is None:
-        return found
-    for name, cls in config_classes(file.config).items():
-        if cls != "Dense":
-            continue
-        try:
-            read = read_order(file.config, name)
-        except FcconvError:
-            continue
-        if read is not None and read.pool is None:
-            found[name] = (read.order, read.detail)
-    return found
