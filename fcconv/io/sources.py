@@ -9,6 +9,7 @@ safetensors files and shard folders are described from their headers alone
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -340,7 +341,9 @@ class DiskTensors:
         path, offset, row_bytes = self._row_span(key)
         begin, length = offset + start * row_bytes, (stop - start) * row_bytes
         data = read_span(path, begin, length, ahead=length)  # blocks are read in order
-        return data.view(bits_dtype(self.source.info[key].dtype)).reshape(stop - start, -1)
+        info = self.source.info[key]
+        row = math.prod(info.shape[1:]) if info.shape else 1
+        return data.view(bits_dtype(info.dtype)).reshape(stop - start, row)
 
     def rows(self, key: str, rows: Sequence[int]) -> torch.Tensor:
         import numpy as np
