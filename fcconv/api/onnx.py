@@ -15,6 +15,7 @@ from typing import Any
 from fcconv.errors import CheckpointError, SpecError
 from fcconv.geometry import Patch
 from fcconv.io.atomic import atomic_output, check_output_path, inputs_protected
+from fcconv.onnx.budget import check_allocations
 
 ONNX_SUFFIX = ".onnx"
 
@@ -86,6 +87,7 @@ def load_onnx(path: str | Path) -> Any:
         raise CheckpointError(
             f"{file} is not a valid ONNX model ({type(error).__name__}: {text}); re-export it"
         ) from None
+    check_allocations(model, str(file))
     return model
 
 

@@ -229,8 +229,13 @@ COMMON_OPTIONS = (
 """Options every command gets when it is registered (see :meth:`FcconvGroup.add_command`)."""
 TRUST = click.option(
     "--trust-pickle",
+    "--trust-code",
+    "trust_pickle",
     is_flag=True,
-    help="Allow arbitrary unpickling (runs code in the file: only for files you trust).",
+    help=(
+        "Load what runs code: pickles, and .pt2 programs whose shape expressions, guards "
+        "or targets torch would evaluate (only for files you trust)."
+    ),
 )
 
 

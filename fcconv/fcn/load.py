@@ -3,7 +3,12 @@
 ``arch`` names the factory: ``package.module:callable``, optionally called
 with literal arguments, ``package.module:Net(depth=3, name="x")``. The
 arguments are read with :func:`ast.literal_eval` (numbers, strings, tuples,
-lists, dicts, ``True``/``False``/``None``), never evaluated. The weights come
+lists, dicts, ``True``/``False``/``None``), never evaluated. The callable
+must be a model factory (an ``nn.Module`` class, or a function outside the
+standard library and torch): ``os:system("...")`` or ``builtins:exec`` is
+refused before anything is called, a standard-library module before it is
+imported (:func:`~fcconv.fcn.usercode.check_factory`). The module itself is
+imported, which runs its code: ``--arch`` trusts the module it names. The weights come
 through fcconv's safe checkpoint loaders, matched to the model's keys by
 unique dot-boundary suffix (a wrapper's ``model.`` prefix on either side).
 
@@ -35,7 +40,12 @@ from fcconv.errors import (
     UnsafeCheckpointError,
     UserCodeError,
 )
-from fcconv.fcn.usercode import running_user_code, shown_path
+from fcconv.fcn.usercode import (
+    check_arch_module,
+    check_factory,
+    running_user_code,
+    shown_path,
+)
 from fcconv.io.stdio import read_stdin
 from fcconv.plan import suffix_matches
 
@@ -129,6 +139,7 @@ def working_folder_last() -> Iterator[None]:
 
 def _import(spec: str, arch: ArchSpec) -> Any:
     """Import the module of ``arch``; a missing module is an ArchitectureError."""
+    check_arch_module(arch.module, spec)
     try:
         with running_user_code(f"importing {arch.module!r} for {{arch}} {spec}"):
             return importlib.import_module(arch.module)
@@ -161,6 +172,7 @@ def _factory(spec: str, arch: ArchSpec) -> Any:
         factory = getattr(factory, part)
     if not callable(factory):
         raise ArchitectureError(f"{{arch}} {spec} is not callable")
+    check_factory(factory, spec)
     try:
         inspect.signature(factory).bind(*arch.args, **arch.kwargs)
     except TypeError as error:

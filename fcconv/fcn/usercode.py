@@ -1,4 +1,4 @@
-"""Running the user's code, and saying in one line where it failed.
+"""Running the user's code, saying in one line where it failed, and what ``--arch`` may name.
 
 An ``arch`` module, its factory and a model's ``forward`` may raise anything
 (``SystemExit`` included). :func:`running_user_code` turns that into a
@@ -11,9 +11,11 @@ torch's, not the standard library's. A model from an installed package
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import os
 import re
+import sys
 import sysconfig
 import traceback
 from collections.abc import Iterable, Iterator
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fcconv.errors import FcconvError, UserCodeError
+from fcconv.errors import ArchitectureError, FcconvError, UserCodeError
 
 _LIBRARY_ROOTS = tuple(
     str(Path(root).resolve()) + os.sep
@@ -134,3 +136,68 @@ def running_user_code(what: str, hint: str = "") -> Iterator[None]:
         if isinstance(error, GeneratorExit):
             raise
         raise user_code_error(what, error, hint) from error
+
+
+# ------------------------------------------------------------ what --arch may name
+
+_NOT_FACTORIES = ("torch",)
+"""Packages whose *functions* are no model factories: ``torch.load``, ``torch.hub.load``
+and ``torch.jit.load`` run other code. Their ``nn.Module`` classes are factories."""
+
+
+def _top(module: str | None) -> str:
+    return (module or "").split(".")[0]
+
+
+def is_standard_library(module: str | None) -> bool:
+    """Whether ``module`` (a dotted name) belongs to Python itself (``builtins`` included).
+
+    >>> is_standard_library("os.path"), is_standard_library("torchvision.models")
+    (True, False)
+    """
+    top = _top(module)
+    return top in sys.stdlib_module_names or top in sys.builtin_module_names or top == "builtins"
+
+
+def check_arch_module(module: str, spec: str) -> None:
+    """Refuse an ``--arch`` module of the standard library before it is even imported."""
+    if is_standard_library(module):
+        raise ArchitectureError(
+            f"{{arch}} {spec} names the standard library's {_top(module)!r}; {{arch}} "
+            "imports and runs a model factory: an nn.Module class or a function of the model's own "
+            "package (package.module:Net)"
+        )
+
+
+def check_factory(factory: object, spec: str) -> None:
+    """Refuse an ``--arch`` target that is not a model factory, before it is called.
+
+    A factory is a class that subclasses ``nn.Module``, or a Python function
+    (or a class's method) defined in a module outside the standard library
+    and outside torch. Builtins (``exec``, ``os.system``), standard-library
+    functions (``subprocess.run``), partials and other callable objects are
+    refused, whatever module re-exports them.
+
+    Raises:
+        ArchitectureError: what ``spec`` names instead, in one line.
+    """
+    if inspect.isclass(factory):
+        if issubclass(factory, torch.nn.Module):
+            return
+        raise _not_a_factory(spec, f"the class {factory.__qualname__}, not an nn.Module")
+    function = factory.__func__ if inspect.ismethod(factory) else factory
+    if not inspect.isfunction(function):
+        kind = type(factory).__name__
+        raise _not_a_factory(spec, f"a {kind}, not a Python function or an nn.Module class")
+    module = getattr(function, "__module__", None)
+    if is_standard_library(module):
+        raise _not_a_factory(spec, f"a function of the standard library ({module})")
+    if _top(module) in _NOT_FACTORIES:
+        raise _not_a_factory(spec, f"a function of {module}, which loads or runs other code")
+
+
+def _not_a_factory(spec: str, what: str) -> ArchitectureError:
+    return ArchitectureError(
+        f"{{arch}} {spec} is {what}; {{arch}} names a model factory: an nn.Module class or a "
+        "function of the model's own package that builds one (package.module:Net)"
+    )

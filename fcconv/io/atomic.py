@@ -2,8 +2,10 @@
 
 One place decides whether fcconv may write a path, for every command:
 
-* **Never an input.** Outputs are compared with every input by device and
-  inode, however either is reached: a hard link, a symlink, ``./x``, or the
+* **Never an input.** Outputs are compared with every input, and every file
+  an input is made of (an ONNX model's external data, a shard index's
+  shards: :mod:`fcconv.io.parts`), by device and inode, however either is
+  reached: a hard link, a symlink, ``./x``, or the
   file behind stdin (``fcconv convert - -o model.pt < model.pt``). A job
   declares its inputs once with :func:`protect_inputs`; every check made
   while it runs includes them. Nothing is written inside an input folder,
@@ -35,13 +37,14 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from fcconv.errors import CheckpointError, OutputError
 from fcconv.io import stdio
 from fcconv.io.files import identity, kind_of, probe
+from fcconv.io.parts import parts_of
 
 TEMP_SUFFIX = ".fcconv-tmp"
 STDIO = "-"
@@ -86,6 +89,7 @@ class _Input:
     identity: tuple[int, int]
     folder: bool
     path: Path | None = None  # None for stdin
+    part_of: str | None = None  # the input this file is part of (external data, a shard)
 
 
 _INPUTS: contextvars.ContextVar[tuple[_Input, ...]] = contextvars.ContextVar(
@@ -93,7 +97,18 @@ _INPUTS: contextvars.ContextVar[tuple[_Input, ...]] = contextvars.ContextVar(
 )
 
 
-def _identify(path: str | Path) -> _Input | None:
+def _identify(path: str | Path) -> tuple[_Input, ...]:
+    """``path`` and every other file it is made of (an ONNX model's external data, shards)."""
+    found = _identify_one(path)
+    if found is None:
+        return ()
+    if found.folder or found.path is None:
+        return (found,)
+    parts = (_identify_one(part) for part in parts_of(path))
+    return (found, *(replace(item, part_of=str(path)) for item in parts if item is not None))
+
+
+def _identify_one(path: str | Path) -> _Input | None:
     if str(path) == STDIO:
         found = stdio.identity(stdio.STDIN)
         return None if found is None else _Input("stdin", found, folder=False)
@@ -118,7 +133,7 @@ def protect_inputs(*paths: str | Path) -> Iterator[None]:
         >>> with protect_inputs("model.pt"):  # doctest: +SKIP
         ...     check_output_path(Path("model.pt"), force=True)  # CheckpointError
     """
-    found = tuple(item for item in map(_identify, paths) if item is not None)
+    found = tuple(item for path in paths for item in _identify(path))
     token = _INPUTS.set(_INPUTS.get() + found)
     try:
         yield
@@ -150,7 +165,7 @@ def inputs_protected(*parameters: str) -> Callable[[F], F]:
 
 
 def _inputs(sources: Iterable[str | Path]) -> tuple[_Input, ...]:
-    explicit = tuple(item for item in map(_identify, sources) if item is not None)
+    explicit = tuple(item for path in sources for item in _identify(path))
     return _INPUTS.get() + explicit
 
 
@@ -178,6 +193,8 @@ def _refuse_inputs(target: Path, inputs: tuple[_Input, ...]) -> None:
     for item in inputs:
         if same == item.identity:
             what = "is or holds the input folder" if item.folder else "is the input file"
+            if item.part_of is not None:
+                what = f"is a file the input {item.part_of} is made of"
             raise OutputError(
                 f"output {target} {what} ({item.name}); fcconv never overwrites its "
                 "input, choose another {output}",

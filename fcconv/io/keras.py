@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import CheckpointError
+from fcconv.io.hdf5 import checked
+from fcconv.io.keras_schema import check_keras_config
 from fcconv.io.provenance import PROVENANCE_KEY
 
 if TYPE_CHECKING:
@@ -172,8 +174,8 @@ class KerasFile:
         """The weights' h5, read-only."""
         h5py = _h5py()
         if self.weights is not None:
-            return h5py.File(io.BytesIO(self.weights), "r")
-        return h5py.File(self.path, "r")
+            return checked(h5py.File(io.BytesIO(self.weights), "r"), self.path)
+        return checked(h5py.File(self.path, "r"), self.path)
 
     def provenance(self) -> dict[str, str] | None:
         """fcconv's record as safetensors-style metadata (``{"fcconv": json}``), if any."""
@@ -227,10 +229,13 @@ def read_keras(path: str | Path) -> KerasFile:
     try:
         if kind == KERAS:
             config, metadata, weights, members = _read_zip(Path(path))
+            check_keras_config(config, str(path))
         file = KerasFile(str(path), kind, config, metadata, [], {}, weights, members)
         with file.open_h5() as handle:
             if kind == KERAS_H5:
                 file.config = _legacy_config(handle, str(path))
+                if file.config is not None:
+                    check_keras_config(file.config, str(path))
                 _read_legacy(file, handle)
             else:
                 if kind == KERAS_WEIGHTS:

@@ -512,6 +512,8 @@ class _Writer:
         import numpy as np
 
         features = move.features
+        if move.rows == 0:  # nothing to move: never size a buffer by the row the file declares
+            return 0
         element = np.dtype(f"<u{move.itemsize}")  # the bits, never their value
         row_bytes = features * move.itemsize
         block_rows = max(1, min(move.rows, self.block_bytes // row_bytes))

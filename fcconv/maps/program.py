@@ -17,6 +17,7 @@ from typing import Any
 
 from fcconv.errors import CheckpointError, SpecError, UnsafeCheckpointError
 from fcconv.geometry import CellGeometry
+from fcconv.io.pt2 import code_in_program
 
 METADATA = "fcconv.json"
 
@@ -79,72 +80,150 @@ class DenseProgram:
         )
 
 
-def _ints(value: Any, length: int | None, what: str, path: str) -> tuple[int, ...]:
-    ok = isinstance(value, list) and all(type(v) is int for v in value)
-    if not ok or (length is not None and len(value) != length):
+MAX_FACTS_BYTES = 1 << 20
+"""The most text fcconv's facts may take (fcconv writes a few hundred bytes per output)."""
+MAX_FACTS_DEPTH = 16
+"""The deepest nesting of fcconv's facts (fcconv writes 4 levels)."""
+MAX_OUTPUTS = 1024
+_BIG = 1 << 31
+"""Sizes, strides and offsets in the facts stay within ±2**31 (no image is larger)."""
+
+
+def _ints(
+    value: Any, length: int | None, what: str, path: str, low: int = -_BIG, high: int = _BIG
+) -> tuple[int, ...]:
+    ok = isinstance(value, list) and all(type(v) is int and low <= v <= high for v in value)
+    if not ok or (length is not None and len(value) != length) or len(value) > 8:
         raise CheckpointError(
-            f"{path}: fcconv's facts hold a malformed {what} ({str(value)[:60]}); "
-            "convolutionalize the model again with fcconv",
+            f"{path}: fcconv's facts hold a malformed {what} ({str(value)[:60]}; integers "
+            f"from {low} to {high} expected); convolutionalize the model again with fcconv",
             path=path,
         )
     return tuple(value)
 
 
-def parse_facts(text: str, path: str) -> dict[str, Any]:
-    """fcconv's facts from a program's metadata, checked; 2-D maps only."""
+def _malformed(path: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: fcconv's facts hold {what}; convolutionalize the model again with fcconv",
+        path=path,
+    )
+
+
+def _load_facts(text: str, path: str) -> Any:
+    """The facts' JSON, parsed only when its size and nesting are within bounds."""
+    from fcconv.io.pt2 import json_depth
+
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else b""
+    if len(data) > MAX_FACTS_BYTES:
+        raise _malformed(path, f"{len(data)} bytes, more than the {MAX_FACTS_BYTES} they may")
+    if json_depth(data) > MAX_FACTS_DEPTH:
+        raise _malformed(path, f"JSON nested deeper than {MAX_FACTS_DEPTH} levels")
     try:
-        facts = json.loads(text)
-    except ValueError:
-        facts = None
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _output_facts(entry: Any, path: str) -> ProgramOutput:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise CheckpointError(f"{path}: fcconv's facts hold a malformed output", path=path)
+    name = entry["name"]
+    if len(name) > 256:
+        raise _malformed(path, "an output name longer than 256 characters")
+    cells = entry.get("cells")
+    if not isinstance(cells, dict):
+        raise SpecError(
+            f"{path}: output {name!r} has no coordinate map (the trunk holds a "
+            "layer whose geometry fcconv does not know), so its cells cannot be drawn"
+        )
+    geometry = CellGeometry(
+        _ints(cells.get("offset"), 2, "cell offset", path),
+        _ints(cells.get("stride"), 2, "cell stride", path, low=1),
+        _ints(cells.get("window"), 2, "cell window", path, low=1),
+    )
+    axes = _ints(entry.get("map_axes"), 2, "map axes", path, low=0, high=7)
+    if sorted(axes) != [2, 3]:
+        raise SpecError(
+            f"{path}: output {name!r} has its map along axes {list(axes)}; fcconv map draws "
+            "maps along axes 2 and 3 of [N, C, H, W] outputs"
+        )
+    return ProgramOutput(name, geometry, axes)
+
+
+def _reads_past(reads: Any) -> dict[str, tuple[bool, ...]] | None:
+    if not isinstance(reads, dict):
+        return None
+    sides = {side: reads.get(side) for side in ("start", "end")}
+    if not all(isinstance(v, list) and len(v) == 2 for v in sides.values()):
+        return None
+    return {side: tuple(bool(v) for v in values) for side, values in sides.items()}
+
+
+def parse_facts(text: str, path: str) -> dict[str, Any]:
+    """fcconv's facts from a program's metadata, checked against their schema; 2-D maps only.
+
+    The schema: ``input_size`` two sizes ≥ 1, ``in_channels`` 1 to 65536,
+    ``outputs`` 1 to 1024 objects each with a ``name``, ``cells``
+    (``offset``, ``stride`` ≥ 1, ``window`` ≥ 1, two integers each) and
+    ``map_axes`` (axes 2 and 3); optional ``output_stride`` (≥ 1), ``phases``
+    (1 to 64) and ``reads_past``. Every integer within ±2**31, nesting at
+    most :data:`MAX_FACTS_DEPTH`, text at most :data:`MAX_FACTS_BYTES`.
+
+    Raises:
+        CheckpointError: facts missing or outside the schema.
+        SpecError: facts of a map fcconv map does not draw (not 2-D, no cells).
+    """
+    facts = _load_facts(text, path)
     if not isinstance(facts, dict) or not isinstance(facts.get("outputs"), list):
         raise CheckpointError(
             f"{path} carries no coordinate map of fcconv's ({METADATA}); make the dense model "
             "with fcconv convolutionalize",
             path=path,
         )
-    native = _ints(facts.get("input_size"), None, "native size", path)
+    native = _ints(facts.get("input_size"), None, "native size", path, low=1)
     if len(native) != 2:
         raise SpecError(f"{path} is a {len(native)}-D model; fcconv map draws 2-D image maps")
     channels = facts.get("in_channels")
-    if type(channels) is not int or channels < 1:
+    if type(channels) is not int or not 1 <= channels <= 65536:
         raise CheckpointError(f"{path}: fcconv's facts name no input channels", path=path)
-    outputs = []
-    for entry in facts["outputs"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise CheckpointError(f"{path}: fcconv's facts hold a malformed output", path=path)
-        cells = entry.get("cells")
-        if not isinstance(cells, dict):
-            raise SpecError(
-                f"{path}: output {entry['name']!r} has no coordinate map (the trunk holds a "
-                "layer whose geometry fcconv does not know), so its cells cannot be drawn"
-            )
-        geometry = CellGeometry(
-            *(_ints(cells.get(k), 2, f"cell {k}", path) for k in ("offset", "stride", "window"))
-        )
-        if min(geometry.stride) < 1 or min(geometry.window) < 1:
-            raise CheckpointError(f"{path}: fcconv's facts hold a malformed cell map", path=path)
-        axes = _ints(entry.get("map_axes"), 2, "map axes", path)
-        outputs.append(ProgramOutput(entry["name"], geometry, axes))
+    if len(facts["outputs"]) > MAX_OUTPUTS:
+        raise _malformed(path, f"more than {MAX_OUTPUTS} outputs")
+    outputs = [_output_facts(entry, path) for entry in facts["outputs"]]
     if not outputs:
         raise CheckpointError(f"{path}: fcconv's facts list no outputs", path=path)
     stride = facts.get("output_stride")
     phases = facts.get("phases")
-    reads = facts.get("reads_past")
-    reads_past = None
-    if isinstance(reads, dict):
-        reads_past = {
-            side: tuple(bool(v) for v in reads.get(side, [])[:2]) for side in ("start", "end")
-        }
-        if any(len(v) != 2 for v in reads_past.values()):
-            reads_past = None
     return {
         "native_size": native,
         "in_channels": channels,
         "outputs": outputs,
-        "output_stride": None if stride is None else _ints(stride, 2, "output stride", path),
-        "phases": (1, 1) if phases is None else _ints(phases, 2, "phases", path),
-        "reads_past": reads_past,
+        "output_stride": (
+            None if stride is None else _ints(stride, 2, "output stride", path, low=1)
+        ),
+        "phases": (1, 1) if phases is None else _ints(phases, 2, "phases", path, 1, 64),
+        "reads_past": _reads_past(facts.get("reads_past")),
     }
+
+
+def _checked_run(
+    run: Callable[[Any], list[Any]], outputs: list[ProgramOutput], path: str
+) -> Callable[[Any], list[Any]]:
+    """``run``, refusing results that do not match the facts (count, [N, C, H, W])."""
+
+    def checked(x: Any) -> list[Any]:
+        tensors = run(x)
+        if len(tensors) != len(outputs):
+            raise _malformed(
+                path, f"{len(outputs)} outputs but the program returns {len(tensors)} tensors"
+            )
+        for tensor, facts in zip(tensors, outputs, strict=True):
+            if tensor.dim() != 4:
+                raise _malformed(
+                    path, f"a 2-D map for {facts.name!r}, which is {tensor.dim()}-D, not NCHW"
+                )
+        return tensors
+
+    return checked
 
 
 def load_program(path: str | Path, *, trust_pickle: bool = False) -> DenseProgram:
@@ -167,6 +246,7 @@ def load_program(path: str | Path, *, trust_pickle: bool = False) -> DenseProgra
             "fcconv convolutionalize"
         )
     facts = parse_facts(text, str(file))
+    run = _checked_run(run, facts["outputs"], str(file))
     return DenseProgram(str(file), suffix[1:], run, **facts)
 
 
@@ -232,6 +312,13 @@ def _load_pt2(file: Path, trust_pickle: bool) -> tuple[Callable[[Any], list[Any]
             "only if you trust the file",
             path=str(file),
         )
+    code = None if trust_pickle else code_in_program(file)
+    if code is not None:
+        raise UnsafeCheckpointError(
+            f"{file} holds what torch would run as code when loading it ({code}); pass "
+            "{trust_pickle} only if you trust the file",
+            path=str(file),
+        )
     extra = {METADATA: ""}
     try:
         program = torch.export.load(str(file), extra_files=extra)
@@ -256,6 +343,7 @@ def _load_onnx(file: Path) -> tuple[Callable[[Any], list[Any]], str]:
     from fcconv.extras import require
 
     ort = require("onnxruntime", "onnx", purpose="to run ONNX models")
+    _check_onnx_allocations(file)
     try:
         session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     except Exception as error:  # protobuf or graph errors: not a usable model
@@ -271,3 +359,16 @@ def _load_onnx(file: Path) -> tuple[Callable[[Any], list[Any]], str]:
         return [torch.from_numpy(a) for a in session.run(None, {name: x.numpy()})]
 
     return run, session.get_modelmeta().custom_metadata_map.get(METADATA, "")
+
+
+def _check_onnx_allocations(file: Path) -> None:
+    """Refuse a graph that fixes a tensor larger than the memory budget (before onnxruntime)."""
+    from fcconv.extras import require
+    from fcconv.onnx.budget import check_allocations
+
+    onnx = require("onnx", "onnx", purpose="to read ONNX models")
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception:  # not a protobuf: onnxruntime says so in its own words
+        return
+    check_allocations(model, str(file))
