@@ -1,7 +1,7 @@
 """fcconv: rewrite Linear layers as the strided convolutions that compute the same thing.
 
 Every job the command line does is a function here, returning a result that
-is truthy on success, has ``.to_dict()`` (the ``--json`` document) and
+is truthy on success, has ``.to_dict()`` (the body of the ``--json`` document) and
 ``.exit_code``:
 
 - :func:`inspect_checkpoint`, :func:`convert_checkpoint`,
@@ -14,6 +14,14 @@ is truthy on success, has ``.to_dict()`` (the ``--json`` document) and
 - :func:`map_image`: a dense model's map drawn over an image (``fcconv map``);
 - :func:`linear_weight_to_conv`, :func:`linear_to_conv`: tensors and modules.
 
+Paths, patches, orders and strides are taken as text (``"8x8x16"``) or as
+typed values (a :class:`Patch`, a tuple ``(8, 8, 16)``, an int stride); a
+state dict in memory is taken wherever a checkpoint path is
+(``convert_checkpoint(model.state_dict(), layers=["fc"], patch=(8, 8, 16))``
+returns the converted one as ``result.state_dict`` when no output path is
+given). A value of the wrong type is refused with a :class:`FcconvError`
+(``SpecError``, ``CheckpointError``, ``LayerError``), as is bad input.
+
 >>> import torch
 >>> from fcconv import Patch, linear_weight_to_conv
 >>> kernel = linear_weight_to_conv(torch.zeros(64, 4000), Patch(20, 20, 10), "chw")
@@ -21,10 +29,18 @@ is truthy on success, has ``.to_dict()`` (the ``--json`` document) and
 (64, 10, 20, 20)
 """
 
-from fcconv.errors import FcconvError
+from fcconv.errors import (
+    CheckpointError,
+    FcconvError,
+    LayerError,
+    OutputError,
+    PatchSpellingError,
+    SpecError,
+)
 from fcconv.geometry import (
     ORDERS,
     Patch,
+    PatchNd,
     PatchSpec,
     conv_weight_to_linear,
     linear_weight_to_conv,
@@ -75,15 +91,26 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fcconv' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The module's names and the public API that loads on first use (for completion)."""
+    return sorted({*globals(), *__all__})
+
+
 __all__ = [
     "ORDERS",
+    "CheckpointError",
     "ConvertResult",
     "ConvolutionalizeResult",
     "FcconvError",
     "InspectResult",
+    "LayerError",
     "MapResult",
+    "OutputError",
     "Patch",
+    "PatchNd",
     "PatchSpec",
+    "PatchSpellingError",
+    "SpecError",
     "VerifyResult",
     "__version__",
     "conv_to_linear",

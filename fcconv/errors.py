@@ -172,6 +172,16 @@ class SpecError(FcconvError):
     """A malformed or inconsistent patch, stride, order or input size."""
 
 
+class PatchSpellingError(SpecError):
+    """A patch spelt with the wrong axis last: the conv before the layer in the
+    checkpoint has ``channels`` outputs; ``proposed`` is the spelling that fits;
+    ``conv`` the conv's name."""
+
+    def __init__(self, message: str, *, layer: str, proposed: str, channels: int, conv: str):
+        super().__init__(message, layer=layer)
+        self.proposed, self.channels, self.conv = proposed, channels, conv
+
+
 class LayerError(FcconvError):
     """An unknown, ambiguous or unsuitable layer name."""
 

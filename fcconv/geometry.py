@@ -47,6 +47,7 @@ from fcconv.patches import parse_size as parse_size
 from fcconv.patches import parse_stride as parse_stride
 from fcconv.patches import plain as plain
 from fcconv.patches import resolve_patch as resolve_patch
+from fcconv.patches import spec_from
 from fcconv.windows import Grid as Grid
 from fcconv.windows import conv2d_line as conv2d_line
 from fcconv.windows import conv_line as conv_line
@@ -67,7 +68,7 @@ def index_map(patch: Patch, order: str) -> torch.Tensor:
 
 
 def linear_weight_to_conv(
-    weight: torch.Tensor, patch: Patch, order: str, *, flip: bool = False
+    weight: torch.Tensor, patch: Patch | str | tuple[int, ...], order: str, *, flip: bool = False
 ) -> torch.Tensor:
     """Rearrange a Linear weight ``[O, N]`` into the conv kernel ``[O, C, kh, kw]``.
 
@@ -81,8 +82,18 @@ def linear_weight_to_conv(
     >>> k = linear_weight_to_conv(torch.arange(8.).reshape(1, 8), Patch(2, 2, 2), "hwc")
     >>> k[0, 1].tolist()  # channel 1 sits at the odd columns when flattened HWC
     [[1.0, 3.0], [5.0, 7.0]]
+
+    ``patch`` may also be text (``"2x2x2"``) or a tuple (``(2, 2, 2)``; ``(2, 2)``
+    infers C from the weight).
     """
     order = parse_order(order)
+    if not isinstance(patch, Patch):
+        if not hasattr(weight, "dim"):
+            raise SpecError(f"expected a Linear weight tensor, got {type(weight).__name__}")
+        spec = spec_from(patch)
+        patch = resolve_patch(spec, weight.shape[-1]) if weight.dim() == 2 else patch
+        if not isinstance(patch, Patch):
+            raise SpecError(f"patch {spec} is not 2-D; linear_weight_to_conv_nd takes others")
     if weight.dim() != 2 or weight.shape[1] != patch.features:
         raise SpecError(
             f"weight of shape {tuple(weight.shape)} is not a Linear weight for patch "

@@ -66,9 +66,22 @@ def orders_for(ndim: int) -> tuple[str, ...]:
     return tuple("".join(p) for p in itertools.permutations(kernel_axes(ndim)))
 
 
+def order_text(value: object) -> str:
+    """An order given to the library as it must be: text; anything else is refused.
+
+    >>> order_text(3)
+    Traceback (most recent call last):
+    ...
+    fcconv.errors.SpecError: an order is text such as 'chw' or 'hwc', not int
+    """
+    if not isinstance(value, str):
+        raise SpecError(f"an order is text such as 'chw' or 'hwc', not {type(value).__name__}")
+    return value
+
+
 def parse_order(text: str) -> str:
     """Validate a flatten order such as ``chw`` or ``hwc`` and return it lower-cased."""
-    order = text.strip().lower()
+    order = order_text(text).strip().lower()
     if order not in ORDERS:
         raise SpecError(
             f"malformed order {text!r}: expected a permutation of c, h, w ({', '.join(ORDERS)})"
@@ -82,7 +95,7 @@ def parse_order_nd(text: str, ndim: int) -> str:
     >>> parse_order_nd("LC", 1)
     'lc'
     """
-    order = text.strip().lower()
+    order = order_text(text).strip().lower()
     if order not in orders_for(ndim):
         raise SpecError(
             f"malformed order {text!r} for a {ndim}-D patch: expected a permutation of "
@@ -313,6 +326,42 @@ PatchSpecNd(sizes=(16,), channels=64))
     if spec is None:
         raise SpecError(f"malformed patch {_quoted(text)}: {PATCH_FORMS}")
     return spec
+
+
+def spec_from(value: object) -> AnySpec:
+    """A patch given in any form the library takes, as a spec.
+
+    Text of any rank (``"8x8x16"``, ``"l=16,c=64"``); a spec; a resolved
+    :class:`Patch` or :class:`PatchNd`; or the numbers of the text form as a
+    tuple or list (``(8, 8, 16)`` is ``8x8x16``, ``(8, 8)`` is ``8x8`` with C
+    inferred, ``(16,)`` a length, four numbers ``DxHxWxC``).
+
+    >>> spec_from((8, 8, 16)), spec_from(Patch(8, 8, 16)), spec_from([16])
+    (PatchSpec(height=8, width=8, channels=16), PatchSpec(height=8, width=8, channels=16), \
+PatchSpecNd(sizes=(16,), channels=None))
+
+    Raises:
+        SpecError: anything else (a number, a float, a tensor).
+    """
+    if isinstance(value, PatchSpec | PatchSpecNd):
+        return value
+    if isinstance(value, str):
+        return parse_patch_spec(value)
+    if isinstance(value, Patch | PatchNd):
+        nd = as_nd(value)
+        return (
+            PatchSpec(*nd.sizes, nd.channels)
+            if nd.ndim == 2
+            else PatchSpecNd(nd.sizes, nd.channels)
+        )
+    if isinstance(value, tuple | list) and all(
+        isinstance(n, int) and not isinstance(n, bool) for n in value
+    ):
+        return parse_patch_spec("x".join(map(str, value)))
+    raise SpecError(
+        f'a patch is text ("8x8x16", "l=16,c=64"), a Patch, or a tuple of ints '
+        f"((8, 8, 16)), not {type(value).__name__} {_quoted(repr(value))}"
+    )
 
 
 def parse_patch(text: str) -> PatchSpec:

@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fcconv import dtypes
-from fcconv.errors import LayerError, SpecError
+from fcconv.errors import LayerError, PatchSpellingError, SpecError
 from fcconv.geometry import linear_weight_to_conv_nd
 from fcconv.patches import (
     AnyPatch,
     AnySpec,
+    PatchNd,
     as_nd,
     fit_extent,
     kernel_axes,
     order_rank,
+    order_text,
     parse_order_nd,
     parse_patch_spec,
+    rank_of,
     resolve_patch,
+    spec_from,
 )
+from fcconv.progress import phased
 from fcconv.windows import conv_line, default_input, make_grid
 
 if TYPE_CHECKING:
@@ -176,6 +182,27 @@ class LayerRequest:
             raise SpecError(f"malformed {{layers}} {text!r}: expected NAME or NAME=HxWxC")
         return cls(name.strip(), parse_patch_spec(patch) if patch else None)
 
+    @classmethod
+    def of(cls, value: object) -> LayerRequest:
+        """A layer as the library takes it: ``"fc"``, ``"fc6=7x7x512"``, a request, or a
+        ``(name, patch)`` pair whose patch is any form :func:`~fcconv.patches.spec_from`
+        takes (``("fc", (8, 8, 16))``).
+
+        >>> LayerRequest.of(("fc", (8, 8, 16)))
+        LayerRequest(name='fc', patch=PatchSpec(height=8, width=8, channels=16))
+        """
+        if isinstance(value, LayerRequest):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+            name, patch = value
+            return cls(name, None if patch is None else spec_from(patch))
+        raise SpecError(
+            'a layer is a name ("fc"), "NAME=PATCH" or a (name, patch) pair, '
+            f"not {type(value).__name__}"
+        )
+
 
 def parse_order_option(text: str) -> str:
     """A flatten order of any rank (``chw``, ``lc``, ``dhwc``), or ``auto`` (decided later).
@@ -183,7 +210,7 @@ def parse_order_option(text: str) -> str:
     Whether it suits a layer is checked once the layer's patch is known
     (:func:`order_for`).
     """
-    if text.strip().lower() == AUTO:
+    if order_text(text).strip().lower() == AUTO:
         return AUTO
     order_rank(text)
     return text.strip().lower()
@@ -234,6 +261,8 @@ class LayerPlan:
     """Where ``order`` came from: one of :data:`ORDER_FROM`."""
     order_margin: float | None = None
     """With ``order_from`` ``weights``: the evidence's margin over the next family."""
+    channels_from: FeedingConv | None = None
+    """The conv of the same checkpoint whose output the layer flattens, when it is clear."""
 
     @property
     def ndim(self) -> int:
@@ -275,6 +304,7 @@ class LayerPlan:
             "dtype": self.dtype,
             "flip": self.flip,
             f"conv{self.ndim}d": self.conv_line(),
+            "channels_from": None if self.channels_from is None else self.channels_from.to_dict(),
         }
 
     def geometry(self, input_size: tuple[int, ...] | None) -> dict[str, Any]:
@@ -317,6 +347,7 @@ class LayerPlan:
         return dataclasses.replace(self, order=order, order_from=came, order_margin=margin)
 
 
+@phased("planning")
 def plan_layers(
     info: Mapping[str, TensorInfo],
     requests: Iterable[LayerRequest],
@@ -347,6 +378,11 @@ def plan_layers(
                 f"{{patch}} HxWxC or {{layers}} {request.name}=HxWxC"
             )
         patch = resolve_patch(spec, entry.in_features, name)
+        feeder = feeding_conv(info, entry)
+        if feeder is not None and feeder.rank == rank_of(patch):
+            feeder = check_channels(patch, feeder)
+        else:
+            feeder = None
         plans.append(
             LayerPlan(
                 name=name,
@@ -359,6 +395,7 @@ def plan_layers(
                 dtype=entry.dtype,
                 flip=flip,
                 order_from="default" if order is None else "flag",
+                channels_from=feeder,
             )
         )
     if not plans:
@@ -474,3 +511,112 @@ def apply_plans(
             weight, plan.patch, plan.order, flip=plan.flip
         )
     return converted
+
+
+# ------------------------------------------------------------------ C from the conv before
+
+
+@dataclass(frozen=True)
+class FeedingConv:
+    """The conv whose output a Linear flattens, as the checkpoint shows it: its
+    ``out_channels`` is the patch's C.
+
+    Found by :func:`feeding_conv`; ``agrees`` says whether the patch as given has that C.
+    """
+
+    layer: str
+    conv: str
+    weight_key: str
+    channels: int
+    rank: int
+    agrees: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conv": self.conv,
+            "weight": self.weight_key,
+            "out_channels": self.channels,
+            "rank": self.rank,
+            "agrees": self.agrees,
+            "rule": f"the last conv before {self.layer} in the checkpoint's key order, with "
+            "no Linear between them",
+        }
+
+
+def key_order(info: Mapping[str, TensorInfo]) -> list[str]:
+    """The keys in the order the model had them, as far as the file tells.
+
+    A torch pickle keeps the state dict's order (the modules' order); a
+    safetensors header sorts names as text, so ``trunk.10`` comes before
+    ``trunk.9``: keys that come sorted are put in natural order (numbers as
+    numbers) instead.
+
+    >>> key_order({"trunk.10.weight": 0, "trunk.9.weight": 0, "z.fc.weight": 0})
+    ['trunk.9.weight', 'trunk.10.weight', 'z.fc.weight']
+    """
+    keys = list(info)
+    if keys != sorted(keys):
+        return keys
+    return sorted(keys, key=lambda key: [int(p) if p.isdigit() else p for p in _DIGITS.split(key)])
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def feeding_conv(info: Mapping[str, TensorInfo], entry: LinearEntry) -> FeedingConv | None:
+    """The conv whose output ``entry`` flattens, when the checkpoint makes it clear.
+
+    That is the last conv-shaped weight (3-, 4- or 5-D ``NAME.weight``) before
+    the Linear in :func:`key_order`, with no other Linear-shaped weight between
+    them (``fc7`` reads ``fc6``, not a conv) and an ``out_channels`` that
+    divides ``in_features``. None when there is no such conv.
+    """
+    keys = key_order(info)
+    for key in reversed(keys[: keys.index(entry.weight_key)]):
+        name = module_name(key)
+        shape = info[key].shape
+        if name is None or len(shape) < 2:
+            continue
+        if len(shape) == 2 or len(shape) > 5:
+            return None
+        channels = shape[0]
+        if channels < 1 or entry.in_features % channels:
+            return None
+        return FeedingConv(entry.name, name, key, channels, len(shape) - 2)
+    return None
+
+
+def check_channels(patch: AnyPatch, feeder: FeedingConv) -> FeedingConv:
+    """Refuse a patch spelt with C first (``16x8x8``, the C×H×W PyTorch prints) where the
+    conv before the layer has that first number as its ``out_channels``; return
+    ``feeder`` with ``agrees`` set.
+
+    Only that case is refused: another C that does not match is recorded
+    (``agrees`` False), since something between the conv and the flatten may
+    change the channels, and a side that merely equals C (``3x4x5`` after a
+    4-channel conv) says nothing about the spelling.
+
+    Raises:
+        PatchSpellingError: the patch's C is not the conv's, and its first side is;
+            ``proposed`` is the spelling that fits (the first side moved last).
+    """
+    nd = as_nd(patch)
+    if nd.channels == feeder.channels:
+        return feeder
+    if nd.sizes[0] != feeder.channels:  # not C first: only recorded
+        return dataclasses.replace(feeder, agrees=False)
+    proposed = PatchNd((*nd.sizes[1:], nd.channels), feeder.channels)
+    spelling = (
+        str(proposed)
+        if proposed.ndim == 1
+        else "x".join(map(str, (*proposed.sizes, proposed.channels)))
+    )
+    raise PatchSpellingError(
+        f"patch {patch} of {feeder.layer} has C={nd.channels}, but {feeder.conv} (the conv "
+        f"before it in the checkpoint) has {feeder.channels} output channels: fcconv spells "
+        f"a patch with C last (PyTorch prints C first); use {{patch}} {spelling}",
+        layer=feeder.layer,
+        proposed=spelling,
+        channels=feeder.channels,
+        conv=feeder.conv,
+    )

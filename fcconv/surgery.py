@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from fcconv.errors import LayerError
+from fcconv.errors import LayerError, SpecError
 from fcconv.geometry import (
     DEFAULT_ORDER,
     Patch,
@@ -21,30 +21,47 @@ from fcconv.geometry import (
     conv_weight_to_linear_nd,
     kernel_axes,
     linear_weight_to_conv_nd,
-    parse_order,
-    parse_patch,
     resolve_patch,
 )
+from fcconv.patches import as_nd, order_text, parse_order_nd, spec_from
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-def _patch(patch: Patch | PatchSpec | str, in_features: int) -> Patch:
-    if isinstance(patch, Patch):
-        return resolve_patch(PatchSpec(patch.height, patch.width, patch.channels), in_features)
-    spec = parse_patch(patch) if isinstance(patch, str) else patch
-    return resolve_patch(spec, in_features)
+def _patch(patch: object, in_features: int) -> PatchNd:
+    """Any patch the library takes (text, spec, patch, tuple), fitted to ``in_features``."""
+    return as_nd(resolve_patch(spec_from(patch), in_features))
+
+
+def _stride(stride: object, ndim: int) -> tuple[int, ...] | None:
+    """A stride as one int for every axis, or a tuple of one per axis; None: the patch."""
+    if stride is None:
+        return None
+    numbers = (stride,) * ndim if isinstance(stride, int) else stride
+    if (
+        not isinstance(numbers, tuple | list)
+        or len(numbers) != ndim
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in numbers)
+    ):
+        raise SpecError(
+            f"a stride of a {ndim}-D patch is a positive int or {ndim} of them, not {stride!r}"
+        )
+    return tuple(numbers)
 
 
 def linear_to_conv(
     linear: nn.Linear,
-    patch: Patch | PatchSpec | str,
-    order: str = DEFAULT_ORDER,
-    stride: tuple[int, int] | None = None,
-) -> nn.Conv2d:
-    """The ``nn.Conv2d`` that applies ``linear`` to every ``patch``-sized window.
+    patch: Patch | PatchNd | PatchSpec | str | tuple[int, ...],
+    order: str | None = None,
+    stride: int | tuple[int, ...] | None = None,
+) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    """The conv (``nn.Conv2d``; ``Conv1d``/``Conv3d`` for 1-D/3-D patches) that applies
+    ``linear`` to every ``patch``-sized window.
 
+    ``patch`` is text (``"20x20x10"``, ``"l=16,c=4"``), a :class:`Patch`, or the
+    same numbers as a tuple (``(20, 20, 10)``; ``(20, 20)`` infers C). ``order``
+    defaults to PyTorch's (``chw``, ``cl``, ``cdhw``); ``stride`` to the patch.
     The kernel is ``linear``'s weight rearranged (no arithmetic); dtype,
     device, ``requires_grad`` and the training flag are kept. The conv is
     built on the meta device, so no random initialisation runs and the
@@ -54,11 +71,17 @@ def linear_to_conv(
         >>> conv = linear_to_conv(nn.Linear(4000, 64), "20x20x10")
         >>> conv(torch.zeros(1, 10, 100, 60)).shape
         torch.Size([1, 64, 5, 3])
+        >>> linear_to_conv(nn.Linear(1024, 8), (8, 8, 16), "hwc", stride=4)
+        Conv2d(16, 8, kernel_size=(8, 8), stride=(4, 4))
+
+    Raises:
+        LayerError: ``linear`` is not an ``nn.Linear``.
+        SpecError: the patch, order or stride is malformed or does not fit.
     """
     _expect_linear(linear)
-    resolved = _patch(patch, linear.in_features)
-    nd = PatchNd((resolved.height, resolved.width), resolved.channels)
-    return linear_to_conv_nd(linear, nd, parse_order(order), stride)  # type: ignore[return-value]
+    nd = _patch(patch, linear.in_features)
+    order = kernel_axes(nd.ndim) if order is None else parse_order_nd(order_text(order), nd.ndim)
+    return linear_to_conv_nd(linear, nd, order, _stride(stride, nd.ndim))
 
 
 def _expect_linear(module: nn.Module) -> None:

@@ -162,6 +162,10 @@ def test_convolutionalize_and_map_envelopes(invoke, tiny_arch, tmp_path: Path) -
     picture = tmp_path / "map.png"
     document = document_of(invoke("map", program, image, "-o", picture, "--json"), "map")
     assert document["picture"] == str(picture) and picture.is_file()
+    said = phases_said(invoke("map", program, image, "-o", picture, "--force", "-v").stderr)
+    assert {"loading the program", "reading the image", "running the model", "drawing"} <= set(
+        said
+    ), said
     failed(invoke("map", tmp_path / "none.pt2", image, "-o", tmp_path / "m.png", "--json",
                   exit=2), "map", "CheckpointError")  # fmt: skip
 
@@ -229,3 +233,46 @@ def test_quiet_prints_nothing_but_the_verbose_say_more(invoke, samples, tmp_path
     contradiction = failed(invoke(*args, "--force", "-q", "-v", "--json", exit=2), "convert",
                            "UsageError")  # fmt: skip
     assert contradiction["message"]
+
+
+# ------------------------------------------------------------ progress in named phases
+
+
+def phases_said(stderr: str) -> list[str]:
+    """The phases ``-v`` reported, in the order they ended."""
+    return [line.split(": ")[1] for line in stderr.splitlines() if line.endswith(" s")]
+
+
+def test_verbose_names_each_phase_and_quiet_none(invoke, samples, tmp_path) -> None:
+    out = tmp_path / "o.safetensors"
+    args = ("--layer", "fc", "--patch", "20x20x10")
+    said = phases_said(invoke("convert", samples / "seed_fc.safetensors", "-o", out, *args,
+                              "-v").stderr)  # fmt: skip
+    assert {"planning", "checking layers", "writing"} <= set(said), said
+    said = phases_said(invoke("verify", samples / "seed_fc.safetensors", out, "-v").stderr)
+    assert "checking layers" in said and "planning" not in said, said
+    quiet = invoke("verify", samples / "seed_fc.safetensors", out, "-q")
+    assert quiet.stderr == "" and quiet.stdout == ""
+
+
+def test_the_library_reports_phases_to_a_listener(samples, tmp_path) -> None:
+    import fcconv
+    from fcconv.progress import listening
+
+    events: list[tuple[str, str]] = []
+
+    class Log:
+        def begin(self, name, total):
+            events.append(("begin", name))
+
+        def update(self, done, total):
+            pass
+
+        def end(self, name):
+            events.append(("end", name))
+
+    with listening(Log()):
+        fcconv.convert_checkpoint(samples / "seed_fc.pt", tmp_path / "o.pt", layers=["fc=20x20x10"])
+    begun = [name for kind, name in events if kind == "begin"]
+    assert {"reading", "planning", "checking layers", "writing"} <= set(begun), events
+    assert sorted(begun) == sorted(name for kind, name in events if kind == "end")

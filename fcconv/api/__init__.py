@@ -1,7 +1,8 @@
 """The library API: every job the command line does, for Python callers.
 
 Each job returns a result that is truthy on success, has ``.to_dict()``
-(exactly the document ``--json`` prints) and ``.exit_code``; problems the
+(the body of the document ``--json`` prints, which adds the envelope of
+:mod:`fcconv.schemas`) and ``.exit_code``; problems the
 caller can fix raise :class:`~fcconv.errors.FcconvError` subclasses.
 """
 

@@ -18,7 +18,7 @@ is written.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 from fcconv.api.inspection import order_evidence, spec_of
 from fcconv.errors import OrderUndecidedError, OutputError, SpecError
 from fcconv.io.atomic import STDIO, check_output_path, default_output, inputs_protected
-from fcconv.io.checkpoint import SAFETENSORS, TORCH, format_for, save_checkpoint
+from fcconv.io.checkpoint import IN_MEMORY, SAFETENSORS, TORCH, format_for, save_checkpoint
 from fcconv.io.keras import KERAS, KERAS_FORMATS
 from fcconv.io.provenance import PROVENANCE_KEY, with_provenance
-from fcconv.io.sources import SHARDED, Source, open_source
+from fcconv.io.sources import SHARDED, Source, open_source, source_of
 from fcconv.patches import AnySpec, PatchSpecNd, parse_extent
 from fcconv.plan import (
     AUTO,
@@ -77,13 +77,25 @@ def extent(value: Size, what: str) -> tuple[int, ...] | None:
         return None
     if isinstance(value, str):
         return parse_extent(value, what)
-    return parse_extent("x".join(str(int(v)) for v in value), what)
+    numbers = (value,) if isinstance(value, int) else value
+    if not isinstance(numbers, tuple | list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in numbers
+    ):
+        raise SpecError(f'a {what} is text ("2x2"), an int or a tuple of ints, not {value!r}')
+    return parse_extent("x".join(map(str, numbers)), what)
 
 
 def _requests(layers: Sequence[str | LayerRequest]) -> list[LayerRequest]:
-    if isinstance(layers, str):
-        layers = [layers]
-    return [r if isinstance(r, LayerRequest) else LayerRequest.parse(r) for r in layers]
+    if isinstance(layers, str | tuple) and not isinstance(layers, list):
+        layers = [layers] if isinstance(layers, str) or _is_pair(layers) else list(layers)
+    if isinstance(layers, Mapping):  # {"fc6": "3x3x32", "fc7": (1, 1)}
+        layers = list(layers.items())
+    return [LayerRequest.of(r) for r in layers]
+
+
+def _is_pair(value: tuple[Any, ...]) -> bool:
+    """``("fc", (8, 8, 16))``: one layer with its patch, not two layers."""
+    return len(value) == 2 and isinstance(value[0], str) and not isinstance(value[1], str)
 
 
 # ------------------------------------------------------------------- convert
@@ -93,7 +105,8 @@ def _requests(layers: Sequence[str | LayerRequest]) -> list[LayerRequest]:
 class ConvertResult:
     """What :func:`convert_checkpoint` did: the plans, the checks, and whether it wrote.
 
-    Truthy when the output was written; ``exit_code`` 1 when verification
+    Truthy when the output was written (or, for a state dict converted without an
+    output path, returned as ``state_dict``); ``exit_code`` 1 when verification
     found a difference (and nothing was written).
     """
 
@@ -108,13 +121,16 @@ class ConvertResult:
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    state_dict: Any = None
+    """The converted checkpoint, when a state dict was converted with no output path:
+    the object given, its tensors converted (untouched ones are the same tensors)."""
 
     def __bool__(self) -> bool:
-        return self.written
+        return self.written or self.state_dict is not None
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.written else 1
+        return 0 if self else 1
 
     def to_dict(self) -> dict[str, Any]:
         sizes = layer_inputs(self.plans, self.input_size)
@@ -171,7 +187,7 @@ class Job:
 
 @inputs_protected("src")
 def convert_checkpoint(
-    src: str | Path,
+    src: str | Path | Mapping[str, Any],
     dst: str | Path | None = None,
     *,
     layers: Sequence[str | LayerRequest],
@@ -191,9 +207,13 @@ def convert_checkpoint(
 
     Args:
         src: a ``.pt``/``.pth``/``.bin``/``.ckpt`` or ``.safetensors`` file,
-            ``-`` for stdin, or a sharded checkpoint's folder (or its index).
+            ``-`` for stdin, a sharded checkpoint's folder (or its index), or a
+            state dict in memory (``model.state_dict()``, or a training
+            checkpoint's dict around one).
         dst: the output; default ``<stem>.conv<suffix>`` beside ``src``;
-            ``-`` for stdout. The input is never overwritten.
+            ``-`` for stdout. The input is never overwritten. For a state dict
+            given in memory, no ``dst`` means nothing is written: the result's
+            ``state_dict`` holds the converted one.
         layers: the layers to convert, as names or ``NAME=PATCH`` strings
             (``["fc6=7x7x512", "fc7=1x1"]``, ``["fc1=16", "fc2=1"]`` in 1-D).
         patch: the patch of every layer named without its own: ``HxWxC``,
@@ -222,13 +242,14 @@ def convert_checkpoint(
     requests = _requests(layers)
     # A torch zip file is first only described (mapped, no tensor byte read): the
     # streamed rewrite reads it by byte ranges; the in-memory path reads it whole below.
-    described = str(src) != STDIO
-    source = open_source(str(src), trust_pickle=trust_pickle, lazy=True, describe_only=described)
+    in_memory = isinstance(src, Mapping)  # a state dict given as itself
+    described = not in_memory and str(src) != STDIO
+    source = source_of(src, trust_pickle=trust_pickle, lazy=True, describe_only=described)
     if not requests and source.format not in KERAS_FORMATS:  # a Keras model names its head
         raise SpecError("no layer to convert; name one with {layers} NAME[=HxWxC]")
     job = Job(
         source=source,
-        output=str(dst) if dst is not None else default_output(src),
+        output=str(dst) if dst is not None else IN_MEMORY if in_memory else default_output(src),
         requests=requests,
         patch=spec_of(patch),
         order=parse_order_option(order) if order is not None else None,
@@ -249,6 +270,8 @@ def convert_checkpoint(
                 "folder without it"
             )
         return _convert_sharded(job, link, progress)
+    if in_memory and dst is None:  # converted in memory, returned as result.state_dict
+        return _convert_in_memory(job, None)
     check_output_path(job.output, force, source.inputs)
     out_format = format_for(job.output, format, source.format)
     if out_format in KERAS_FORMATS:
@@ -261,7 +284,7 @@ def convert_checkpoint(
         from fcconv.api.streamed import convert_streaming
 
         return convert_streaming(job, progress)
-    streams = not flip and STDIO not in (source.path, job.output)
+    streams = not flip and not in_memory and STDIO not in (source.path, job.output)
     if source.format == out_format == TORCH and streams:
         from fcconv.api.streamed import convert_torch_streaming
 
@@ -368,7 +391,8 @@ def apply_and_verify(job: Job, plans: list[LayerPlan]) -> tuple[dict[str, Any], 
     return converted, verify_conversion(plans, loaded.tensors, converted, job.size)
 
 
-def _convert_in_memory(job: Job, out_format: str) -> ConvertResult:
+def _convert_in_memory(job: Job, out_format: str | None) -> ConvertResult:
+    """Convert a loaded source and write it as ``out_format``; None: return it instead."""
     loaded = job.source.loaded
     assert loaded is not None
     plans = plan_job(job)
@@ -376,6 +400,10 @@ def _convert_in_memory(job: Job, out_format: str) -> ConvertResult:
     if verification is not None and not verification:
         return job.result(plans, verification)
     new = loaded.with_tensors(converted)
+    if out_format is None:
+        result = job.result(plans, verification)  # nothing written
+        result.mode, result.state_dict = "in memory", new.payload()
+        return result
     if out_format == SAFETENSORS:
         new.metadata = with_provenance(loaded.metadata, records_of(plans))
     elif loaded.format == SAFETENSORS and set(loaded.metadata or {}) - {PROVENANCE_KEY}:
@@ -423,8 +451,8 @@ def _convert_sharded(job: Job, link: bool, progress: Progress | None) -> Convert
 
 
 def verify_checkpoints(
-    original: str | Path,
-    converted: str | Path,
+    original: str | Path | Mapping[str, Any],
+    converted: str | Path | Mapping[str, Any],
     *,
     layers: Sequence[str | LayerRequest] = (),
     patch: str | AnySpec | None = None,
@@ -462,8 +490,8 @@ def verify_checkpoints(
     if not -(1 << 63) <= seed < 1 << 64:  # what torch's generator takes
         raise SpecError(f"{{seed}} {seed} is out of range; give a seed below 2**64")
     order_option = parse_order_option(order) if order is not None else None
-    before_source = open_source(str(original), trust_pickle=trust_pickle)
-    after_source = open_source(str(converted), trust_pickle=trust_pickle)
+    before_source = source_of(original, trust_pickle=trust_pickle)
+    after_source = source_of(converted, trust_pickle=trust_pickle)
     on_disk = before_source.on_disk and after_source.on_disk
     before = tensors_of(before_source) if on_disk else read_all(before_source)
     after = tensors_of(after_source) if on_disk else read_all(after_source)

@@ -8,25 +8,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import SpecError
-from fcconv.io.sources import Source, open_source
+from fcconv.io.sources import Source, source_of
 from fcconv.patches import (
     AnySpec,
     PatchNd,
-    PatchSpec,
     PatchSpecNd,
     as_nd,
     candidate_patches_nd,
     kernel_axes,
-    parse_patch_spec,
     rank_of,
     resolve_patch,
+    spec_from,
 )
-from fcconv.plan import LayerPlan, LinearEntry, layer_stride, linear_entries, param_key
+from fcconv.plan import (
+    FeedingConv,
+    LayerPlan,
+    LinearEntry,
+    feeding_conv,
+    layer_stride,
+    linear_entries,
+    param_key,
+)
 
 if TYPE_CHECKING:
     from fcconv.evidence import OrderEvidence
@@ -51,6 +59,10 @@ class InspectResult:
     evidence: dict[str, OrderEvidence] = field(default_factory=dict)
     exit_code: int = 0
     rank: int = 2
+    feeders: dict[str, FeedingConv] = field(default_factory=dict)
+    """Layer → the conv before it in the checkpoint whose ``out_channels`` is its C."""
+    proposed: dict[str, str] = field(default_factory=dict)
+    """Layer → the patch proposed from that conv (a square or cube of its C, or 1-D)."""
 
     def __bool__(self) -> bool:
         return True
@@ -68,6 +80,10 @@ class InspectResult:
                     "in_features": e.in_features,
                     "dtype": e.dtype,
                     "patches": self.fits[e.name],
+                    "proposed_patch": self.proposed.get(e.name),
+                    "channels_from": (
+                        self.feeders[e.name].to_dict() if e.name in self.feeders else None
+                    ),
                 }
                 for e in self.entries
             ],
@@ -77,19 +93,13 @@ class InspectResult:
 
 
 def spec_of(value: str | AnySpec | Any | None) -> AnySpec | None:
-    """A patch given as text (any rank), a spec, or a resolved patch, as a spec."""
-    if value is None or isinstance(value, PatchSpec | PatchSpecNd):
-        return value
-    if isinstance(value, str):
-        return parse_patch_spec(value)
-    nd = as_nd(value)  # a resolved Patch or PatchNd
-    if nd.ndim == 2:
-        return PatchSpec(*nd.sizes, nd.channels)
-    return PatchSpecNd(nd.sizes, nd.channels)
+    """A patch given as text (any rank), a spec, a resolved patch or a tuple, as a spec
+    (see :func:`fcconv.patches.spec_from`); None stays None."""
+    return None if value is None else spec_from(value)
 
 
 def inspect_checkpoint(
-    path: str | Path,
+    path: str | Path | Mapping[str, Any],
     *,
     channels: int | None = None,
     feature_map: str | AnySpec | None = None,
@@ -100,7 +110,8 @@ def inspect_checkpoint(
     """List the Linear-shaped entries of a checkpoint and the patches that fit each.
 
     Args:
-        path: a checkpoint file, ``-`` for stdin, or a sharded checkpoint's folder.
+        path: a checkpoint file, ``-`` for stdin, a sharded checkpoint's folder, or a
+            state dict in memory.
         channels: the patch's channels C, if known: every patch of that many
             channels that fits is listed.
         feature_map: the feature map the layer reads, if known, as a patch
@@ -121,9 +132,24 @@ def inspect_checkpoint(
     if limit is not None:
         channels = limit.channels or channels
     describe_only = patch is None  # no tensor bytes are read: a .pt may be memory-mapped
-    source = open_source(str(path), trust_pickle=trust_pickle, describe_only=describe_only)
+    source = source_of(path, trust_pickle=trust_pickle, describe_only=describe_only)
     entries = linear_entries(source.info)
-    fits = {entry.name: _fits(entry.in_features, rank, channels, limit) for entry in entries}
+    feeders = {
+        entry.name: feeder
+        for entry in entries
+        if (feeder := feeding_conv(source.info, entry)) is not None
+    }
+    fits, proposed = {}, {}
+    for entry in entries:
+        feeder = feeders.get(entry.name)
+        known = channels  # the user's C wins; else the conv's, when it has the rank listed
+        if known is None and feeder is not None and feeder.rank == rank:
+            known = feeder.channels
+        fits[entry.name] = _fits(entry.in_features, rank, known, limit)
+        if feeder is not None and known == feeder.channels:
+            proposal = _proposal(entry.in_features, rank, feeder.channels)
+            if proposal is not None:
+                proposed[entry.name] = proposal
     converted = [
         {"layer": name, "conv_shape": list(weight.shape), **record, **_order_from(record)}
         for name, record in source.records.items()
@@ -132,7 +158,27 @@ def inspect_checkpoint(
     ]
     spec = spec_of(patch)
     evidence = _evidence_for_patch(source, entries, spec) if spec is not None else {}
-    return InspectResult(source.path, source.format, entries, fits, converted, evidence, rank=rank)
+    return InspectResult(
+        source.path, source.format, entries, fits, converted, evidence, rank=rank,
+        feeders=feeders, proposed=proposed,
+    )  # fmt: skip
+
+
+def _proposal(features: int, rank: int, channels: int) -> str | None:
+    """The patch of ``channels`` with equal sides (any length in 1-D), if one fits.
+
+    A conv's output says C, not the sides: only a square (a cube) is proposed.
+
+    >>> _proposal(1024, 2, 16), _proposal(512, 2, 16), _proposal(128, 1, 16)
+    ('8x8x16', None, 'l=8,c=16')
+    """
+    area = features // channels
+    side = round(area ** (1 / rank))
+    for guess in (side - 1, side, side + 1):
+        if guess >= 1 and guess**rank == area:
+            patch = PatchNd((guess,) * rank, channels)
+            return str(patch) if rank == 1 else "x".join(map(str, (*patch.sizes, channels)))
+    return None
 
 
 def _rank(rank: int | None, limit: AnySpec | None) -> int:

@@ -24,6 +24,7 @@ from fcconv.api.checkpoints import (
 from fcconv.io.provenance import with_provenance
 from fcconv.io.sources import Source, open_source
 from fcconv.plan import LayerPlan
+from fcconv.progress import phased
 
 if TYPE_CHECKING:
     from fcconv.verify import VerifyResult
@@ -72,6 +73,7 @@ def streamed(
     return job.result(plans, results[0] if results else None, format=label, mode="streamed")
 
 
+@phased("writing")
 def convert_streaming(job: Job, progress: Progress | None) -> ConvertResult:
     from fcconv.io.streaming import stream_convert
 
@@ -85,6 +87,7 @@ def convert_streaming(job: Job, progress: Progress | None) -> ConvertResult:
     return streamed(job, write, lambda temporary: (open_source(str(temporary)), []), "safetensors")
 
 
+@phased("writing")
 def convert_torch_streaming(
     job: Job, progress: Progress | None, trust_pickle: bool
 ) -> ConvertResult | None:

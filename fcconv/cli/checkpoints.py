@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from fcconv.cli import DEBUG, JSON, TRUST, cli, finish, say, verbosity, warn, with_options
+from fcconv.cli.group import DEBUG, JSON, TRUST, cli, finish, phases, say, warn, with_options
 from fcconv.errors import SpecError
 from fcconv.io import stdio
 
@@ -175,11 +175,10 @@ def convert(
 
     if (output or (checkpoint if checkpoint == "-" else None)) == "-":
         _check_stdout_takes_data(as_json)
-    quiet = verbosity() < 0
-    with report.progress_bar("converting", enabled=False if quiet else None) as progress:
-        result = api.convert_checkpoint(
-            checkpoint, output, verify=not no_verify, progress=progress, **options
-        )
+    writing = phases().bytes("writing")
+    result = api.convert_checkpoint(
+        checkpoint, output, verify=not no_verify, progress=writing, **options
+    )
     say(result.notes)
     warn(result.warnings)
     finish(result, as_json, report.render_convert)

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from fcconv.cli import DEBUG, JSON, TRUST, cli, finish, with_options
+from fcconv.cli.group import DEBUG, JSON, TRUST, cli, finish, with_options
 
 CONVOLUTIONALIZE_EPILOG = """\b
 Examples:

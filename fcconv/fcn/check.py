@@ -35,6 +35,7 @@ from fcconv.fcn.ops import describe
 from fcconv.fcn.results import CropAccount, DenseCheck, OutputCheck
 from fcconv.fcn.trace import model_dtype_device, running_eval
 from fcconv.fcn.usercode import running_user_code, stack_location
+from fcconv.progress import phased
 from fcconv.verify.judge import Comparison, compare
 
 RULE = "model-float64"
@@ -160,6 +161,7 @@ def _larger(native: tuple[int, ...], cells: list[OutputCells]) -> tuple[int, ...
     return tuple(n + 2 * s for n, s in zip(native, known.stride, strict=True))
 
 
+@phased("checking every cell")
 def verify_dense(
     original: nn.Module,
     converted: nn.Module,
@@ -213,12 +215,11 @@ def verify_dense(
     Returns:
         A :class:`DenseCheck`, truthy on pass.
     """
-    from fcconv.fcn.stride import StitchedMap, verify_output_stride
-
-    if isinstance(converted, StitchedMap):  # a map at a finer stride (--output-stride)
-        return verify_output_stride(
-            original,
+    own_check = getattr(type(converted), "verify_against", None)
+    if own_check is not None:  # a map at a finer stride (fcn.stride.StitchedMap) checks itself
+        return own_check(
             converted,
+            original,
             input_size,
             larger_size,
             layers=layers,

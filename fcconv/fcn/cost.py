@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcconv.fcn.trace import InputLayout, model_dtype_device, running_eval
+from fcconv.progress import phased
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ def crop_starts(size: Sequence[int], native: Sequence[int], step: Sequence[int])
     return grid
 
 
+@phased("measuring the cost")
 def measure_cost(
     original: nn.Module,
     coarse: nn.Module,

@@ -31,6 +31,7 @@ from fcconv.fcn.check import max_abs
 from fcconv.fcn.results import ExportInfo
 from fcconv.fcn.trace import InputLayout, first_layer, model_dtype_device, running_eval
 from fcconv.io.atomic import atomic_output, check_output_path
+from fcconv.progress import phased
 from fcconv.verify.judge import Comparison, compare, model_rule
 
 METADATA = "fcconv.json"
@@ -167,6 +168,7 @@ def _layout_of(model: nn.Module, in_channels: int | None, native: Any) -> InputL
     return InputLayout(channels, size)
 
 
+@phased("exporting")
 def save_exported(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -282,6 +284,7 @@ def _first_line(error: BaseException) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
+@phased("writing the weights")
 def save_state_dict(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False) -> str:
     """Write the converted model's state dict (``.safetensors`` or torch pickle), atomically.
 

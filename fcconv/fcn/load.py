@@ -48,6 +48,7 @@ from fcconv.fcn.usercode import (
 )
 from fcconv.io.stdio import read_stdin
 from fcconv.plan import suffix_matches
+from fcconv.progress import phased
 
 _ARCH_EXAMPLE = "e.g. fcconv.samples_models:tiny_vgg or mypkg.models:Net(depth=3)"
 
@@ -284,6 +285,7 @@ def _load_weights(model: nn.Module, state: dict[str, Any], source: str, spec: st
     model.load_state_dict({key: state[found] for key, found in mapping.items()})
 
 
+@phased("loading the model")
 def load_model(
     source: str | os.PathLike[str], *, arch: str | None = None, trust_pickle: bool = False
 ) -> nn.Module:

@@ -20,6 +20,7 @@ from fcconv.fcn.cells import crop_plan, output_cells, trunk_geometry
 from fcconv.fcn.ops import module_of
 from fcconv.fcn.results import Conversion, LayerChange, OutputFacts
 from fcconv.geometry import PatchNd, kernel_axes
+from fcconv.progress import phased
 from fcconv.surgery import batchnorm1d_to_nd, linear_to_conv_nd, replace_module
 from fcconv.windows import conv_line
 
@@ -95,6 +96,7 @@ def _notes_for(an: Analysis, model: nn.Module) -> list[str]:
     return notes
 
 
+@phased("tracing and rewriting")
 def convolutionalize_detailed(
     model: nn.Module,
     input_size: Sequence[int] | int,

@@ -157,6 +157,17 @@ class StitchedMap(nn.Module):
         ]
         return pytree.tree_unflatten(stitched, spec)
 
+    def verify_against(
+        self,
+        original: nn.Module,
+        input_size: Sequence[int] | int,
+        larger_size: Sequence[int] | int | None = None,
+        **options: Any,
+    ) -> StrideCheck:
+        """:func:`~fcconv.fcn.check.verify_dense` of this map: :func:`verify_output_stride`
+        (``fcn.check`` calls it through the type, without importing this module)."""
+        return verify_output_stride(original, self, input_size, larger_size, **options)
+
 
 def _per_axis(value: Sequence[int] | int, ndim: int) -> tuple[int, ...]:
     values = (value,) if isinstance(value, int) else tuple(int(v) for v in value)

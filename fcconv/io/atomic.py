@@ -155,7 +155,11 @@ def inputs_protected(*parameters: str) -> Callable[[F], F]:
         @functools.wraps(function)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind_partial(*args, **kwargs)
-            paths = [bound.arguments[p] for p in parameters if bound.arguments.get(p) is not None]
+            paths = [
+                value
+                for p in parameters
+                if isinstance(value := bound.arguments.get(p), str | os.PathLike)
+            ]  # a state dict given as itself is no file to protect
             with protect_inputs(*paths):
                 return function(*args, **kwargs)
 

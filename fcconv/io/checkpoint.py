@@ -23,11 +23,18 @@ from fcconv.errors import CheckpointError, UnsafeCheckpointError
 from fcconv.io import stdio
 from fcconv.io.atomic import STDIO, atomic_output, check_output_path, check_stdout
 from fcconv.io.files import open_regular
+from fcconv.progress import phased
 
 if TYPE_CHECKING:
     import torch
 
 SAFETENSORS = "safetensors"
+KERAS = "keras"
+KERAS_WEIGHTS = "keras-weights"
+KERAS_H5 = "keras-h5"
+KERAS_FORMATS = (KERAS, KERAS_WEIGHTS, KERAS_H5)
+"""Keras files by kind: a ``.keras`` model, Keras 3 ``.weights.h5``, a legacy ``.h5``
+(read and written by :mod:`fcconv.io.keras`)."""
 TORCH = "torch"
 FORMATS = (SAFETENSORS, TORCH)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -125,6 +132,7 @@ def _replace_at(container: Any, location: tuple[Any, ...], value: Any) -> Any:
 # --------------------------------------------------------------------- reading
 
 
+@phased("reading")
 def load_checkpoint(
     path: str | Path, *, trust_pickle: bool = False, mmap: bool = False
 ) -> Checkpoint:
@@ -214,6 +222,20 @@ def _load_torch(
         raise CheckpointError(_corrupt_message(source, error)) from None
     except _UNREADABLE as error:
         raise CheckpointError(_corrupt_message(source, error)) from None
+    return checkpoint_of(loaded, source)
+
+
+IN_MEMORY = "<state dict>"
+"""The name of a checkpoint given as an object in memory (a state dict), in messages."""
+
+
+def checkpoint_of(loaded: Any, source: str = IN_MEMORY) -> Checkpoint:
+    """A checkpoint already in memory (a state dict, or a training checkpoint around
+    one) as a :class:`Checkpoint`, exactly as if ``torch.load`` had returned it.
+
+    Raises:
+        CheckpointError: ``loaded`` holds no mapping of names to tensors.
+    """
     location = find_state_dict(loaded, source)
     mapping = loaded
     for key in location:
@@ -386,8 +408,6 @@ def format_for(path: str | Path, override: str | None, fallback: str) -> str:
         return SAFETENSORS
     if suffix in TORCH_SUFFIXES:
         return TORCH
-    from fcconv.io.keras import KERAS, KERAS_H5, KERAS_WEIGHTS
-
     if suffix == ".keras":
         return KERAS
     if name.endswith(".weights.h5"):
@@ -404,6 +424,7 @@ def serialize(checkpoint: Checkpoint, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+@phased("writing")
 def save_checkpoint(
     checkpoint: Checkpoint,
     path: str | Path,

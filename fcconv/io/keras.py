@@ -36,6 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import CheckpointError
+from fcconv.io.checkpoint import KERAS as KERAS
+from fcconv.io.checkpoint import KERAS_FORMATS as KERAS_FORMATS
+from fcconv.io.checkpoint import KERAS_H5 as KERAS_H5
+from fcconv.io.checkpoint import KERAS_WEIGHTS as KERAS_WEIGHTS
 from fcconv.io.hdf5 import checked
 from fcconv.io.keras_schema import check_keras_config
 from fcconv.io.provenance import PROVENANCE_KEY
@@ -46,10 +50,6 @@ if TYPE_CHECKING:
 
     from fcconv.io.checkpoint import Checkpoint
 
-KERAS = "keras"
-KERAS_WEIGHTS = "keras-weights"
-KERAS_H5 = "keras-h5"
-KERAS_FORMATS = (KERAS, KERAS_WEIGHTS, KERAS_H5)
 """The Keras kinds of file, as ``Source.format`` and ``format=`` name them."""
 
 CONFIG_MEMBER, METADATA_MEMBER, WEIGHTS_MEMBER = "config.json", "metadata.json", "model.weights.h5"

@@ -56,6 +56,7 @@ from fcconv.io.streaming import (
     copy_file,
     write_converted,
 )
+from fcconv.progress import phased
 
 if TYPE_CHECKING:
     import torch
@@ -262,6 +263,7 @@ def _shard_metadata(
     return {**(header.metadata or {}), **metadata}
 
 
+@phased("writing")
 def convert_sharded(
     src: str | Path,
     dst: str | Path,

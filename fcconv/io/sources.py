@@ -21,10 +21,17 @@ from fcconv import dtypes
 from fcconv.errors import CheckpointError
 from fcconv.geometry import unravel_index
 from fcconv.io.atomic import STDIO
-from fcconv.io.checkpoint import SAFETENSORS, Checkpoint, load_checkpoint
+from fcconv.io.checkpoint import (
+    IN_MEMORY,
+    SAFETENSORS,
+    Checkpoint,
+    checkpoint_of,
+    load_checkpoint,
+)
 from fcconv.io.files import describe_read_error, open_regular, probe
 from fcconv.io.provenance import PROVENANCE_KEY, layer_records
 from fcconv.plan import TensorInfo
+from fcconv.progress import phased
 from fcconv.verify.bits import bits_dtype
 
 if TYPE_CHECKING:
@@ -95,6 +102,27 @@ def open_source(
         return _keras_source(path)
     loaded = load_checkpoint(path, trust_pickle=trust_pickle, mmap=describe_only)
     return _loaded_source(path, loaded)
+
+
+def source_of(
+    value: Any, *, trust_pickle: bool = False, lazy: bool = True, describe_only: bool = False
+) -> Source:
+    """:func:`open_source` for a path, or a source in memory for a state dict (any
+    mapping, or a training checkpoint around one) given as itself.
+
+    Raises:
+        CheckpointError: ``value`` is neither a path nor a mapping holding tensors.
+    """
+    if isinstance(value, Mapping):
+        return _loaded_source(IN_MEMORY, checkpoint_of(value, IN_MEMORY))
+    if not isinstance(value, str | os.PathLike):
+        raise CheckpointError(
+            f"expected a checkpoint's path or a state dict (a mapping of names to tensors), "
+            f"got {type(value).__name__}"
+        )
+    return open_source(
+        str(value), trust_pickle=trust_pickle, lazy=lazy, describe_only=describe_only
+    )
 
 
 def _loaded_source(path: str, loaded: Checkpoint) -> Source:
@@ -223,6 +251,7 @@ def tensors_of(source: Source) -> Mapping[str, torch.Tensor]:
     return source.loaded.tensors if source.loaded is not None else LazyTensors(source)
 
 
+@phased("comparing the other tensors")
 def byte_differences(
     before: Source,
     after: Source,

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from fcconv.extras import require
 from fcconv.maps.grid import MapGrid, tile
+from fcconv.progress import phased
 
 ALPHA = 0.6
 """How much of a tile's colour covers the image under it."""
@@ -64,6 +65,7 @@ def _overlay(grid: MapGrid, height: int, width: int, cmap: Any, norm: Any) -> An
     return layer
 
 
+@phased("drawing")
 def draw_map(
     grid: MapGrid, rgb: Any, handle: BinaryIO, *, title: str, label: str, file_format: str = "png"
 ) -> Placement:

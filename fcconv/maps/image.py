@@ -26,6 +26,7 @@ from typing import Any
 
 from fcconv.errors import ImageError, SpecError
 from fcconv.extras import require
+from fcconv.progress import phased
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 """Pillow's mode for each channel count a model may take."""
@@ -180,6 +181,7 @@ def image_pixels(opened: Any, channels: int) -> tuple[Any, Any]:
     return fed / 255.0, shown
 
 
+@phased("reading the image")
 def read_image(
     path: str | Path,
     channels: int,

@@ -18,6 +18,7 @@ from typing import Any
 from fcconv.errors import CheckpointError, SpecError, UnsafeCheckpointError
 from fcconv.geometry import CellGeometry
 from fcconv.io.pt2 import code_in_program
+from fcconv.progress import phased
 
 METADATA = "fcconv.json"
 
@@ -226,6 +227,7 @@ def _checked_run(
     return checked
 
 
+@phased("loading the program")
 def load_program(path: str | Path, *, trust_pickle: bool = False) -> DenseProgram:
     """Load a ``.pt2`` program (or an ``.onnx`` graph, with onnxruntime) and its facts.
 
@@ -331,6 +333,7 @@ def _load_pt2(file: Path, trust_pickle: bool) -> tuple[Callable[[Any], list[Any]
         ) from None
     module = program.module()
 
+    @phased("running the model")
     def run(x: Any) -> list[Any]:
         with torch.no_grad():
             result = module(x)
@@ -353,6 +356,7 @@ def _load_onnx(file: Path) -> tuple[Callable[[Any], list[Any]], str]:
         ) from None
     name = session.get_inputs()[0].name
 
+    @phased("running the model")
     def run(x: Any) -> list[Any]:
         import torch
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from fcconv.errors import ConvolutionalizeError
 from fcconv.io.atomic import atomic_output, check_output_path
+from fcconv.progress import phased
 
 OPSET = 17
 
@@ -53,6 +54,7 @@ def export_bytes(model: Any, example: Any) -> bytes:
     return buffer.getvalue()
 
 
+@phased("exporting")
 def save_onnx(
     model: Any,
     path: str | os.PathLike[str],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fcconv.patches import SPATIAL_AXES
-from fcconv.report import num, shape, table, text
+from fcconv.report.console import num, shape, table, text
 from fcconv.windows import AXIS_NOUNS, Grid, default_input, make_grid
 
 if TYPE_CHECKING:
@@ -193,6 +193,14 @@ def render_inspect(console: Console, result: InspectResult) -> None:
     console.print(table)
     if not result.entries:
         console.print(text("no Linear-shaped entries (2-D weights) in this checkpoint"))
+    for name, feeder in result.feeders.items():
+        proposal = result.proposed.get(name)
+        console.print(
+            text(
+                f"{name}: C = {feeder.channels}, the out_channels of {feeder.conv} (the conv "
+                f"before it)" + (f"; proposed patch {proposal}" if proposal else "")
+            )
+        )
     for layer in result.converted:
         details = (
             f", patch {layer.get('patch')}, order {layer['order']} ({layer['order_from']})"

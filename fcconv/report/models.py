@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fcconv.report import num, table, text
+from fcconv.report.console import num, table, text
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fcconv.report import size, table, text
+from fcconv.report.console import size, table, text
 
 if TYPE_CHECKING:
     from rich.console import Console

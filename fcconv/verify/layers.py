@@ -26,6 +26,7 @@ from fcconv.errors import LayerError
 from fcconv.geometry import unravel_index
 from fcconv.patches import as_nd
 from fcconv.plan import LayerPlan, layer_inputs
+from fcconv.progress import phased
 from fcconv.verify.bits import bitwise_equal
 from fcconv.verify.exact import (
     MemoryTensors,
@@ -287,6 +288,7 @@ def _runnable(plan: LayerPlan, original: Tensors, converted: Tensors) -> bool:
     )
 
 
+@phased("checking layers")
 def verify_conversion(
     plans: list[LayerPlan],
     original: Tensors | Mapping[str, torch.Tensor],

@@ -33,6 +33,7 @@ from fcconv.plan import (
     order_for,
     resolve_name,
 )
+from fcconv.progress import phased
 from fcconv.verify.bits import bitwise_equal, first_mismatch
 
 KERNEL_DIMS = (3, 4, 5)
@@ -116,6 +117,7 @@ class VerificationPlan:
     """The evidence weighed per layer (when it was needed to choose the order)."""
 
 
+@phased("finding the converted layers")
 def plan_verification(
     original: Mapping[str, torch.Tensor],
     converted: Mapping[str, torch.Tensor],
