@@ -482,7 +482,6 @@ def verify_checkpoints(
         A :class:`~fcconv.verify.VerifyResult`, truthy when equivalent.
     """
     from fcconv.io.sources import DiskTensors, byte_differences, read_all, tensors_of
-    from fcconv.threads import import_torch_early
     from fcconv.verify import verify_conversion
     from fcconv.verify.orders import plan_verification
 
@@ -494,8 +493,6 @@ def verify_checkpoints(
     before_source = source_of(original, trust_pickle=trust_pickle)
     after_source = source_of(converted, trust_pickle=trust_pickle)
     on_disk = before_source.on_disk and after_source.on_disk
-    if on_disk:
-        import_torch_early()  # while the bytes are compared
     before = tensors_of(before_source) if on_disk else read_all(before_source)
     after = tensors_of(after_source) if on_disk else read_all(after_source)
     planned = plan_verification(
