@@ -55,12 +55,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import torch
+import numpy as np
 
 from fcconv.errors import SpecError
-from fcconv.geometry import index_map_nd, same_permutation, spatial_relabellings
+from fcconv.geometry import same_permutation, spatial_relabellings
 from fcconv.patches import AnyPatch, as_nd, orders_for, parse_order_nd
-from fcconv.threads import torch_threads
+from fcconv.verify.arrays import as_array
+from fcconv.verify.exact import linear_columns
 
 MIN_MARGIN = 0.1
 """Smallest lead in score of the best family over the next that counts as clear.
@@ -308,24 +309,24 @@ def _is_transpose(patch: AnyPatch, first: str, second: str) -> bool:
     )
 
 
-def _sums(kernel: torch.Tensor) -> torch.Tensor:
+def _sums(kernel: np.ndarray) -> np.ndarray:
     """``[ndim + 1, C]`` sums over rows of squared steps along each spatial axis, and deviations.
 
     ``kernel`` is ``[rows, C, *sizes]``; the deviations are from each row's
     channel mean.
     """
     channels, sizes = kernel.shape[1], kernel.shape[2:]
-    spatial = tuple(range(2, kernel.dim()))
-    sums = kernel.new_zeros(len(sizes) + 1, channels)
+    spatial = tuple(range(2, kernel.ndim))
+    sums = np.zeros((len(sizes) + 1, channels), dtype=kernel.dtype)
     for axis, size in enumerate(sizes):
         if size > 1:
-            sums[axis] = torch.diff(kernel, dim=2 + axis).square_().sum((0, *spatial))
-    deviation = kernel - kernel.mean(dim=spatial, keepdim=True)
-    sums[-1] = deviation.square_().sum((0, *spatial))
+            sums[axis] = np.square(np.diff(kernel, axis=2 + axis)).sum((0, *spatial))
+    deviation = kernel - kernel.mean(axis=spatial, keepdims=True)
+    sums[-1] = np.square(deviation).sum((0, *spatial))
     return sums
 
 
-def _score(sums: torch.Tensor, patch: AnyPatch) -> float:
+def _score(sums: np.ndarray, patch: AnyPatch) -> float:
     """The lowest over directions of the mean over channels of ``1 − ratio``."""
     sizes = as_nd(patch).sizes
     positions = math.prod(sizes)
@@ -344,7 +345,7 @@ def _score(sums: torch.Tensor, patch: AnyPatch) -> float:
     return min(scores)
 
 
-def sample_rows(out_features: int, in_features: int) -> torch.Tensor:
+def sample_rows(out_features: int, in_features: int) -> np.ndarray:
     """The output rows :func:`rank_orders` reads: evenly spaced, about ``READ_ELEMENTS``.
 
     A caller holding the weight on disk can read just these rows and pass
@@ -352,8 +353,8 @@ def sample_rows(out_features: int, in_features: int) -> torch.Tensor:
     """
     count = max(MIN_ROWS, READ_ELEMENTS // in_features)
     if out_features <= count:
-        return torch.arange(out_features)
-    return torch.linspace(0, out_features - 1, count).round().long()
+        return np.arange(out_features)
+    return np.linspace(0, out_features - 1, count).round().astype(np.int64)
 
 
 def _null_count(elements: int) -> int:
@@ -361,12 +362,14 @@ def _null_count(elements: int) -> int:
     return max(fewest, min(most, NULL_ELEMENTS // max(1, elements)))
 
 
-def rank_orders(weight: torch.Tensor, patch: AnyPatch) -> OrderEvidence:
+def rank_orders(weight: Any, patch: AnyPatch) -> OrderEvidence:
     """Rank the flatten orders by how alike neighbouring weight columns are.
 
     Args:
-        weight: A Linear weight ``[out_features, N]`` of any float dtype
-            (fp16 and bf16 are judged in float32, fp64 in float64). About
+        weight: A Linear weight ``[out_features, N]`` of any float dtype, a
+            numpy array (bfloat16 and float8 as ``ml_dtypes``) or a torch
+            tensor (fp16 and bf16 are judged in float32, fp64 in float64,
+            all in numpy). About
             ``READ_ELEMENTS`` of it are read, as whole rows evenly spaced,
             in blocks; it is never modified.
         patch: The patch the layer reads, of any rank (two orders in 1-D,
@@ -381,6 +384,7 @@ def rank_orders(weight: torch.Tensor, patch: AnyPatch) -> OrderEvidence:
 
     A smooth kernel flattened NHWC is recognised; cut square, it is a tie:
 
+    >>> import torch
     >>> from fcconv.geometry import Patch, PatchNd, conv_weight_to_linear, conv_weight_to_linear_nd
     >>> g = torch.Generator().manual_seed(0)
     >>> ramp = torch.linspace(0, 1, 6).view(6, 1) + torch.linspace(0, 1, 4)
@@ -398,14 +402,11 @@ def rank_orders(weight: torch.Tensor, patch: AnyPatch) -> OrderEvidence:
     >>> rank_orders(conv_weight_to_linear_nd(smooth, "lc"), PatchNd((12,), 8)).winner
     'lc'
     """
-    # Many small reductions: on more than one thread they cost more in
-    # synchronisation than they save (fcconv.threads).
-    with torch_threads(min(weight.numel(), READ_ELEMENTS)):
-        return _rank_orders(weight, patch)
+    return _rank_orders(as_array(weight), patch)
 
 
-def _rank_orders(weight: torch.Tensor, patch: AnyPatch) -> OrderEvidence:
-    if weight.dim() != 2 or weight.shape[1] != patch.features:
+def _rank_orders(weight: np.ndarray, patch: AnyPatch) -> OrderEvidence:
+    if weight.ndim != 2 or weight.shape[1] != patch.features:
         raise SpecError(
             f"weight of shape {tuple(weight.shape)} is not a Linear weight for patch "
             f"{patch} (expected [out, {patch.features}])"
@@ -448,38 +449,38 @@ def _rank_orders(weight: torch.Tensor, patch: AnyPatch) -> OrderEvidence:
         )
         return verdict(families, reason, candidates=undecided)
 
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dtype = np.float64 if weight.dtype == np.float64 else np.float32
     step = max(1, BLOCK_ELEMENTS // patch.features)
     chunks = [rows[start : start + step] for start in range(0, len(rows), step)]
     shape = nd.kernel_shape
-    cache: list[torch.Tensor] = []
+    cache: list[np.ndarray] = []
 
-    def blocks() -> Iterator[torch.Tensor]:
+    def blocks() -> Iterator[np.ndarray]:
         """The rows read, a block at a time (kept when they are one block)."""
         if cache:
             yield cache[0]
             return
         for chunk in chunks:
-            block = weight[chunk].to(dtype)
+            block = weight[chunk].astype(dtype)
             if len(chunks) == 1:
                 cache.append(block)
             yield block
 
     representatives = [family[0] for family in families]
-    maps = [index_map_nd(nd, order).reshape(-1) for order in representatives]
+    maps = [linear_columns(nd, order) for order in representatives]
     sums_shape = (nd.ndim + 1, patch.channels)
-    real = torch.zeros(len(representatives), *sums_shape, dtype=dtype)
+    real = np.zeros((len(representatives), *sums_shape), dtype=dtype)
     for block in blocks():
-        if not bool(torch.isfinite(block).all()):
+        if not bool(np.isfinite(block).all()):
             reason = "no evidence: the weight holds NaN or infinite values"
             return verdict(families, reason, candidates=undecided)
         # gathering the columns in index-map order lays each kernel out contiguously
         for f, columns in enumerate(maps):
             real[f] += _sums(block[:, columns].reshape(len(block), *shape))
-    generator = torch.Generator().manual_seed(_SEED)
-    null = torch.zeros(_null_count(len(rows) * patch.features), *sums_shape, dtype=dtype)
+    generator = np.random.default_rng(_SEED)
+    null = np.zeros((_null_count(len(rows) * patch.features), *sums_shape), dtype=dtype)
     for s in range(len(null)):
-        columns = torch.randperm(patch.features, generator=generator)
+        columns = generator.permutation(patch.features)
         for block in blocks():
             null[s] += _sums(block[:, columns].reshape(len(block), *shape))
     if not bool(real[:, -1].any()):
@@ -487,8 +488,8 @@ def _rank_orders(weight: torch.Tensor, patch: AnyPatch) -> OrderEvidence:
         return verdict(families, reason, candidates=undecided)
 
     family_scores = [_score(sums, patch) for sums in real]
-    null_scores = torch.tensor([_score(sums, patch) for sums in null], dtype=dtype)
-    noise = float(null_scores.std())
+    null_scores = np.array([_score(sums, patch) for sums in null], dtype=dtype)
+    noise = float(null_scores.std(ddof=1))
     ranked = sorted(range(len(families)), key=lambda f: (-family_scores[f], f))
     families = tuple(families[f] for f in ranked)
     scores = [family_scores[f] for f in ranked]

@@ -13,9 +13,8 @@ Use :func:`torch_threads` around the work::
     with torch_threads(weight.numel()):
         ...
 
-Importing torch takes seconds of one CPU. A job that will need torch only
-after a long stretch of I/O (a verified streaming rewrite, ``verify`` of files
-on disk) starts the import on another CPU first: :func:`import_torch_early`.
+The checks of a safetensors conversion (:mod:`fcconv.verify`) run in numpy
+and never import torch.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ import contextlib
 import functools
 import math
 import os
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,27 +102,3 @@ def torch_threads(elements: int) -> Iterator[int]:
     finally:
         if count != before:
             torch.set_num_threads(before)
-
-
-def import_torch_early() -> threading.Thread | None:
-    """Start importing torch in a background thread, when a second CPU can take it.
-
-    For a caller about to spend seconds in I/O (which releases the GIL)
-    before it needs torch: the import then costs no time of its own. The
-    caller's later ``import torch`` simply waits for it to finish. Returns
-    the thread, or None when torch is already imported or only one CPU is
-    available.
-    """
-    if "torch" in sys.modules or available_cpus() < 2:
-        return None
-    import numpy  # noqa: F401  first, here: the two threads then never import it at once
-
-    thread = threading.Thread(target=_import_torch, name="fcconv-import-torch", daemon=True)
-    thread.start()
-    return thread
-
-
-def _import_torch() -> None:
-    # A failure here shows again, with its real traceback, where torch is first used.
-    with contextlib.suppress(Exception):
-        import torch  # noqa: F401

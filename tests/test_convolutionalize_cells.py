@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fcn_helpers import seeded
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -96,13 +96,20 @@ def build(spec: list[tuple], native: int) -> Trunk1d:
 
 
 def influence(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``changed[i, p]``: whether nudging input position ``i`` changes cell ``p``."""
+    """``changed[i, p]``: whether nudging input position ``i`` changes cell ``p``.
+
+    Row ``i`` of the nudged batch is compared with row ``i`` of a batch of
+    unnudged copies, never with row 0: a conv's rounding may depend on where
+    a row lies in the batch (its memory alignment picks a vector lane or the
+    scalar tail), so identical inputs in different rows need not give
+    identical bits, and bit-exact comparison across rows would see positions
+    far outside a cell's box "change" it.
+    """
     length = x.shape[-1]
-    nudged = x.repeat(length + 1, 1, 1)
-    nudged[1:, :, :] += torch.eye(length, dtype=x.dtype)[:, None, :]
+    same = x.repeat(length, 1, 1)
+    nudged = same + torch.eye(length, dtype=x.dtype)[:, None, :]
     with torch.no_grad():
-        out = model(nudged)
-    return (out[1:] != out[:1]).any(dim=1)
+        return (model(nudged) != model(same)).any(dim=1)
 
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -110,6 +117,7 @@ FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthChe
 
 @FAST
 @given(spec=layers, native=st.integers(6, 24))
+@example(spec=[("conv", 1, 1, 0, 1)], native=6)  # rows of a batch round differently
 def test_cell_boxes_are_the_spans_of_input_that_change_each_cell(spec, native) -> None:
     model = build(spec, native)
     conversion = convolutionalize_detailed(model, native, in_channels=CHANNELS)

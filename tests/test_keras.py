@@ -101,7 +101,7 @@ def test_default_output_names(invoke, samples, tmp_path) -> None:
         (["--flip"], "never flips"),
         (["-o", "{tmp}/x.h5"], "same kind"),
         (["-o", "{tmp}/x.keras", "--format", "torch"], "named as a Keras file"),
-        (["--layer", "fc7=1x1"], "first Dense"),
+        (["--layer", "fc7=1x1"], "rewritten whole"),
         (["--patch", "4x12x6"], "feature map"),
     ],
 )

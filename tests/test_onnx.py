@@ -95,7 +95,8 @@ def test_matmul_add_with_a_permute_and_a_dynamic_reshape(invoke, tmp_path) -> No
     _export(model, path, (6, 5))
     result = invoke("convolutionalize", path, "-o", out, "--json")
     document = json.loads(result.stdout)
-    assert document["order"] == "hwc" and "Transpose" in document["order_from"]
+    assert document["order"] == "hwc" and "Transpose" in document["order_detail"]
+    assert document["order_from"] == "model"
     assert [layer["was"] for layer in document["layers"]] == ["MatMul + Add", "MatMul + Add"]
     assert "pads" in document["coordinates"]["note"]
     x = torch.randn(2, 3, 11, 9)
@@ -160,11 +161,13 @@ def test_bad_graphs_are_one_line_errors(invoke, samples, tmp_path) -> None:
     result = invoke("convolutionalize", broken, "-o", tmp_path / "d.onnx", exit=2)
     assert result.stderr.startswith("fcconv: error: ") and result.stderr.count("\n") == 1
     model = onnx.load(samples / SAMPLE)
-    model.graph.output.append(onnx.helper.make_tensor_value_info("/1/Relu_output_0", 1, [1]))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("/1/Relu_output_0", 1, ["n", "c", "h", "w"])
+    )
     two = tmp_path / "two.onnx"
     onnx.save(model, two)
     result = invoke("convolutionalize", two, "-o", tmp_path / "d.onnx", exit=2)
-    assert "one output" in result.stderr
+    assert "/1/Relu_output_0" in result.stderr  # an output that is not the head's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx", "two.onnx"]
 
 

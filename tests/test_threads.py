@@ -7,7 +7,6 @@ the cgroup quota and the size of the work.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -82,36 +81,5 @@ def test_torch_threads_sets_and_restores_and_never_raises_the_count(monkeypatch)
         with pytest.raises(RuntimeError), threads.torch_threads(10):
             raise RuntimeError("the work failed")
         assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_torch_is_imported_early_only_when_it_is_not_there_yet(monkeypatch) -> None:
-    assert "torch" in sys.modules  # this test module imported it
-    assert threads.import_torch_early() is None
-    monkeypatch.delitem(sys.modules, "torch")
-    monkeypatch.setattr(threads, "available_cpus", lambda: 1)
-    assert threads.import_torch_early() is None  # one CPU: it would only compete
-
-
-def test_order_evidence_runs_single_threaded(monkeypatch) -> None:
-    """Its many small reductions see one thread, however many torch has."""
-    from fcconv.evidence import rank_orders
-    from fcconv.geometry import Patch
-
-    seen: list[int] = []
-    real = torch.Tensor.square_
-
-    def spy(self):
-        seen.append(torch.get_num_threads())
-        return real(self)
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    monkeypatch.setattr(torch.Tensor, "square_", spy)
-    try:
-        rank_orders(torch.randn(16, 6 * 4 * 8), Patch(6, 4, 8))
-        assert seen and set(seen) == {1}
-        assert torch.get_num_threads() == 2  # restored
     finally:
         torch.set_num_threads(before)

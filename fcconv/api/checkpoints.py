@@ -482,7 +482,6 @@ def verify_checkpoints(
         A :class:`~fcconv.verify.VerifyResult`, truthy when equivalent.
     """
     from fcconv.io.sources import DiskTensors, byte_differences, read_all, tensors_of
-    from fcconv.threads import import_torch_early
     from fcconv.verify import verify_conversion
     from fcconv.verify.orders import plan_verification
 
@@ -494,8 +493,6 @@ def verify_checkpoints(
     before_source = source_of(original, trust_pickle=trust_pickle)
     after_source = source_of(converted, trust_pickle=trust_pickle)
     on_disk = before_source.on_disk and after_source.on_disk
-    if on_disk:
-        import_torch_early()  # while the bytes are compared
     before = tensors_of(before_source) if on_disk else read_all(before_source)
     after = tensors_of(after_source) if on_disk else read_all(after_source)
     planned = plan_verification(
@@ -511,6 +508,7 @@ def verify_checkpoints(
         flip=flip,
         weigh=_weigher(before_source),
         default_order=default_order(before_source.format),
+        model_orders=_model_orders(before_source),
     )
     plans, notes = planned.plans, planned.notes
     size = extent(input_size, "input size")
@@ -544,6 +542,15 @@ def _surrounding_differences(before: Source, after: Source, notes: list[str]) ->
         )
         return []
     return value_differences(before.surroundings, after.surroundings, "checkpoint")
+
+
+def _model_orders(source: Source) -> dict[str, tuple[str, str]]:
+    """The orders a Keras model's config says its Dense layers read (none for other files)."""
+    if source.format not in KERAS_FORMATS:
+        return {}
+    from fcconv.keras.summary import model_orders
+
+    return model_orders(source.path)
 
 
 def default_order(source_format: str) -> str | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv.errors import SpecError
+from fcconv.io.keras import KERAS_FORMATS
 from fcconv.io.sources import Source, source_of
 from fcconv.patches import (
     AnySpec,
@@ -63,6 +64,8 @@ class InspectResult:
     """Layer → the conv before it in the checkpoint whose ``out_channels`` is its C."""
     proposed: dict[str, str] = field(default_factory=dict)
     """Layer → the patch proposed from that conv (a square or cube of its C, or 1-D)."""
+    head: dict[str, Any] | None = None
+    """A Keras or ONNX model's head, as read off its config or graph."""
 
     def __bool__(self) -> bool:
         return True
@@ -89,6 +92,7 @@ class InspectResult:
             ],
             "converted": self.converted,
             "order_evidence": {name: ev.to_dict() for name, ev in self.evidence.items()},
+            "head": self.head,
         }
 
 
@@ -127,6 +131,8 @@ def inspect_checkpoint(
 
     A safetensors file or shard folder is described from its headers alone.
     """
+    if str(path).lower().endswith(".onnx"):
+        return _inspect_onnx(path, channels, _rank(rank, spec_of(feature_map)))
     limit = spec_of(feature_map)
     rank = _rank(rank, limit)
     if limit is not None:
@@ -158,9 +164,14 @@ def inspect_checkpoint(
     ]
     spec = spec_of(patch)
     evidence = _evidence_for_patch(source, entries, spec) if spec is not None else {}
+    head = None
+    if source.format in KERAS_FORMATS:
+        from fcconv.keras.summary import keras_head
+
+        head = keras_head(source.path)
     return InspectResult(
         source.path, source.format, entries, fits, converted, evidence, rank=rank,
-        feeders=feeders, proposed=proposed,
+        feeders=feeders, proposed=proposed, head=head,
     )  # fmt: skip
 
 
@@ -242,3 +253,38 @@ def order_evidence(source: Source, plan: LayerPlan) -> OrderEvidence:
     too_wide = plan.patch.features > MAX_FEATURES  # judged without reading a row
     rows = [] if too_wide else sample_rows(plan.out_features, plan.patch.features).tolist()
     return rank_orders(source.read_rows(plan.weight_key, rows), plan.patch)
+
+
+def _inspect_onnx(path: str | Path, channels: int | None, rank: int) -> InspectResult:
+    """``inspect`` on an ONNX graph: its linear layers (Gemm, MatMul with a constant 2-D
+    weight) as Linear-shaped entries, the patches that fit, and the head fcconv would
+    rewrite (or why there is none)."""
+    from fcconv.api.onnx import load_onnx
+    from fcconv.errors import FcconvError
+    from fcconv.onnx.graph import LINEARS, _Graph, find_head
+
+    model = load_onnx(path)
+    graph = _Graph(model)
+    entries, fits = [], {}
+    for node in model.graph.node:
+        if node.op_type not in LINEARS or len(node.input) < 2:
+            continue
+        weight = graph.constant(node.input[1])
+        if weight is None or weight.ndim != 2:
+            continue
+        transposed = node.op_type == "Gemm" and graph.attribute(node, "transB", 0)
+        out_features, in_features = weight.shape if transposed else weight.shape[::-1]
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else None
+        name = node.name or node.output[0]
+        entries.append(
+            LinearEntry(
+                name, node.input[1], bias or None, out_features, in_features, str(weight.dtype)
+            )
+        )
+        found = candidate_patches_nd(in_features, rank, channels, limit=6)
+        fits[name] = [str(patch) for patch in found][:6]
+    try:
+        head: dict[str, Any] = find_head(model).to_dict()
+    except FcconvError as error:
+        head = {"found": False, "reason": str(error)}
+    return InspectResult(str(path), "onnx", entries, fits, [], rank=rank, head=head)

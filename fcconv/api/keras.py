@@ -41,7 +41,15 @@ from fcconv.io.keras import (
     write_h5,
 )
 from fcconv.io.provenance import PROVENANCE_KEY, with_provenance
-from fcconv.keras.config import KERAS_ORDER, KerasHead, find_head, layer_classes, rewrite
+from fcconv.keras.config import (
+    KERAS_ORDER,
+    KerasHead,
+    MapOrder,
+    find_head,
+    layer_classes,
+    read_order,
+    rewrite,
+)
 from fcconv.plan import LayerPlan, LayerRequest
 
 if TYPE_CHECKING:
@@ -103,23 +111,112 @@ def _head(file: KerasFile, out: str) -> KerasHead | None:
         return None
 
 
-def _fill_requests(job: Job, head: KerasHead | None) -> None:
-    """No layers named: the head's Dense layers; the first gets the map as its patch."""
-    if job.order is None:
-        job.order = head.order if head is not None else KERAS_ORDER
-    patch = head.patch if head is not None else None
-    if job.requests:
-        first = job.requests[0]
-        if head is not None and patch is not None and first.patch is None and job.patch is None:
-            job.requests[0] = LayerRequest(first.name, PatchSpec(*_hwc(patch)))
-        return
-    if head is None or patch is None:
+def _fill_requests(job: Job, file: KerasFile, head: KerasHead | None) -> str:
+    """No layers named: the head's Dense layers, each reading the map gets it as its patch."""
+    if not job.requests:
+        if head is None or head.patch is None:
+            raise SpecError(
+                f"no layer to convert in {job.source.path}: its config shows no Flatten → "
+                "Dense head with a known feature map; name one with {layers} NAME=HxWxC"
+            )
+        job.requests = [LayerRequest(name, _given_or(job, head, name)) for name in head.dense]
+    return _settle_file_order(job, file)
+
+
+def _given_or(job: Job, head: KerasHead, name: str) -> Any:
+    """``{patch}`` for the layers that read the map (checked against the config), else theirs."""
+    if job.patch is not None and name in head.map_readers and head.pool is None:
+        return job.patch
+    return _reader_patch(head, name)
+
+
+def _reader_patch(head: KerasHead, name: str) -> PatchSpec:
+    """The patch of a head's Dense layer: the map for a flatten's reader, else 1x1."""
+    assert head.patch is not None
+    if name in head.map_readers and head.pool is None:
+        return PatchSpec(*_hwc(head.patch))
+    if name in head.map_readers:
+        return PatchSpec(1, 1, head.patch.channels)
+    return PatchSpec(1, 1)  # C inferred from in_features
+
+
+def _settle_file_order(job: Job, file: KerasFile) -> str:
+    """The order of the layers that read the map: the flag, else the config, else ``hwc``.
+
+    Every request is looked up in the model's config; a layer that reads a
+    flattened map takes its patch from it when none is given (and must agree
+    with it when one is). A file with no config (``.weights.h5``) gets Keras's
+    channels-last ``hwc``, said out loud: a ``Permute`` before the ``Flatten``
+    or a ``channels_first`` trunk would change it. Returns where the order came
+    from (``flag``, ``model`` or ``default``).
+    """
+    found: dict[str, MapOrder] = {}
+    for index, request in enumerate(job.requests):
+        read = read_order(file.config, request.name) if file.config is not None else None
+        if read is None or read.pool is not None:
+            continue
+        found[request.name] = read
+        if read.patch is not None and request.patch is None and job.patch is None:
+            job.requests[index] = LayerRequest(request.name, PatchSpec(*_hwc(read.patch)))
+        else:
+            _check_patch(request, job, read)
+    orders = {read.order for read in found.values()}
+    if len(orders) > 1:
         raise SpecError(
-            f"no layer to convert in {job.source.path}: its config shows no Flatten → Dense "
-            "head with a known feature map; name one with {layers} NAME=HxWxC"
+            "the layers named read maps flattened in different orders ("
+            + ", ".join(f"{name}: {read.order}" for name, read in found.items())
+            + "); convert them one at a time"
         )
-    job.requests = [LayerRequest(head.dense[0], job.patch or PatchSpec(*_hwc(patch)))]
-    job.requests += [LayerRequest(name, PatchSpec(1, 1)) for name in head.dense[1:]]
+    if job.order is not None:
+        for name, read in found.items():
+            if read.order != job.order:
+                job.warnings.append(
+                    f"{name}: {{order}} {job.order} given, but the model's config flattens "
+                    f"its map as {read.order} ({read.detail})"
+                )
+        return "flag"
+    if found:
+        name, read = next(iter(found.items()))
+        job.order = read.order
+        job.notes.append(f"{name}: order {read.order} read from the model's config ({read.detail})")
+        return "model"
+    job.order = KERAS_ORDER
+    if not any(_pointwise(request, job) for request in job.requests):
+        job.warnings.append(_default_order_warning(job, file))
+    return "default"
+
+
+def _pointwise(request: LayerRequest, job: Job) -> bool:
+    spec = request.patch or job.patch
+    return isinstance(spec, PatchSpec) and (spec.height, spec.width) == (1, 1)
+
+
+def _default_order_warning(job: Job, file: KerasFile) -> str:
+    names = ", ".join(request.name for request in job.requests)
+    why = (
+        "has no model config"
+        if file.config is None
+        else f"has a config that does not show how {names} read a flattened map"
+    )
+    return (
+        f"{job.source.path} {why}: order hwc assumed for {names} (Keras's Flatten of a "
+        "channels-last map); a Permute before the Flatten (MTCNN's Permute((3, 2, 1)) "
+        "makes whc) or a channels_first trunk would change it: then give {order}"
+    )
+
+
+def _check_patch(request: LayerRequest, job: Job, read: MapOrder) -> None:
+    spec = request.patch or job.patch
+    if read.patch is None or not isinstance(spec, PatchSpec):
+        return
+    given = (spec.height, spec.width, spec.channels or read.patch.channels)
+    if given != _hwc(read.patch):
+        raise SpecError(
+            f"{request.name} reads a {read.patch} feature map in the model's config "
+            f"({read.detail}), not {spec}; leave its patch out or give {request.name}="
+            f"{read.patch}",
+            layer=request.name,
+        )
 
 
 def _hwc(patch: Any) -> tuple[int, int, int]:
@@ -127,25 +224,22 @@ def _hwc(patch: Any) -> tuple[int, int, int]:
 
 
 def _check_model_plans(plans: list[LayerPlan], head: KerasHead) -> None:
-    """A rewritten model needs its first Dense converted on the map, the rest pointwise."""
+    """A rewritten model needs every Dense of its head converted: on the map, or 1x1."""
     names = [plan.name for plan in plans]
-    if names[0] != head.dense[0] or any(name not in head.dense for name in names):
+    if sorted(names) != sorted(head.dense):
         raise SpecError(
-            f"a Keras model's head is rewritten from its first Dense layer on: convert "
-            f"{', '.join(head.dense)} in that order (or leave {{layers}} out), or give "
-            "{format} torch to write weights only"
+            f"a Keras model's head is rewritten whole: convert {', '.join(head.dense)} (or "
+            "leave {layers} out), or give {format} torch to write weights only"
         )
-    if head.patch is not None and plans[0].patch != head.patch:
-        raise SpecError(
-            f"{names[0]} reads a {head.patch} feature map in the model's config, not "
-            f"{plans[0].patch}; leave {{patch}} out or give {{format}} torch",
-            layer=names[0],
-        )
-    for plan in plans[1:]:
-        if (plan.patch.height, plan.patch.width) != (1, 1):
+    for plan in plans:
+        expected = _reader_patch(head, plan.name)
+        if (plan.patch.height, plan.patch.width) != (expected.height, expected.width) or (
+            expected.channels is not None and plan.patch.channels != expected.channels
+        ):
             raise SpecError(
-                f"{plan.name} follows the first Dense layer, so it becomes a 1x1 Conv2D; "
-                f"give {{layers}} {plan.name}=1x1",
+                f"{plan.name} reads {'the' if plan.name in head.map_readers else 'a'} "
+                f"{expected if plan.name in head.map_readers else '1x1'} map in the model's "
+                f"config, not {plan.patch}; leave {{patch}} out or give {{format}} torch",
                 layer=plan.name,
             )
 
@@ -163,8 +257,9 @@ def convert_keras(job: Job, dst: str | Path | None, fmt: str | None) -> ConvertR
     out = _output_format(job, fmt)
     check_output_path(Path(job.output), job.force, (Path(job.source.path),))
     head = _head(file, out)
-    _fill_requests(job, head)
-    plans = plan_job(job)
+    pool_stride = _pool_stride(job, head, out)
+    came = _fill_requests(job, file, head)
+    plans = [plan.with_order(plan.order, came) for plan in plan_job(job)]
     if out in (KERAS, KERAS_H5) and head is not None:
         _check_model_plans(plans, head)
     loaded = job.source.loaded
@@ -184,9 +279,9 @@ def convert_keras(job: Job, dst: str | Path | None, fmt: str | None) -> ConvertR
     target = Path(job.output)
     try:
         with atomic_output(target, force=job.force, sources=(job.source.path,)) as temporary:
-            _write(file, out, head, plans, converted, record, temporary)
+            _write(file, out, head, plans, converted, record, temporary, pool_stride)
             if job.verify and out == KERAS and head is not None:
-                _run_in_keras(job, head, plans, temporary, verification)
+                _run_in_keras(job, head, plans, temporary, verification, pool_stride)
     except VerificationFailed as failure:
         return job.result(plans, failure.result)
     return job.result(plans, verification, format=out, mode="rewritten")
@@ -202,20 +297,99 @@ def check_in_keras(
     if file.config is None:
         raise CheckpointError(f"{original} holds no model config; it cannot run in Keras")
     head = find_head(file.config)
-    first = next((plan for plan in plans if plan.name == head.dense[0]), plans[0])
-    return check_models(original, converted, head, first.patch, first.stride, seed=seed)
+    patch, stride = _window_of(head, plans, _converted_pool_stride(converted, head))
+    return check_models(original, converted, head, patch, stride, seed=seed)
+
+
+def _window_of(
+    head: KerasHead, plans: list[LayerPlan], pool_stride: tuple[int, int]
+) -> tuple[Any, tuple[int, int]]:
+    """The patch and stride of the head's windows: the map reader's, or the pool's."""
+    first = next((plan for plan in plans if plan.name in head.map_readers), plans[0])
+    stride = pool_stride if head.pool else (first.stride[0], first.stride[-1])
+    return first.patch, stride
+
+
+def _converted_pool_stride(converted: str, head: KerasHead) -> tuple[int, int]:
+    """The strides of the pool that replaced a global pool, from the converted config."""
+    if head.pool is None:
+        return (1, 1)
+    config = read_keras(converted).config
+    layers = (config or {}).get("config", {}).get("layers", [])
+    for layer in layers if isinstance(layers, list) else []:
+        if (layer.get("config") or {}).get("name") == head.map_order.entry:
+            strides = layer["config"].get("strides") or [1, 1]
+            return int(strides[0]), int(strides[-1])
+    return (1, 1)
 
 
 def _run_in_keras(
-    job: Job, head: KerasHead, plans: list[LayerPlan], temporary: Path, verification: Any
+    job: Job,
+    head: KerasHead,
+    plans: list[LayerPlan],
+    temporary: Path,
+    verification: Any,
+    pool_stride: tuple[int, int],
 ) -> None:
     from fcconv.keras.check import check_models
     from fcconv.verify import VerificationFailed
 
-    check = check_models(job.source.path, temporary, head, plans[0].patch, plans[0].stride)
+    patch, stride = _window_of(head, plans, pool_stride)
+    check = check_models(job.source.path, temporary, head, patch, stride)
     verification.runtime.append(check)
     if not check:
         raise VerificationFailed(verification)
+
+
+def _pool_stride(job: Job, head: KerasHead | None, out: str) -> tuple[int, int]:
+    """A global pool becomes a pool at stride 1 (or {stride}); its Dense layers are 1x1."""
+    if head is None or head.pool is None or out not in (KERAS, KERAS_H5):
+        return (1, 1)
+    stride = job.stride
+    job.stride = None
+    if stride is None:
+        return (1, 1)
+    return (stride[0], stride[-1]) if len(stride) in (1, 2) else (1, 1)
+
+
+def _layer(file: KerasFile, name: str) -> Any:
+    layer = next((layer for layer in file.layers if layer.name == name), None)
+    if layer is None:
+        raise CheckpointError(f"{file.path}: the weights hold no layer {name!r}; re-save it")
+    return layer
+
+
+def _prelu_alphas(file: KerasFile, head: KerasHead | None) -> dict[str, Any]:
+    """Each head PReLU's alpha, reshaped (same elements) to be shared over the map."""
+    import numpy as np
+
+    from fcconv.keras.config import prelu_shape
+
+    if head is None or not head.prelu:
+        return {}
+    alphas = {}
+    with file.open_h5() as handle:
+        for name in head.prelu:
+            layer = _layer(file, name)
+            path = f"{layer.group}/{name}/alpha" if file.kind == KERAS_H5 else f"{layer.group}/0"
+            alpha = np.asarray(handle[path][()])
+            shape = prelu_shape(head.graph.by_name(name), alpha.size)
+            if alpha.size != int(np.prod(shape)):
+                raise CheckpointError(
+                    f"{file.path}: PReLU {name!r} has {alpha.size} alphas for "
+                    f"{shape[-1]} units; re-save the model"
+                )
+            alphas[name] = alpha.reshape(shape)
+    return alphas
+
+
+def _alpha_path(file: KerasFile, name: str) -> str:
+    if file.kind == KERAS_H5:
+        variable = file.variables.get(f"{name}.weight") or file.variables.get(f"{name}.alpha")
+        if variable is None:
+            raise CheckpointError(f"{file.path}: PReLU {name!r} has no alpha; re-save the model")
+        return variable.path
+    return f"{_layer(file, name).group}/0"
 
 
 def _kernels(plans: list[LayerPlan], converted: dict[str, Any]) -> dict[str, Any]:
@@ -231,17 +405,18 @@ def _write(
     converted: dict[str, Any],
     record: str,
     target: Path,
+    pool_stride: tuple[int, int] = (1, 1),
 ) -> None:
     kernels = _kernels(plans, converted)
     if out == KERAS_H5:
-        _write_legacy(file, head, plans, kernels, record, target)
+        _write_legacy(file, head, plans, kernels, record, target, pool_stride)
         return
     if file.config is not None and head is not None:
         convert = {plan.name: (plan.patch, plan.stride) for plan in plans}
-        new_config = rewrite(file.config, head, convert)
+        new_config = rewrite(file.config, head, convert, pool_stride)
     else:
         new_config = None
-    layout = _keras3_layout(file, new_config, kernels)
+    layout = _keras3_layout(file, new_config, kernels, _prelu_alphas(file, head))
     if out == KERAS_WEIGHTS:
         write_h5(file, target, layout, root_attrs={PROVENANCE_KEY: record})
         return
@@ -253,7 +428,10 @@ def _write(
 
 
 def _keras3_layout(
-    file: KerasFile, new_config: dict[str, Any] | None, kernels: dict[str, Any]
+    file: KerasFile,
+    new_config: dict[str, Any] | None,
+    kernels: dict[str, Any],
+    alphas: dict[str, Any] | None = None,
 ) -> NewLayout:
     """Every layer's group moved to the name Keras gives it in the converted model."""
     old = _groups_by_name(file)
@@ -270,6 +448,7 @@ def _keras3_layout(
         new = _weights_only_groups(file, set(kernels))
     moves = {old[name]: group for name, group in new.items() if name in old}
     replaced = {f"{new[name]}/vars/0": kernel for name, kernel in kernels.items()}
+    replaced.update({f"{new[name]}/vars/0": alpha for name, alpha in (alphas or {}).items()})
     dropped = tuple(sorted(set(old.values())))
     return NewLayout(moves=moves, replaced=replaced, dropped_groups=dropped)
 
@@ -310,14 +489,17 @@ def _write_legacy(
     kernels: dict[str, Any],
     record: str,
     target: Path,
+    pool_stride: tuple[int, int] = (1, 1),
 ) -> None:
     """A legacy ``.h5``: datasets stay under their layer's name; the config is rewritten."""
     replaced = {file.variables[plan.weight_key].path: kernels[plan.name] for plan in plans}
+    for name, alpha in _prelu_alphas(file, head).items():
+        replaced[_alpha_path(file, name)] = alpha
     attrs = {PROVENANCE_KEY: record}
     dropped: tuple[str, ...] = ()
     if file.config is not None and head is not None:
         convert = {plan.name: (plan.patch, plan.stride) for plan in plans}
-        attrs["model_config"] = json.dumps(rewrite(file.config, head, convert))
+        attrs["model_config"] = json.dumps(rewrite(file.config, head, convert, pool_stride))
         kept = {name for name, _ in layer_classes(json.loads(attrs["model_config"]))}
         dropped = tuple(
             layer.group for layer in file.layers if layer.name not in kept and layer.group

@@ -23,7 +23,7 @@ class ConvolutionalizeResult:
     dense map is not the model run on each crop.
     """
 
-    model: str
+    model: str | None
     conversion: Any
     verification: Any
     export: Any = None
@@ -55,6 +55,17 @@ class ConvolutionalizeResult:
         }
 
 
+def _load(model: str | Path | None, arch: str | None, trust_pickle: bool) -> tuple[Any, str]:
+    """The model, and where its weights came from: ``file`` (MODEL) or ``factory`` (``arch``)."""
+    from fcconv import fcn
+
+    if model is None:
+        from fcconv.fcn.load import build_model
+
+        return build_model(arch).eval(), "factory"  # type: ignore[arg-type]
+    return fcn.load_model(str(model), arch=arch, trust_pickle=trust_pickle), "file"
+
+
 def _extent(value: Size | int, what: str) -> tuple[int, ...] | None:
     """``"24x24"``, ``"1024"``, ``(24, 24)`` or ``1024`` as a tuple of sizes."""
     if value is None:
@@ -68,7 +79,7 @@ def _extent(value: Size | int, what: str) -> tuple[int, ...] | None:
 
 @inputs_protected("model")
 def convolutionalize_file(
-    model: str | Path,
+    model: str | Path | None,
     output: str | Path,
     *,
     input_size: Size | int = None,
@@ -82,12 +93,16 @@ def convolutionalize_file(
     trust_pickle: bool = False,
     force: bool = False,
     output_stride: Size | int = None,
+    head: str | None = None,
 ) -> ConvolutionalizeResult:
     """Make the model in ``model`` fully convolutional and save it as a ``.pt2`` program.
 
     Args:
         model: a pickled ``nn.Module`` (only with ``trust_pickle``) or, with
             ``arch``, the weights of the model the factory builds; ``-``: stdin.
+            None with ``arch``: the factory builds the model with its own
+            weights (``timm:create_model("resnet18", pretrained=True)``), and
+            the result records that they came from the factory.
         output: the ``torch.export`` program (``.pt2``) to write.
         input_size: the native size the model was trained at: ``T`` (1-D),
             ``HxW`` (one number: square) or ``DxHxW``.
@@ -107,6 +122,10 @@ def convolutionalize_file(
             (:mod:`fcconv.fcn.stride`), verified on every cell against the
             original trunk run on the shifted inputs, and its cost measured
             (``result.cost``).
+        head: what a global pool before the head becomes: ``pool`` (default) the
+            same pool over every native-size window of the feature map at
+            stride 1; ``cam`` none, the head at every feature cell (a class
+            activation map).
 
     Nothing is written unless the dense model passes verification. The output's
     suffix decides its format: ``.pt2`` (a ``torch.export`` program) or
@@ -122,7 +141,12 @@ def convolutionalize_file(
     extra = Path(state_dict_out) if state_dict_out is not None else None
     if extra is not None and extra.resolve() == target.resolve():
         raise SpecError("the state dict output must differ from the program's output path")
-    inputs = (Path(model),) if str(model) != STDIO else ()
+    if model is None and arch is None:
+        raise SpecError(
+            "give the model: a pickled module, weights with {arch}, or {arch} alone when "
+            "the factory builds a trained model itself"
+        )
+    inputs = (Path(model),) if model is not None and str(model) != STDIO else ()
     check_output_path(target, force, inputs)  # refused now, not after the slow part
     if extra is not None:
         check_output_path(extra, force, inputs)
@@ -132,10 +156,11 @@ def convolutionalize_file(
             "give either {stride} (the head's stride in feature-map cells) or "
             "{output_stride} (the map's stride in input pixels), not both"
         )
-    if Path(str(model)).suffix.lower() == ".onnx":
+    if model is not None and Path(str(model)).suffix.lower() == ".onnx":
         from fcconv.api.onnx import convolutionalize_onnx
 
         given = {"arch": arch, "layers": layers, "channels": channels, "outputs": outputs}
+        given["head"] = head
         given["output_stride"] = output_stride
         given |= {"check_size": check_size, "state_dict_out": state_dict_out}
         unused = [name for name, value in given.items() if value]
@@ -159,16 +184,18 @@ def convolutionalize_file(
         raise SpecError("give the size the model was trained at with {input_size}")
     larger = _extent(check_size, "check size")
 
-    original = fcn.load_model(str(model), arch=arch, trust_pickle=trust_pickle)
-    convert = partial(fcn.convolutionalize_detailed, original, native)
+    original, weights_from = _load(model, arch, trust_pickle)
+    convert = partial(fcn.convolutionalize_detailed, original, native, head=head)
     conversion = convert(layers=layers or None, stride=step, in_channels=channels, outputs=outputs)
+    conversion.weights_from = weights_from
+    conversion.model.meta["fcconv"] = conversion.recorded()
     coarse = conversion
     if finer is not None:
         conversion = fcn.with_output_stride(conversion, finer)
     check = fcn.verify_dense(
         original, conversion.model, native, larger, layers=layers or None, in_channels=channels
     )
-    result = ConvolutionalizeResult(str(model), conversion, check)
+    result = ConvolutionalizeResult(None if model is None else str(model), conversion, check)
     if check:
         smallest = conversion.input_size  # one number for a 2-D model is a square
         if finer is not None:

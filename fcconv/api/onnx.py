@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from fcconv.errors import CheckpointError, SpecError
-from fcconv.geometry import Patch
 from fcconv.io.atomic import atomic_output, check_output_path, inputs_protected
 from fcconv.onnx.budget import check_allocations
 
@@ -26,11 +25,11 @@ class OnnxConvolutionalizeResult:
 
     model: str
     output: str
-    input_size: tuple[int, int]
-    patch: Patch
+    input_size: tuple[int, ...]
+    patch: Any  # the native feature map, a PatchNd
     order: str
     order_from: str
-    stride: tuple[int, int]
+    stride: tuple[int, ...]
     layers: list[dict[str, Any]]
     check: Any
     coordinates: Any = None
@@ -54,7 +53,8 @@ class OnnxConvolutionalizeResult:
             "input_size": list(self.input_size),
             "feature_map": str(self.patch),
             "order": self.order,
-            "order_from": self.order_from,
+            "order_from": "model",
+            "order_detail": self.order_from,
             "stride": list(self.stride),
             "layers": self.layers,
             "verification": self.check.to_dict(),
@@ -88,33 +88,64 @@ def load_onnx(path: str | Path) -> Any:
             f"{file} is not a valid ONNX model ({type(error).__name__}: {text}); re-export it"
         ) from None
     check_allocations(model, str(file))
+    _unlist_initializers(model)
     return model
 
 
-def _fix_input(model: Any, size: tuple[int, int] | None) -> tuple[int, int]:
-    """The graph's native height and width, fixing symbolic ones to ``size``."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    if len(dims) != 4:
-        raise SpecError("the ONNX graph's input is not a 4-D NCHW image tensor")
+def _unlist_initializers(model: Any) -> None:
+    """Older files (IR version 3, model-zoo era) list every initializer as a graph input
+    too; the graph computes the same with them as constants alone (IR version 4 on)."""
+    constants = {t.name for t in model.graph.initializer}
+    if not any(value.name in constants for value in model.graph.input):
+        return
+    kept = [value for value in model.graph.input if value.name not in constants]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 4)
+
+
+def _fix_input(model: Any, size: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The graph's native spatial sizes, fixing symbolic ones to ``size``."""
+    from fcconv.onnx.graph import data_inputs
+
+    inputs = data_inputs(model)
+    if len(inputs) != 1:
+        raise SpecError(
+            f"fcconv rewrites ONNX graphs with one input; this one has {len(inputs)} "
+            f"({', '.join(value.name for value in inputs[:4])})"
+        )
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) not in (3, 4, 5):
+        raise SpecError(
+            f"the ONNX graph's input has {len(dims)} axes; fcconv reads [N, C, L], "
+            "[N, C, H, W] and [N, C, D, H, W] tensors"
+        )
+    rank = len(dims) - 2
+    if size is not None and len(size) == 1 and rank > 1:
+        size = tuple(size) * rank  # one number for every axis
+    if size is not None and len(size) != rank:
+        raise SpecError(
+            f"the ONNX graph's input has {rank} spatial axes; give {rank} sizes as {{input_size}}"
+        )
+    known = [d.dim_value if d.HasField("dim_value") else None for d in dims[2:]]
+    if size is not None and any(k is not None and k != g for k, g in zip(known, size, strict=True)):
+        shown = "x".join(str(k) if k is not None else "?" for k in known)
+        raise SpecError(
+            f"the ONNX graph's input is {shown}, not {'x'.join(map(str, size))}; give its "
+            "own size as {input_size}"
+        )
     native = []
-    for axis in (2, 3):
-        known = dims[axis].dim_value if dims[axis].HasField("dim_value") else None
-        given = size[axis - 2] if size is not None else None
-        if known is not None and given is not None and known != given:
-            raise SpecError(
-                f"the ONNX graph's input is {dims[2].dim_value}x{dims[3].dim_value}, not "
-                f"{size[0]}x{size[1]}; give its own size as {{input_size}}"
-            )
-        if known is None:
-            if given is None:
+    for axis, side in enumerate(known, start=2):
+        if side is None:
+            if size is None:
                 raise SpecError(
-                    "the ONNX graph's input height and width are symbolic; give the size "
-                    "the classifier was trained at as {input_size}"
+                    "the ONNX graph's input sizes are symbolic; give the size the classifier "
+                    "was trained at as {input_size}"
                 )
             dims[axis].Clear()
-            dims[axis].dim_value = given
-        native.append(known or given)
-    return native[0], native[1]
+            dims[axis].dim_value = size[axis - 2]
+        native.append(side or size[axis - 2])  # type: ignore[index]
+    return tuple(native)
 
 
 @inputs_protected("model_path")
@@ -122,8 +153,8 @@ def convolutionalize_onnx(
     model_path: str | Path,
     output: str | Path,
     *,
-    input_size: tuple[int, int] | None,
-    stride: tuple[int, int] | None = None,
+    input_size: tuple[int, ...] | None,
+    stride: tuple[int, ...] | None = None,
     force: bool = False,
 ) -> OnnxConvolutionalizeResult:
     """Rewrite an ONNX classifier's flatten → Gemm head as convolutions; verify; write.
@@ -131,8 +162,10 @@ def convolutionalize_onnx(
     Args:
         model_path: the ``.onnx`` graph.
         output: the dense ``.onnx`` graph to write.
-        input_size: the native ``(H, W)``; needed when the graph's are symbolic.
-        stride: the first Conv's stride in feature-map cells (default 1x1).
+        input_size: the native ``(H, W)`` (``(L,)``, ``(D, H, W)``); needed when the
+            graph's are symbolic.
+        stride: the stride of the first Conv (or of a global pool's window) in
+            feature-map cells (default 1 on every axis).
         force: replace an existing output.
     """
     from fcconv.onnx.graph import find_head, rewrite
@@ -146,24 +179,13 @@ def convolutionalize_onnx(
     original = load_onnx(model_path)
     native = _fix_input(original, input_size)
     head = find_head(original)
-    step = stride or (1, 1)
+    step = _steps(stride, head.ndim)
     dense = rewrite(original, head, step)
     onnx_checker().check_model(dense, full_check=True)  # a graph any ONNX runtime accepts
     check, coordinates = _checked(original, dense, head, step)
-    layers = [
-        {
-            "was": " + ".join(node.op_type for node in linear.nodes),
-            "weight": list(linear.weight.shape),
-            "now": (
-                f"Conv {head.patch.height}x{head.patch.width}, stride {step[0]}x{step[1]}"
-                if index == 0
-                else "Conv 1x1"
-            ),
-        }
-        for index, linear in enumerate(head.linears)
-    ]
+    layers = _layer_rows(head, step)
     result = OnnxConvolutionalizeResult(
-        str(model_path), str(target), native, head.patch, head.order, head.order_from, step,
+        str(model_path), str(target), native, head.patch, head.order, head.order_detail, step,
         layers, check, coordinates,
     )  # fmt: skip
     if check:
@@ -173,7 +195,45 @@ def convolutionalize_onnx(
     return result
 
 
-def _checked(original: Any, dense: Any, head: Any, stride: tuple[int, int]) -> tuple[Any, Any]:
+def _steps(stride: tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
+    if stride is None:
+        return (1,) * ndim
+    if len(stride) == 1:
+        return tuple(stride) * ndim
+    if len(stride) != ndim:
+        raise SpecError(
+            f"the ONNX head reads a {ndim}-D map; give {{stride}} with {ndim} numbers or one"
+        )
+    return tuple(stride)
+
+
+def _layer_rows(head: Any, step: tuple[int, ...]) -> list[dict[str, Any]]:
+    """What each linear layer (and a global pool) became, for the report."""
+    window = "x".join(map(str, head.patch.sizes))
+    ones = "x".join("1" * head.ndim)
+    rows = []
+    if head.pool is not None:
+        rows.append(
+            {
+                "was": head.pool.op_type,
+                "weight": [],
+                "now": f"pool {window}, stride {'x'.join(map(str, step))}",
+            }
+        )
+    for linear in head.linears:
+        reads_map = linear.output in head.readers and head.pool is None
+        now = f"Conv {window}, stride {'x'.join(map(str, step))}" if reads_map else f"Conv {ones}"
+        rows.append(
+            {
+                "was": " + ".join(node.op_type for node in linear.nodes),
+                "weight": list(linear.weight.shape),
+                "now": now,
+            }
+        )
+    return rows
+
+
+def _checked(original: Any, dense: Any, head: Any, stride: tuple[int, ...]) -> tuple[Any, Any]:
     """The onnxruntime check; a graph it cannot run is the user's to fix, in one line."""
     from fcconv.errors import ConvolutionalizeError
     from fcconv.onnx.check import check_dense
@@ -193,9 +253,9 @@ class OnnxVerifyResult:
 
     original: str
     converted: str
-    patch: Patch
+    patch: Any
     order: str
-    stride: tuple[int, int]
+    stride: tuple[int, ...]
     check: Any
     coordinates: Any = None
 
@@ -222,25 +282,24 @@ class OnnxVerifyResult:
         }
 
 
-def _first_conv_stride(dense: Any, source: str) -> tuple[int, int]:
-    """The stride of the Conv that reads the trunk's map in the dense graph (else 1x1)."""
+def _first_conv_stride(dense: Any, source: str, ndim: int) -> tuple[int, ...]:
+    """The stride of the Conv or pool that reads the trunk's map in the dense graph (else 1)."""
     from onnx import helper
 
     for node in dense.graph.node:
-        if node.op_type == "Conv" and node.input and node.input[0] == source:
+        if node.op_type in ("Conv", "AveragePool", "MaxPool") and node.input[:1] == [source]:
             for attribute in node.attribute:
                 if attribute.name == "strides":
-                    strides = helper.get_attribute_value(attribute)
-                    return int(strides[0]), int(strides[1])
-    return (1, 1)
+                    return tuple(int(s) for s in helper.get_attribute_value(attribute))
+    return (1,) * ndim
 
 
 def verify_onnx(
     original: str | Path,
     converted: str | Path,
     *,
-    input_size: tuple[int, int] | None = None,
-    stride: tuple[int, int] | None = None,
+    input_size: tuple[int, ...] | None = None,
+    stride: tuple[int, ...] | None = None,
     seed: int = 0,
 ) -> OnnxVerifyResult:
     """Check in onnxruntime that ``converted`` maps the original head over every window.
@@ -254,7 +313,9 @@ def verify_onnx(
     before, after = load_onnx(original), load_onnx(converted)
     _fix_input(before, input_size)
     head = find_head(before)
-    step = stride or _first_conv_stride(after, head.source)
+    step = (
+        _steps(stride, head.ndim) if stride else _first_conv_stride(after, head.source, head.ndim)
+    )
     check, coordinates = _checked(before, after, head, step)
     return OnnxVerifyResult(
         str(original), str(converted), head.patch, head.order, step, check, coordinates

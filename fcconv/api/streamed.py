@@ -47,12 +47,9 @@ def streamed(
     found in reading it.
     """
     from fcconv.io.sources import DiskTensors, byte_differences
-    from fcconv.threads import import_torch_early
     from fcconv.verify import VerificationFailed, verify_conversion
 
     plans = plan_job(job)
-    if job.verify:
-        import_torch_early()  # the checks need it once the bytes are written
     results: list[VerifyResult] = []
 
     def check(built: Any) -> None:

@@ -19,6 +19,8 @@ Examples:
   fcconv convolutionalize crepe.pt --arch 'mypkg.models:Crepe(capacity="tiny")' \\
       --input 1024 -o crepe.pt2 --keep-output 0
   fcconv convolutionalize model.onnx -o dense.onnx
+  fcconv convolutionalize --arch 'timm:create_model("resnet18", pretrained=True)' \\
+      --input 224x224 -o r18.pt2 --head cam
   fcconv convolutionalize sample_checkpoints/blob_net.safetensors \\
       --arch fcconv.samples_models:blob_net --input 96x96 -o blobs_s8.pt2 --output-stride 8
 
@@ -35,7 +37,7 @@ structure, each a map [B, O, *cells]:
 
 
 @cli.command("convolutionalize", epilog=CONVOLUTIONALIZE_EPILOG)
-@click.argument("model", metavar="MODEL")
+@click.argument("model", metavar="[MODEL]", required=False)
 @click.option(
     "-o",
     "--output",
@@ -53,7 +55,16 @@ structure, each a map [B, O, *cells]:
     "--arch",
     metavar="PKG.MOD:FN[(ARGS)]",
     help="A callable that builds the model, with literal arguments if any "
-    "(pkg.models:Net(depth=3)); MODEL then holds its weights.",
+    "(pkg.models:Net(depth=3)); MODEL then holds its weights. Without MODEL the "
+    "factory's own weights are used (e.g. a pretrained=True factory).",
+)
+@click.option(
+    "--head",
+    type=click.Choice(["pool", "cam"]),
+    default=None,
+    help="What a global pool before the head becomes: pool (default) the same pool over "
+    "every native-size window at stride 1, each cell the model's head on that window; "
+    "cam no pool, the head at every feature cell (a class activation map).",
 )
 @click.option(
     "--layer",
@@ -96,7 +107,7 @@ structure, each a map [B, O, *cells]:
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @with_options(TRUST, DEBUG, JSON)
 def convolutionalize(
-    model: str,
+    model: str | None,
     as_json: bool,
     layers: tuple[str, ...],
     outputs: tuple[str, ...],
@@ -105,18 +116,27 @@ def convolutionalize(
     """Make a model's Linear head(s) fully convolutional: a .pt2 program or an .onnx graph.
 
     MODEL is a pickled nn.Module (only with --trust-pickle), with --arch the
-    weights for the model the factory builds ('-': stdin), or an .onnx graph
+    weights for the model the factory builds ('-': stdin; left out: the
+    factory's own weights, recorded as such), or an .onnx graph
     (its Flatten/Reshape → Gemm head becomes Conv layers, checked in
     onnxruntime). Each output is followed back to the flatten that feeds it,
     which (with any permute before it) gives the patch and the order; every
     Linear of every head becomes a convolution (Conv1d, Conv2d or Conv3d as
-    the trunk is). The result is verified at the native size and on every
+    the trunk is). A global pool before the head (AdaptiveAvgPool2d(1),
+    x.mean((2, 3)), ...) becomes the same pool over every native-size window
+    of the feature map at stride 1 (--head cam: the head at every feature
+    cell instead). The result is verified at the native size and on every
     cell of a larger input before anything is written; the report gives each
     output's coordinate map and which cells equal the model run on their crop.
     """
     from fcconv import api, report
 
-    if options["input_size"] is None and not model.lower().endswith(".onnx"):
+    if model is None and options["arch"] is None:
+        raise click.UsageError(
+            "Missing argument 'MODEL' (a pickled model, or weights with --arch; --arch "
+            "alone uses the weights its factory builds)."
+        )
+    if options["input_size"] is None and not (model or "").lower().endswith(".onnx"):
         raise click.UsageError("Missing option '--input'.")
     result = api.convolutionalize_file(
         model, layers=layers or None, outputs=outputs or None, **options

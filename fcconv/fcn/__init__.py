@@ -12,7 +12,11 @@ a 1×1 conv, and the layers between them are carried over
 (:mod:`~fcconv.fcn.rewrite`). On a larger input every output is a map whose
 every cell equals the original head applied to one window of the trunk's
 feature map; :mod:`~fcconv.fcn.cells` says where each cell lies on the input
-and which cells also equal the model run on their crop.
+and which cells also equal the model run on their crop. A global pool before
+the head (``AdaptiveAvgPool2d(1)``, ``x.mean((2, 3))``, ...) becomes the same
+pool over every native-size window of the map at stride 1, and its head's
+Linears 1×1 convs; ``head="cam"`` removes it instead, for a class activation
+map (the head at every feature cell).
 
 The weights are only permuted (:func:`fcconv.geometry.linear_weight_to_conv_nd`);
 nothing is recomputed. :func:`verify_dense` proves the equivalence on random

@@ -24,7 +24,14 @@ import torch
 from torch import fx
 
 from fcconv.fcn.analyse import Analysis, trunk_nodes, where
-from fcconv.fcn.ops import describe, keeps_cells, permutation_step, shape_of, sliding_window
+from fcconv.fcn.ops import (
+    describe,
+    global_reduce,
+    keeps_cells,
+    permutation_step,
+    shape_of,
+    sliding_window,
+)
 from fcconv.geometry import SPATIAL_AXES, AxisField, CellGeometry, merge_fields, through_layer
 
 aten = torch.ops.aten
@@ -52,6 +59,7 @@ class TrunkGeometry:
 
     places: dict[fx.Node, _Place] = field(default_factory=dict)
     moves: dict[fx.Node, _Move] = field(default_factory=dict)
+    globals: set[fx.Node] = field(default_factory=set)
     unknown: str = ""
 
 
@@ -76,7 +84,7 @@ class CropPlan:
 
     before: list[bool]
     after: list[bool]
-    reads: dict[tuple[int, str, str], dict[int, set[str]]] = field(default_factory=dict)
+    reads: dict[tuple[int, str, str, str, str], dict[int, set[str]]] = field(default_factory=dict)
 
     @property
     def interior_exact(self) -> bool:
@@ -85,22 +93,42 @@ class CropPlan:
 
     @property
     def reasons(self) -> list[str]:
-        """One line per layer: ``'conv1' (Conv2d) pads its input at both ends of H and W``."""
+        """One line per kind of reading and source line, naming its layers.
+
+        ``'conv1' (Conv2d) at model.py:12 (`…`) pads its input at both ends of H
+        and W``; layers that share a verb, a line and the borders they read are
+        named together (a VGG's convs all called from ``x = self.features(x)``)
+        so that the line is not repeated per layer.
+        """
         names = axis_names(len(self.before))
-        lines = []
-        for (_, label, verb), axes in sorted(self.reads.items()):
+        groups: dict[tuple[str, str, str, str], list[str]] = {}
+        for (_, name, kind, location, verb), axes in sorted(self.reads.items()):
             phrases: dict[str, list[str]] = {}
-            for axis, sides in axes.items():
+            for axis, sides in sorted(axes.items()):
                 phrase = "both ends" if len(sides) == 2 else f"the {next(iter(sides))}"
                 phrases.setdefault(phrase, []).append(names[axis])
             where_ = ", ".join(f"{p} of {' and '.join(n)}" for p, n in phrases.items())
-            lines.append(f"{label} {verb} {where_}")
+            groups.setdefault((kind, location, verb, where_), []).append(name)
+        lines = []
+        for (kind, location, verb, where_), layers in groups.items():
+            shown = ", ".join(layers[:4]) + (
+                f" and {len(layers) - 4} more" if len(layers) > 4 else ""
+            )
+            lines.append(f"{shown}{f' ({kind})' if kind else ''}{location} {verb} {where_}")
         return lines
 
-    def note(self, position: int, label: str, verb: str, axis: int, side: str) -> None:
-        """Layer number ``position`` (in graph order) reads past ``side`` of ``axis``."""
+    def note(
+        self, position: int, label: str, verb: str, axis: int, side: str, location: str = ""
+    ) -> None:
+        """Layer number ``position`` (in graph order) reads past ``side`` of ``axis``.
+
+        ``label`` is the layer as :func:`~fcconv.fcn.ops.describe` names it
+        (``'conv1' (Conv2d)``), ``location`` the user's line (`` at model.py:12 …``).
+        """
         (self.before if side == "start" else self.after)[axis] = True
-        self.reads.setdefault((position, label, verb), {}).setdefault(axis, set()).add(side)
+        name, _, kind = label.partition(" (")
+        key = (position, name, kind.removesuffix(")"), location, verb)
+        self.reads.setdefault(key, {}).setdefault(axis, set()).add(side)
 
     def exact_along(self, axis: int, index: int, native: int, total: int, step: int) -> bool:
         """Whether cell ``index`` along ``axis`` equals the model on its crop.
@@ -150,6 +178,9 @@ def _windowed(place: _Place, node: fx.Node, gm: fx.GraphModule) -> _Place | str:
 
 
 def _merged(places: list[_Place], node: fx.Node, gm: fx.GraphModule) -> _Place | str:
+    # a whole-map pool's values broadcast over the map: they add no axis of their own
+    spatial = [p for p in places if any(a is not None for a in p.axes)]
+    places = spatial or places[:1]
     axes = places[0].axes
     fields = dict(places[0].fields)
     for place in places[1:]:
@@ -305,6 +336,10 @@ def _place_of(gm, node, inputs, result: TrunkGeometry, pools) -> _Place | str:
     places = [result.places[n] for n in inputs]
     if node in pools:
         return places[0]
+    if global_reduce(gm, node) is not None and len(inputs) == 1:
+        # a squeeze-and-excitation pool: one value per map, broadcast back over it
+        result.globals.add(node)
+        return _Place(tuple(None for _ in shape_of(node)), {})
     if sliding_window(gm, node) is not None:
         if len(inputs) != 1 or node.args[0] is not inputs[0]:
             return f"{describe(gm, node)}{where(node)} slides over more than one map"
@@ -348,7 +383,7 @@ def output_cells(
         fields, axes = [], []
         for axis in range(an.layout.ndim):
             t = spatial.index(axis)
-            kernel = output.site.patch.sizes[t]
+            kernel = output.site.window[t]
             fields.append(through_layer(place.fields[axis], kernel, stride[t]))
             axes.append(2 + t)
         maps.append(OutputCells(output.name, CellGeometry.from_fields(tuple(fields)), tuple(axes)))
@@ -376,7 +411,9 @@ def crop_plan(an: Analysis, geometry: TrunkGeometry) -> CropPlan | None:
             continue
         spans = used[node]
         inputs = [n for n in node.all_input_nodes if n in geometry.places]
-        if sliding_window(gm, node) is not None and node not in an.pools:
+        if node in geometry.globals:
+            spans = _read_whole(gm, node, geometry, plan, position)
+        elif sliding_window(gm, node) is not None and node not in an.pools:
             spans = _read_by_window(gm, node, spans, geometry, plan, position)
         elif node in geometry.moves:
             spans = _read_by_move(node, spans, geometry)
@@ -391,6 +428,22 @@ def _widen(used, node: fx.Node, spans: dict[int, tuple[int, int]]) -> None:
         if axis in current:
             low, high = min(low, current[axis][0]), max(high, current[axis][1])
         current[axis] = (low, high)
+
+
+def _read_whole(gm, node: fx.Node, geometry: TrunkGeometry, plan: CropPlan, position: int):
+    """A whole-map pool reads every cell of its input: past both ends of a crop's map."""
+    source = node.args[0]
+    place, shape = geometry.places[source], shape_of(source)
+    label, location = describe(gm, node), where(node)
+    verb = "pools its whole input into every cell, reaching"
+    spans = {}
+    for t, axis in enumerate(place.axes):
+        if axis is None:
+            continue
+        spans[axis] = (0, shape[t] - 1)
+        for side in ("start", "end"):
+            plan.note(position, label, verb, axis, side, location)
+    return spans
 
 
 def _read_by_move(node: fx.Node, spans, geometry: TrunkGeometry) -> dict[int, tuple[int, int]]:
@@ -408,7 +461,7 @@ def _read_by_window(gm, node: fx.Node, spans, geometry: TrunkGeometry, plan: Cro
     place = geometry.places[node]
     source_shape = shape_of(node.args[0])
     first = len(place.axes) - len(window.kernel)
-    label = f"{describe(gm, node)}{where(node)}"
+    label, location = describe(gm, node), where(node)
     verb = {"pad": "pads", "conv": "pads its input at", "pool": "pools over padding at"}
     read = dict(spans)
     for offset, (k, s, (before, after), d) in enumerate(
@@ -421,10 +474,10 @@ def _read_by_window(gm, node: fx.Node, spans, geometry: TrunkGeometry, plan: Cro
         start, stop = low * s - before, high * s - before + (k - 1) * d
         length = source_shape[first + offset]
         if start < 0:
-            plan.note(position, label, verb[window.kind], axis, "start")
+            plan.note(position, label, verb[window.kind], axis, "start", location)
         if stop > length - 1:
             partial = window.kind == "pool" and window.ceil_mode and after <= 0
             reading = "has a partial ceil_mode window at" if partial else verb[window.kind]
-            plan.note(position, label, reading, axis, "end")
+            plan.note(position, label, reading, axis, "end", location)
         read[axis] = (max(start, 0), min(stop, length - 1))
     return read

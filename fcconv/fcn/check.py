@@ -31,7 +31,7 @@ from fcconv.fcn.analyse import (
 )
 from fcconv.fcn.cells import CropPlan, OutputCells, crop_plan, output_cells, trunk_geometry
 from fcconv.fcn.float64 import Float64Weights
-from fcconv.fcn.ops import describe
+from fcconv.fcn.ops import describe, shape_of
 from fcconv.fcn.results import CropAccount, DenseCheck, OutputCheck
 from fcconv.fcn.trace import model_dtype_device, running_eval
 from fcconv.fcn.usercode import running_user_code, stack_location
@@ -68,10 +68,11 @@ def _head(an: Analysis, site: Any, trunk: set[fx.Node]) -> fx.GraphModule:
     for node in an.gm.graph.nodes:
         if node in trunk or node.op in ("placeholder", "output"):
             continue
-        if node is site.node:
+        if (node is site.node and site.kind == "flatten") or node in site.squeezes:
             # the flatten as such: a traced view may read the batch size off the model's
             # input (torch.export), which the batch of windows does not have
-            env[node] = graph.call_function(torch.flatten, (env[node.args[0]], 1))
+            shape = (-1, *shape_of(node)[1:])
+            env[node] = graph.call_function(torch.reshape, (env[node.args[0]], shape))
             continue
         if node.op != "get_attr" and not all(n in env for n in node.all_input_nodes):
             continue
@@ -115,8 +116,8 @@ def _head_maps(
     for site, head, feature in zip(an.sites, heads, features, strict=True):
         names = [o.name for o in an.outputs if o.site is site]
         parts: list[list[torch.Tensor]] = [[] for _ in names]
-        counts = window_counts(feature, site.patch.sizes, stride)
-        for cut in window_batches(feature, site.patch.sizes, stride):
+        counts = window_counts(feature, site.window, stride)
+        for cut in window_batches(feature, site.window, stride):
             for part, scores in zip(parts, head(cut), strict=True):
                 part.append(scores)
         for name, part in zip(names, parts, strict=True):
@@ -159,20 +160,22 @@ def head_on_windows(
     layers: Sequence[str] | None = None,
     in_channels: int | None = None,
     outputs: Sequence[str] | None = None,
+    head: str | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The reference for a converted model: the original head on every window.
 
     Runs the original trunk (adaptive pools that are the identity at the
     native size bypassed) on ``x``, cuts every window of its feature map at
     ``stride``, and applies the original head (permute, flatten, Linear, …)
-    to each, in eval mode and without gradients.
+    to each, in eval mode and without gradients. With ``head="cam"`` the
+    windows are single feature cells: the head on each cell's feature vector.
 
     Returns:
         ``[B, O, *cells]`` for a model with one output, else a dict from each
         output's name to its map.
     """
     with torch.no_grad(), running_eval(original):
-        an = analyze(original, input_size, layers, in_channels, outputs)
+        an = analyze(original, input_size, layers, in_channels, outputs, head)
         step = stride_tuple(stride, an.sites[0].patch.ndim)
         trunk, heads = _split(an)
         maps = _head_maps(an, trunk, heads, x, step)
@@ -275,7 +278,7 @@ def verify_dense(
     kept = outputs if outputs is not None else recorded.get("selected")
     reference, candidate = original, converted  # run in float64 by Float64Weights, not copied
     channels = in_channels or recorded.get("in_channels")
-    an = analyze(reference, native, layers, channels, kept)
+    an = analyze(reference, native, layers, channels, kept, recorded.get("head"))
     native = an.layout.size  # one number for a 2-D model means a square
     ndim = an.sites[0].patch.ndim
     step = stride_tuple(stride if stride is not None else recorded.get("stride"), ndim)
@@ -293,16 +296,22 @@ def verify_dense(
         with running_user_code("the original model's forward"):
             expected = _named(reference(x))
         got = _dense_leaves(candidate(x))
-        _compare_native(check, expected, got)
+        trunk, heads = _split(an)
+        if an.head_mode == "cam":  # a map at the native size too: every cell, as below
+            wanted = _head_maps(an, trunk, heads, x, step)
+            _compare_dense(check, got, wanted, check.native_size, "native")
+        else:
+            _compare_native(check, expected, got)
         big = layout.example(
             batch, size=larger, dtype=torch.float64, device=device, generator=generator
         )
         dense = _dense_leaves(candidate(big))
-        trunk, heads = _split(an)
         wanted = _head_maps(an, trunk, heads, big, step)
         _compare_dense(check, dense, wanted)
         refuse_single_cell(check, trunk, partial(_example, layout, batch, device, generator))
-        if not check.problems:
+        if not check.problems and an.head_mode == "cam":
+            _account_cam(check, dense)
+        elif not check.problems:
             _account_crops(check, reference, big, dense, cells, plan, native, max_crops, seed)
     return check
 
@@ -448,8 +457,11 @@ def _compare_native(check: DenseCheck, expected, got) -> None:
         )
 
 
-def _compare_dense(check: DenseCheck, dense, wanted) -> None:
-    shown = "x".join(map(str, check.larger_size))
+def _compare_dense(
+    check: DenseCheck, dense, wanted, size: tuple[int, ...] = (), what: str = "dense"
+) -> None:
+    """Every cell against the original head on its window (``what``: the comparison's name)."""
+    shown = "x".join(map(str, size or check.larger_size))
     for result, tensor in zip(check.outputs, dense, strict=False):
         reference = wanted[result.name]
         result.map_size = tuple(reference.shape[2:])
@@ -459,8 +471,11 @@ def _compare_dense(check: DenseCheck, dense, wanted) -> None:
                 f"trunk's feature map holds windows for {tuple(reference.shape)}"
             )
             continue
-        found = judge_output(check, result, "dense", tensor, reference, f"at {shown}")
-        result.dense_max_abs_diff = found.max_abs_diff
+        found = judge_output(check, result, what, tensor, reference, f"at {shown}")
+        if what == "native":
+            result.native_max_abs_diff = found.max_abs_diff
+        else:
+            result.dense_max_abs_diff = found.max_abs_diff
 
 
 def _cell_kinds(
@@ -554,6 +569,17 @@ def _account_crops(
         accounts.append(account)
     check.crops = CropAccount.total(accounts)
     check.warnings.extend(_warnings(plan, cells))
+
+
+def _account_cam(check: DenseCheck, dense: list[torch.Tensor]) -> None:
+    """A class activation map's cells are the head on one feature cell: no crop's output."""
+    reason = (
+        "a class activation map (head cam): each cell is the head on one feature cell, "
+        "not the model on any crop"
+    )
+    for result, tensor in zip(check.outputs, dense, strict=True):
+        result.crops = CropAccount(math.prod(tensor.shape[2:]), 0, reasons=[reason])
+    check.crops = CropAccount.total([r.crops for r in check.outputs])
 
 
 def _sample(items: list, count: int, sampler: random.Random) -> list:

@@ -145,6 +145,193 @@ ADAPTIVE_POOL_FUNCTIONS = frozenset(
     }
 )
 
+_ADAPTIVE_MAX_FUNCTIONS = frozenset(
+    {F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
+)
+
+_MEANS = frozenset({torch.mean, aten.mean.dim})
+_MAXES = frozenset({torch.amax, aten.amax.default})
+
+
+def _reduced_dims(node: fx.Node) -> list[int] | None:
+    """The dims a ``mean``/``amax`` call reduces over, as written (None: not given)."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if isinstance(dims, int):
+        return [dims]
+    if isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims):
+        return list(dims)
+    return None
+
+
+def global_reduce(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """``"avg"`` or ``"max"`` for a pool of a ``[B, C, *map]`` map over all of its map, else None.
+
+    ``AdaptiveAvgPool2d(1)``, ``AdaptiveMaxPool2d((1, 1))``, ``F.adaptive_avg_pool2d(x, 1)``,
+    ``x.mean((2, 3))`` (keepdim or not), ``x.amax((-2, -1))`` and their 1-D and 3-D forms:
+    each cell of the result is one pool over the whole map.
+    """
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    before, after = shape_of(node.args[0]), shape_of(node)
+    if before is None or after is None or not 3 <= len(before) <= 5:
+        return None
+    if tuple(after[:2]) != tuple(before[:2]) or any(n != 1 for n in after[2:]):
+        return None
+    module = module_of(gm, node)
+    if module is not None:
+        if isinstance(module, nn.modules.pooling._AdaptiveAvgPoolNd):
+            return "avg" if plain(module, ADAPTIVE_POOL_MODULES) else None
+        if isinstance(module, nn.modules.pooling._AdaptiveMaxPoolNd):
+            plain_max = plain(module, ADAPTIVE_POOL_MODULES) and not module.return_indices
+            return "max" if plain_max else None
+        return None
+    if node.op == "call_function" and node.target in ADAPTIVE_POOL_FUNCTIONS:
+        if node.target in _ADAPTIVE_MAX_FUNCTIONS:
+            indices = node.args[2] if len(node.args) > 2 else node.kwargs.get("return_indices")
+            return None if indices else "max"
+        return "avg"
+    if node.op == "call_method" and node.target in ("mean", "amax"):
+        kind = "avg" if node.target == "mean" else "max"
+    elif node.op == "call_function" and node.target in _MEANS | _MAXES:
+        kind = "avg" if node.target in _MEANS else "max"
+    else:
+        return None
+    dims = _reduced_dims(node)
+    rank = len(before)
+    if dims is None or sorted(d % rank for d in dims) != list(range(2, rank)):
+        return None
+    return kind
+
+
+_UNIT_AXIS_FUNCTIONS = frozenset(
+    {
+        torch.squeeze,
+        torch.flatten,
+        torch.reshape,
+        operator.getitem,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.squeeze.default,
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.flatten.using_ints,
+        aten.select.int,
+    }
+)
+_UNIT_AXIS_METHODS = frozenset({"squeeze", "flatten", "view", "reshape", "__getitem__"})
+
+
+def drops_unit_axes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A squeeze, flatten, view or index that only removes a ``[B, C, 1, …]`` map's unit axes."""
+    if node.op == "call_module":
+        kind_ok = isinstance(module_of(gm, node), nn.Flatten)
+    elif node.op == "call_function":
+        kind_ok = node.target in _UNIT_AXIS_FUNCTIONS
+    elif node.op == "call_method":
+        kind_ok = node.target in _UNIT_AXIS_METHODS
+    else:
+        kind_ok = False
+    if not kind_ok or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    before, after = shape_of(node.args[0]), shape_of(node)
+    if before is None or after is None or len(before) < 3 or len(after) < 2:
+        return False
+    return (
+        tuple(after[:2]) == tuple(before[:2])
+        and len(after) < len(before)
+        and all(n == 1 for n in before[2:])
+        and all(n == 1 for n in after[2:])
+    )
+
+
+ELEMENTWISE_BINARY_FUNCTIONS = frozenset(
+    {
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.maximum,
+        torch.minimum,
+    }
+)
+_ELEMENTWISE_BINARY_METHODS = frozenset({"add", "sub", "mul", "div", "maximum", "minimum"})
+
+
+def combines_tensors(node: fx.Node) -> bool:
+    """An element-wise ``a + b``, ``a * b``, … whose operands are all tensors of the graph."""
+    if node.op == "call_function":
+        kind_ok = node.target in ELEMENTWISE_BINARY_FUNCTIONS
+    elif node.op == "call_method":
+        kind_ok = node.target in _ELEMENTWISE_BINARY_METHODS
+    else:
+        kind_ok = False
+    if not kind_ok or len(node.args) != 2 or node.kwargs:
+        return False
+    operands = list(node.args)
+    return all(
+        isinstance(a, fx.Node) and a.op != "get_attr" and shape_of(a) is not None for a in operands
+    )
+
+
+def concat_dim(node: fx.Node) -> int | None:
+    """The dim of a ``torch.cat`` of graph tensors, else None."""
+    if not (
+        node.op == "call_function" and node.target in (torch.cat, torch.concat, aten.cat.default)
+    ):
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(parts, (list, tuple)) or not all(isinstance(p, fx.Node) for p in parts):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim if isinstance(dim, int) else None
+
+
+# Reductions over the feature axis that keep it (``x.norm(dim=1, keepdim=True)``): per
+# cell on a map. Name -> position of ``dim`` and of ``keepdim`` in the call's args.
+_FEATURE_REDUCTIONS: dict[str, tuple[int, int]] = {
+    "sum": (1, 2),
+    "mean": (1, 2),
+    "amax": (1, 2),
+    "amin": (1, 2),
+    "logsumexp": (1, 2),
+    "norm": (2, 3),
+}
+_REDUCTION_FUNCTIONS = {
+    torch.sum: "sum",
+    torch.mean: "mean",
+    torch.amax: "amax",
+    torch.amin: "amin",
+    torch.logsumexp: "logsumexp",
+    torch.norm: "norm",
+}
+
+
+def feature_reduction(node: fx.Node) -> int | None:
+    """The position of ``dim`` in a keepdim reduction over the last axis of a 2-D tensor."""
+    if node.op == "call_method":
+        name = node.target if node.target in _FEATURE_REDUCTIONS else None
+    elif node.op == "call_function":
+        name = _REDUCTION_FUNCTIONS.get(node.target)
+    else:
+        name = None
+    if name is None:
+        return None
+    dim_at, keep_at = _FEATURE_REDUCTIONS[name]
+    values = dict(enumerate(node.args))
+    dim = values.get(dim_at, node.kwargs.get("dim"))
+    keepdim = values.get(keep_at, node.kwargs.get("keepdim", False))
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if dim not in (1, -1) or keepdim is not True:
+        return None
+    return dim_at
+
+
 # Layers that keep every cell where it is: the trunk's geometry passes through them.
 _IN_PLACE_MODULES: tuple[type[nn.Module], ...] = (
     *POINTWISE_MODULES,
@@ -206,7 +393,19 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def is_pointwise(gm: fx.GraphModule, node: fx.Node, channels: int | None) -> bool:
-    """True for element-wise nodes whose only tensor input is ``node.args[0]``."""
+    """True for element-wise nodes whose only tensor input is ``node.args[0]``.
+
+    A number with a tensor (``0.5 * x``, ``x - 1``) counts, in either order.
+    """
+    if (
+        node.op == "call_function"
+        and node.target in SCALAR_OPERATORS
+        and len(node.args) == 2
+        and not node.kwargs
+    ):
+        kinds = sorted(isinstance(a, fx.Node) for a in node.args)
+        numbers = [a for a in node.args if isinstance(a, (int, float))]
+        return kinds == [False, True] and len(numbers) == 1
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     others = list(node.args[1:]) + list(node.kwargs.values())

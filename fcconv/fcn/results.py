@@ -41,6 +41,8 @@ class OutputFacts:
     order_from: str
     linears: list[str]
     cells_map: OutputCells
+    head: str = "flatten"
+    window: tuple[int, ...] = ()
 
     @property
     def cells(self) -> CellGeometry | None:
@@ -54,6 +56,8 @@ class OutputFacts:
             "order": self.order,
             "order_from": self.order_from,
             "linears": list(self.linears),
+            "head": self.head,
+            "window": list(self.window or self.patch.sizes),
             "cells": None if self.cells is None else self.cells.to_dict(),
             "map_axes": list(self.cells_map.map_axes),
             "cells_unknown": self.cells_map.unknown or None,
@@ -75,6 +79,10 @@ class Conversion:
             (None when the trunk's geometry is unknown).
         changes: the head's modules, and the trunk's identity pools, before and after.
         notes: plain-words remarks (size guards, identity pools, training mode).
+        head: what a global pool before the head became: ``pool`` (a pool over each
+            native-size window) or ``cam`` (none: the head at every feature cell).
+        weights_from: where the weights came from: ``file`` (MODEL), ``factory``
+            (``arch`` built a model with its own weights); None from Python.
         output_stride: the map's stride in input pixels when a denser map was
             asked for (:func:`fcconv.fcn.stride.with_output_stride`), else None.
         phases: how many shifted runs are interleaved along each axis (the
@@ -93,6 +101,8 @@ class Conversion:
     notes: list[str] = field(default_factory=list)
     output_stride: tuple[int, ...] | None = None
     phases: tuple[int, ...] | None = None
+    head: str = "pool"
+    weights_from: str | None = None
 
     @property
     def input_size(self) -> tuple[int, ...]:
@@ -141,11 +151,17 @@ class Conversion:
             "reads_past": self._reads_past(),
             "output_stride": None if self.output_stride is None else list(self.output_stride),
             "phases": None if self.phases is None else list(self.phases),
+            "head": self.head,
+            "weights_from": self.weights_from,
         }
 
     def _reads_past(self) -> dict[str, list[bool]] | None:
-        """Per input axis, whether the model reads past its start / end at the native size."""
-        if self.crop_plan is None:
+        """Per input axis, whether the model reads past its start / end at the native size.
+
+        None when unknown, and for a class activation map, whose cells are
+        the head on one feature cell and never the model on a crop.
+        """
+        if self.crop_plan is None or self.head == "cam":
             return None
         return {"start": list(self.crop_plan.before), "end": list(self.crop_plan.after)}
 
@@ -167,6 +183,8 @@ class Conversion:
             "notes": list(self.notes),
             "output_stride": None if self.output_stride is None else list(self.output_stride),
             "phases": None if self.phases is None else list(self.phases),
+            "head": self.head,
+            "weights_from": self.weights_from,
         }
 
 

@@ -60,6 +60,7 @@ _TORCH_NAMES = {
     "Dense": ("weight", "bias"),
     "Conv2D": ("weight", "bias"),
     "BatchNormalization": ("weight", "bias", "running_mean", "running_var"),
+    "PReLU": ("weight",),  # alpha; torch's nn.PReLU holds it 1-D
 }
 _LEGACY_NAMES = {
     "kernel": "weight",
@@ -68,9 +69,15 @@ _LEGACY_NAMES = {
     "beta": "bias",
     "moving_mean": "running_mean",
     "moving_variance": "running_var",
+    "alpha": "weight",
 }
 # The class of a Keras 3 h5 group, from its name when no config says it.
-_SNAKE_CLASSES = {"dense": "Dense", "conv2d": "Conv2D", "batch_normalization": "BatchNormalization"}
+_SNAKE_CLASSES = {
+    "dense": "Dense",
+    "conv2d": "Conv2D",
+    "batch_normalization": "BatchNormalization",
+    "p_re_lu": "PReLU",
+}
 
 
 def kind_of(path: str | Path) -> str | None:
@@ -212,6 +219,8 @@ def _to_torch(handle: h5py.File, variable: Variable, source: str) -> torch.Tenso
         return keras_dense_to_linear(tensor)
     if variable.layout == "conv":
         return keras_conv_to_oihw(tensor)
+    if variable.layout == "prelu":
+        return tensor.reshape(-1)
     return tensor
 
 
@@ -234,6 +243,7 @@ def read_keras(path: str | Path) -> KerasFile:
         with file.open_h5() as handle:
             if kind == KERAS_H5:
                 file.config = _legacy_config(handle, str(path))
+                file.metadata = _root_metadata(handle)
                 if file.config is not None:
                     check_keras_config(file.config, str(path))
                 _read_legacy(file, handle)
@@ -291,15 +301,11 @@ def _legacy_config(handle: h5py.File, source: str) -> dict[str, Any] | None:
 
 
 def config_classes(config: dict[str, Any] | None) -> dict[str, str]:
-    """Layer name → class name, for the top-level layers of a model config."""
-    if not isinstance(config, dict):
-        return {}
-    layers = (config.get("config") or {}).get("layers") or []
-    return {
-        layer["config"]["name"]: layer.get("class_name", "")
-        for layer in layers
-        if isinstance(layer, dict) and isinstance(layer.get("config"), dict)
-    }
+    """Layer name → class name for every layer of a model config of any Keras era; a layer
+    of a nested model is named ``outer.inner``."""
+    from fcconv.keras.graph import layer_class, nested_models
+
+    return {name: layer_class(layer) for name, layer in nested_models(config)}
 
 
 def _read_keras3(file: KerasFile, handle: h5py.File) -> None:
@@ -317,10 +323,7 @@ def _read_keras3(file: KerasFile, handle: h5py.File) -> None:
     taken: set[str] = set()
     for group in sorted(groups, key=_natural):
         owner = group.rsplit("/", 1)[0] if "/" in group else ""
-        name = handle[group].attrs.get("name")
-        name = name.decode() if isinstance(name, bytes) else name
-        if not owner.startswith("layers/") or not isinstance(name, str):
-            name = None
+        name = _qualified_name(handle, owner)
         base = re.sub(r"_\d+$", "", owner.rsplit("/", 1)[-1])
         cls = classes.get(name, _SNAKE_CLASSES.get(base, "")) if name else ""
         count = len(handle[group])
@@ -329,22 +332,40 @@ def _read_keras3(file: KerasFile, handle: h5py.File) -> None:
             name is not None
             and known is not None
             and count == len(known)
-            and owner.count("/") == 1  # a top-level layer: its name is unique in the model
             and name not in taken
+            # a nested layer's name is unique in its own model, which the config must show
+            and (owner.count("/") == 1 or name in classes or not classes)
         )
         if name is not None and owner.count("/") == 1:
             file.layers.append(KerasLayer(name, cls, group))
+        if name is not None:
             taken.add(name)
         for index in sorted(handle[group], key=_natural):
             path = f"{group}/{index}"
             if use_torch:
                 assert known is not None and name is not None
                 torch_name = known[int(index)]
-                layout = _layout(cls, torch_name, handle[path].ndim)
+                layout = _layout(cls, torch_name, handle[path].shape)
                 key = f"{name}.{torch_name}"
             else:
                 key, layout = path.replace("/", "."), "raw"
             file.variables[key] = Variable(key, path, name, layout)
+
+
+def _qualified_name(handle: h5py.File, owner: str) -> str | None:
+    """``layers/sequential/layers/dense`` → ``head.fc1``: each level's ``vars`` names it."""
+    parts = owner.split("/")
+    if len(parts) < 2 or len(parts) % 2 or any(p != "layers" for p in parts[::2]):
+        return None
+    names = []
+    for depth in range(2, len(parts) + 1, 2):
+        vars_group = handle.get("/".join([*parts[:depth], "vars"]))
+        name = vars_group.attrs.get("name") if vars_group is not None else None
+        name = name.decode() if isinstance(name, bytes) else name
+        if not isinstance(name, str):
+            return None
+        names.append(name)
+    return ".".join(names)
 
 
 def _read_legacy(file: KerasFile, handle: h5py.File) -> None:
@@ -358,18 +379,33 @@ def _read_legacy(file: KerasFile, handle: h5py.File) -> None:
         file.layers.append(KerasLayer(layer, cls, f"{prefix}{layer}"))
         for weight in _names(group.attrs.get("weight_names", [])):
             path = f"{prefix}{layer}/{weight}"
-            variable = weight.rsplit("/", 1)[-1].split(":")[0]
-            torch_name = _LEGACY_NAMES.get(variable) if cls in _TORCH_NAMES else None
+            owner, variable = _legacy_owner(layer, weight)
+            owner_cls = classes.get(owner, "") if owner != layer else cls
+            torch_name = _LEGACY_NAMES.get(variable) if owner_cls in _TORCH_NAMES else None
             if torch_name is None:
-                key, layout = f"{layer}.{variable}", "raw"
+                key, layout = f"{owner}.{variable}", "raw"
             else:
-                key, layout = f"{layer}.{torch_name}", _layout(cls, torch_name, handle[path].ndim)
+                layout = _layout(owner_cls, torch_name, handle[path].shape)
+                key = f"{owner}.{torch_name}"
             if key in file.variables:
                 key, layout = path.replace("/", "."), "raw"
             file.variables[key] = Variable(key, path, layer, layout)
     for name in handle:
         if name != "model_weights" and prefix:
             _add_raw(file, handle, name)
+
+
+def _legacy_owner(layer: str, weight: str) -> tuple[str, str]:
+    """The layer that owns a legacy weight, and the variable's name: ``head/fc1/kernel:0``
+    under ``head`` is ``("head.fc1", "kernel")``; ``conv1/kernel:0`` is ``("conv1", "kernel")``."""
+    parts = weight.split("/")
+    variable = parts[-1].split(":")[0]
+    scopes = [part for part in parts[:-1] if part]
+    if scopes and scopes[0] == layer:
+        scopes = scopes[1:]
+    if not scopes or scopes == [layer]:
+        return layer, variable
+    return f"{layer}.{scopes[-1]}", variable
 
 
 def _add_raw(file: KerasFile, handle: h5py.File, top: str) -> None:
@@ -387,13 +423,15 @@ def _add_raw(file: KerasFile, handle: h5py.File, top: str) -> None:
         file.variables[key] = Variable(key, path, None, "raw")
 
 
-def _layout(cls: str, torch_name: str, ndim: int) -> str:
+def _layout(cls: str, torch_name: str, shape: tuple[int, ...]) -> str:
     if torch_name != "weight":
         return "raw"
-    if cls == "Dense" and ndim == 2:
+    if cls == "Dense" and len(shape) == 2:
         return "dense"
-    if cls == "Conv2D" and ndim == 4:
+    if cls == "Conv2D" and len(shape) == 4:
         return "conv"
+    if cls == "PReLU" and len(shape) > 1 and all(side == 1 for side in shape[:-1]):
+        return "prelu"  # one alpha per channel, shared over the map: 1-D as torch's
     return "raw"
 
 

@@ -146,6 +146,8 @@ def check_keras_config(config: Any, source: str) -> None:
     inner = config.get("config")
     if inner is None:
         return
+    if isinstance(inner, list) and config.get("class_name") == "Sequential":
+        inner = {"layers": inner}  # Keras 2.0: a Sequential's config is its list of layers
     if not isinstance(inner, dict):
         raise _refuse(source, "holds a config that is not an object")
     layers = inner.get("layers")

@@ -9,6 +9,7 @@ safetensors files and shard folders are described from their headers alone
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -59,11 +60,14 @@ class Source:
     """Everything that is not a tensor and must survive a conversion (metadata, the
     training state around the weights), fcconv's provenance record excepted."""
 
-    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
-        """Rows of a 2-D tensor, reading only those rows' bytes when it is on disk."""
+    def read_rows(self, name: str, rows: list[int]) -> np.ndarray:
+        """Rows of a 2-D tensor as a numpy array of its dtype, reading only those rows' bytes
+        when it is on disk (then without torch)."""
         if self.span is None:
-            return self.read([name])[name][rows]
-        return DiskTensors(self).rows(name, rows)
+            from fcconv.verify.arrays import as_array
+
+            return as_array(self.read([name])[name][rows])
+        return DiskTensors(self).array_rows(name, rows)
 
     @property
     def records(self) -> dict[str, dict[str, Any]]:
@@ -366,7 +370,9 @@ class DiskTensors:
         path, offset, row_bytes = self._row_span(key)
         begin, length = offset + start * row_bytes, (stop - start) * row_bytes
         data = read_span(path, begin, length, ahead=length)  # blocks are read in order
-        return data.view(bits_dtype(self.source.info[key].dtype)).reshape(stop - start, -1)
+        info = self.source.info[key]
+        row = math.prod(info.shape[1:]) if info.shape else 1
+        return data.view(bits_dtype(info.dtype)).reshape(stop - start, row)
 
     def rows(self, key: str, rows: Sequence[int]) -> torch.Tensor:
         import numpy as np
@@ -376,6 +382,29 @@ class DiskTensors:
         parts = [read_span(path, offset + a * row_bytes, (b - a) * row_bytes) for a, b in runs]
         data = parts[0] if len(parts) == 1 else np.concatenate([np.empty(0, np.uint8), *parts])
         return self._as_tensor(key, data, len(rows))
+
+    def array_rows(self, key: str, rows: Sequence[int]) -> np.ndarray:
+        """The listed rows as a numpy array of the tensor's dtype: torch is never imported."""
+        import numpy as np
+
+        from fcconv.verify.arrays import numpy_dtype
+
+        info = self.source.info[key]
+        data = self._row_data(key, rows)
+        shape = (len(rows), *info.shape[1:]) if info.shape else ()
+        if data.size == 0:
+            return np.empty(shape, numpy_dtype(info.dtype))
+        return data.view(bits_dtype(info.dtype)).view(numpy_dtype(info.dtype)).reshape(shape)
+
+    def _row_data(self, key: str, rows: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
+        path, offset, row_bytes = self._row_span(key)
+        runs = _runs(list(rows))  # consecutive rows are read in one go
+        parts = [read_span(path, offset + a * row_bytes, (b - a) * row_bytes) for a, b in runs]
+        if not parts:
+            return np.empty(0, np.uint8)
+        return parts[0] if len(parts) == 1 else np.concatenate([np.empty(0, np.uint8), *parts])
 
     def tensor(self, key: str) -> torch.Tensor:
         path, offset, length = self.source.span(key)  # type: ignore[misc]

@@ -43,21 +43,6 @@ def load(path: str | Path) -> Any:
         ) from None
 
 
-def _run(layers: list[Any], x: Any) -> Any:
-    for layer in layers:
-        x = layer(x, training=False) if _takes_training(layer) else layer(x)
-    return x
-
-
-def _takes_training(layer: Any) -> bool:
-    import inspect
-
-    try:
-        return "training" in inspect.signature(layer.call).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _numpy(tensor: Any) -> Any:
     from fcconv.extras import require_keras
 
@@ -109,33 +94,128 @@ def _compare(
     seed: int,
     batch: int,
 ) -> RuntimeCheck:
+    """The converted model's maps against the original head on every window, output by output.
+
+    The original's head is cut out as a model of its own (from the first head
+    layer's input to every output); the trunk's map on a larger input comes
+    from the converted model, whose trunk is the original's, freed of its
+    input size (and checked against the original at the native size).
+    """
     import numpy as np
 
-    layers = [layer for layer in original.layers if type(layer).__name__ != "InputLayer"]
-    names = [layer.name for layer in layers]
-    first = head.layers[head.start]["config"]["name"]
-    cut = names.index(first)
     shape = tuple(original.inputs[0].shape)
     native = (int(shape[1]), int(shape[2]))
     check = RuntimeCheck(f"keras {keras.__version__} ({keras.backend.backend()} backend)", native)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *native, int(shape[3]))).astype(np.float32)
-    native_pair = (
-        _numpy(converted(x)).reshape(batch, -1),
-        _numpy(original(x)).astype(np.float64).reshape(batch, -1),
-    )
+    got_native = [_numpy(y).reshape(batch, -1) for y in _outputs(converted(x))]
+    want_native = [_numpy(y).astype(np.float64).reshape(batch, -1) for y in _outputs(original(x))]
     larger = (2 * native[0], 2 * native[1])
     big = rng.standard_normal((batch, *larger, int(shape[3]))).astype(np.float32)
-    features = _numpy(_run(layers[:cut], big))
-    windows, rows, cols = cut_windows(features, patch, stride, channels_last=True)
+    features = _numpy(_trunk(keras, converted, head)(big))
+    window = (patch.height, patch.width) if head.pool is None else _native_map(head, patch)
+    windows, rows, cols = cut_windows(
+        features, Patch(*window, patch.channels), stride, channels_last=True
+    )
     check.larger_size, check.map_size, check.windows = larger, (rows, cols), rows * cols
     if rows < 1 or cols < 1:
         check.problems.append(
             f"the trunk's {features.shape[1]}x{features.shape[2]} map at {larger[0]}x"
-            f"{larger[1]} holds no {patch.height}x{patch.width} window"
+            f"{larger[1]} holds no {window[0]}x{window[1]} window"
         )
         return check
-    expected = _numpy(_run(layers[cut:], windows)).astype(np.float64)
-    expected = expected.reshape(batch, rows, cols, -1)
-    got = _numpy(converted(big))
-    return judge(check, native_pair, (got, expected))
+    if rows == cols == 1:
+        check.problems.append(
+            f"the map is 1 cell on a {larger[0]}x{larger[1]} input, as at the native size: "
+            "the converted model does not slide its head"
+        )
+        return check
+    cut = _head_model(keras, original, head, windows.shape[1:])
+    expected = [_numpy(y).astype(np.float64) for y in _outputs(cut(windows))]
+    got = [_numpy(y) for y in _outputs(converted(big))]
+    if len(got) != len(expected):
+        check.problems.append(
+            f"the converted model has {len(got)} outputs, the original {len(expected)}"
+        )
+        return check
+    pairs = [(g, e.reshape(batch, rows, cols, -1)) for g, e in zip(got, expected, strict=True)]
+    return judge_outputs(check, list(zip(got_native, want_native, strict=True)), pairs)
+
+
+def _replay(model: Any, head: KerasHead, names: list[str], tensors: dict[str, Any]) -> None:
+    """Call ``model``'s layers ``names`` (in order) on new tensors, as the config connects them."""
+    for name in names:
+        sources = [tensors[source] for source in head.graph.inputs.get(name, [])]
+        layer = model.get_layer(name)
+        tensors[name] = layer(sources[0] if len(sources) == 1 else sources)
+
+
+def _trunk(keras: Any, converted: Any, head: KerasHead) -> Any:
+    """The converted model up to the map the head reads (its input height and width free)."""
+    if not head.graph.sequential:
+        return keras.Model(converted.inputs[0], converted.get_layer(head.feeder).output)
+    names = list(head.graph.inputs)  # a Sequential's layers in order, its InputLayer left out
+    image = keras.Input(tuple(converted.inputs[0].shape[1:]))
+    x = image
+    for name in names[: names.index(head.feeder) + 1]:
+        x = converted.get_layer(name)(x)
+    return keras.Model(image, x)
+
+
+def _head_model(keras: Any, original: Any, head: KerasHead, window: tuple[int, ...]) -> Any:
+    """The original's head as a model of its own: one window of the map in, every output out."""
+    x = keras.Input(tuple(window))
+    tensors = {head.feeder: x}
+    order = head.graph.names()
+    names = [*head.map_order.permutes, head.map_order.entry, *head.region]
+    _replay(original, head, sorted(names, key=order.index), tensors)
+    return keras.Model(x, [tensors[name] for name in head.graph.outputs])
+
+
+def _native_map(head: KerasHead, patch: Patch) -> tuple[int, int]:
+    """The window of a global pool's head: the native feature map."""
+    assert head.patch is not None
+    return head.patch.height, head.patch.width
+
+
+def _outputs(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [value[key] for key in sorted(value)]
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+def judge_outputs(
+    check: RuntimeCheck,
+    native: list[tuple[Any, Any]],
+    dense: list[tuple[Any, Any]],
+) -> RuntimeCheck:
+    """Judge every output of a model (the one judge, rule ``runtime-float32``); ``check``
+    holds the worst difference, every comparison and every problem.
+
+    Each output is judged on its own scale (a softmax and box offsets differ in
+    size); with several outputs the comparisons are ``native:0``, ``dense:0``, …
+    and the problems name the output.
+    """
+    worst_native: float | None = None
+    worst_dense: float | None = None
+    for index, (pair, native_pair) in enumerate(zip(dense, native, strict=True)):
+        one = judge(RuntimeCheck(check.runtime, check.native_size), native_pair, pair)
+        several = len(dense) > 1
+        prefix = f"output {index}: " if several else ""
+        check.problems += [f"{prefix}{problem}" for problem in one.problems]
+        for what, found in one.comparisons.items():
+            check.comparisons[f"{what}:{index}" if several else what] = found
+        worst_native = _worst(worst_native, one.native_max_abs_diff)
+        worst_dense = _worst(worst_dense, one.dense_max_abs_diff)
+    check.native_max_abs_diff, check.dense_max_abs_diff = worst_native, worst_dense
+    if len(dense) > 1:
+        check.notes.append(f"{len(dense)} outputs, each judged against the head on every window")
+    return check
+
+
+def _worst(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else max(a, b)

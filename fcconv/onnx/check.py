@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fcconv.onnx.graph import OnnxHead, _onnx
+from fcconv.onnx.graph import OnnxHead, _onnx, data_inputs
 from fcconv.verify.judge import compare
-from fcconv.verify.runtime import FLOAT32_RTOL, RULE, RuntimeCheck, cut_windows, judge
+from fcconv.verify.runtime import FLOAT32_RTOL, RULE, RuntimeCheck
 
 # Ops whose output cell (i, j) reads input cells (s·i …) with stride s, no padding.
 _STRIDED = ("Conv", "MaxPool", "AveragePool")
@@ -64,9 +64,14 @@ def session(model: Any) -> Any:
 
 
 def run(model_session: Any, x: Any) -> Any:
-    """Run a one-input, one-output session."""
+    """Run a one-input session; its first output."""
+    return run_all(model_session, x)[0]
+
+
+def run_all(model_session: Any, x: Any) -> list[Any]:
+    """Run a one-input session; every output."""
     name = model_session.get_inputs()[0].name
-    return model_session.run(None, {name: x})[0]
+    return list(model_session.run(None, {name: x}))
 
 
 def _part(model: Any, inputs: list[str], outputs: list[str], free: tuple[int, ...]) -> Any:
@@ -74,7 +79,7 @@ def _part(model: Any, inputs: list[str], outputs: list[str], free: tuple[int, ..
     onnx = _onnx()
     inferred = onnx.shape_inference.infer_shapes(model)  # Extractor needs every shape
     part = onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
-    dims = part.graph.input[0].type.tensor_type.shape.dim
+    dims = data_inputs(part)[0].type.tensor_type.shape.dim
     for axis in free:
         dims[axis].Clear()
         dims[axis].dim_param = f"free{axis}"
@@ -85,44 +90,98 @@ def _part(model: Any, inputs: list[str], outputs: list[str], free: tuple[int, ..
 
 
 def input_shape(model: Any) -> tuple[int | None, ...]:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims = data_inputs(model)[0].type.tensor_type.shape.dim
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
 
 
 def check_dense(
-    original: Any, dense: Any, head: OnnxHead, stride: tuple[int, int], *, seed: int = 0
+    original: Any, dense: Any, head: OnnxHead, stride: tuple[int, ...], *, seed: int = 0
 ) -> tuple[RuntimeCheck, Coordinates | None]:
-    """Run both graphs in onnxruntime and compare the map with the head on every window."""
+    """Run both graphs in onnxruntime and compare every map with the head on every window.
+
+    A graph whose batch is fixed (torch's dynamo exporter fixes it at 1, in
+    the input and in the head's ``Reshape``) runs that many windows at a time.
+    """
     import numpy as np
     import onnxruntime
 
+    from fcconv.keras.check import judge_outputs
+
     shape = input_shape(original)
-    batch = shape[0] or 2
-    channels, native = shape[1], (shape[2], shape[3])
-    if channels is None or native[0] is None or native[1] is None:
-        raise ValueError("the original graph's input needs fixed channels, height and width")
-    check = RuntimeCheck(f"onnxruntime {onnxruntime.__version__}", native)
+    fixed = shape[0]
+    batch = fixed or 2
+    channels, native = shape[1], tuple(shape[2:])
+    if channels is None or any(side is None for side in native):
+        raise ValueError("the original graph's input needs fixed channels and spatial sizes")
+    check = RuntimeCheck(f"onnxruntime {onnxruntime.__version__}", native)  # type: ignore[arg-type]
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, channels, *native)).astype(np.float32)
     whole, dense_session = session(original), session(dense)
-    native_pair = (run(dense_session, x).reshape(batch, -1), run(whole, x).astype(np.float64))
-    larger = (2 * native[0], 2 * native[1])
+    native_pairs = [
+        (got.reshape(batch, -1), want.astype(np.float64).reshape(batch, -1))
+        for got, want in zip(run_all(dense_session, x), run_all(whole, x), strict=True)
+    ]
+    larger = tuple(2 * side for side in native)
     big = rng.standard_normal((batch, channels, *larger)).astype(np.float32)
-    trunk = session(_part(original, [original.graph.input[0].name], [head.source], (0, 2, 3)))
+    free = tuple(range(len(shape)))
+    name = data_inputs(original)[0].name
+    trunk = session(_part(original, [name], [head.source], (0, *free[2:])))
     features = run(trunk, big)
-    windows, rows, cols = cut_windows(features, head.patch, stride, channels_last=False)
-    check.larger_size, check.map_size, check.windows = larger, (rows, cols), rows * cols
-    if rows < 1 or cols < 1:
-        check.problems.append(f"the trunk's map at {larger[0]}x{larger[1]} holds no window")
+    windows, grid = cut_windows_nd(features, head.patch.sizes, stride)
+    check.larger_size, check.map_size = larger, grid  # type: ignore[assignment]
+    check.windows = int(np.prod(grid)) if grid else 0
+    if not grid or min(grid) < 1:
+        check.problems.append(f"the trunk's map at {'x'.join(map(str, larger))} holds no window")
         return check, None
-    head_session = session(_part(original, [head.source], [original.graph.output[0].name], (0,)))
-    expected = run(head_session, windows).astype(np.float64).reshape(batch, rows, cols, -1)
-    got = run(dense_session, big).transpose(0, 2, 3, 1)
-    judge(check, native_pair, (got, expected))
-    coordinates = _coordinates(original, head, stride, native)
+    if all(count == 1 for count in grid):
+        check.problems.append(
+            f"the map is 1 cell on a {'x'.join(map(str, larger))} input, as at the native "
+            "size: the dense graph does not slide its head"
+        )
+        return check, None
+    outputs = [output.name for output in original.graph.output]
+    head_session = session(_part(original, [head.source], outputs, (0,)))
+    chunk = fixed or len(windows)
+    parts = [run_all(head_session, windows[i : i + chunk]) for i in range(0, len(windows), chunk)]
+    expected = [
+        np.concatenate([part[k] for part in parts]).astype(np.float64).reshape(batch, *grid, -1)
+        for k in range(len(outputs))
+    ]
+    got = [np.moveaxis(y, 1, -1) for y in run_all(dense_session, big)]
+    judge_outputs(check, native_pairs, list(zip(got, expected, strict=True)))
+    coordinates = None
+    if head.ndim == 2 and len(outputs) == 1:
+        coordinates = _coordinates(original, head, stride, native)  # type: ignore[arg-type]
     if coordinates is not None and check.passed:
-        _crop_account(coordinates, whole, big, got, check.comparisons["dense"].reference_scale)
+        scale = check.comparisons["dense"].reference_scale
+        _crop_account(coordinates, whole, big, got[0], scale)
     return check, coordinates
+
+
+def cut_windows_nd(
+    features: Any, window: tuple[int, ...], stride: tuple[int, ...]
+) -> tuple[Any, tuple[int, ...]]:
+    """Every window of an ``[B, C, *spatial]`` map, batched cell by cell (row-major), and
+    the grid of cells: ``[B·∏grid, C, *window]``."""
+    import itertools
+
+    import numpy as np
+
+    spatial = features.shape[2:]
+    grid = tuple(
+        (size - side) // step + 1 for size, side, step in zip(spatial, window, stride, strict=True)
+    )
+    if any(count < 1 for count in grid):
+        return features[:0], grid
+    cells = []
+    for corner in itertools.product(*(range(count) for count in grid)):
+        index = tuple(
+            slice(c * step, c * step + side)
+            for c, step, side in zip(corner, stride, window, strict=True)
+        )
+        cells.append(features[(slice(None), slice(None), *index)])
+    stacked = np.stack(cells, axis=1)  # [B, cells, C, *window]
+    return np.ascontiguousarray(stacked.reshape(-1, *stacked.shape[2:])), grid
 
 
 def _coordinates(
@@ -135,7 +194,7 @@ def _coordinates(
     graph = _Graph(model)
     total, padded = [1, 1], []
     name = head.source
-    while name != model.graph.input[0].name:
+    while name != data_inputs(model)[0].name:
         node = graph.producer.get(name)
         if node is None:
             return None

@@ -214,6 +214,10 @@ def render_inspect(console: Console, result: InspectResult) -> None:
         verdict = f"order {evidence.winner}" if evidence.winner else "undecided"
         console.print(text(f"{name} (patch {evidence.patch}): {verdict}: {evidence.reason}"))
         console.print(text(f"  ranking: {evidence.ranking_text()}"))
+    from fcconv.report.onnx import head_lines
+
+    for line in head_lines(result.head):
+        console.print(text(line))
     if result.evidence:
         from fcconv.evidence import FLIP_UNSEEN
 

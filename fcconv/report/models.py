@@ -43,6 +43,20 @@ def _cells(output: Any) -> str:
     )
 
 
+HEADS = {
+    "global_pool": "global pool over each {window} window at stride 1",
+    "cam": "CAM: the head on each feature cell (pool removed)",
+}
+
+
+def _head(output: Any) -> str:
+    """How the head reads the feature map: a flatten in an order, or a pool over a window."""
+    kind = getattr(output, "head", "flatten")
+    if kind == "flatten":
+        return f"flatten, order {output.order}"
+    return HEADS[kind].format(window=_sizes(output.window))
+
+
 def _crops(account: Any) -> str:
     if account is None:
         return "not compared"
@@ -64,14 +78,15 @@ def _outputs_table(conversion: Any, check: Any) -> Any:
 
     checks = {o.name: o for o in check.outputs}
     outputs = Table(title=text("outputs: each cell's input box and its crop"), title_justify="left")
-    for column in ("output", "feature map", "order", "cells (input coordinates)", "map", "crops"):
+    columns = ("output", "feature map", "head", "cells (input coordinates)", "map", "crops")
+    for column in columns:
         outputs.add_column(column)
     for output in conversion.outputs:
         checked = checks.get(output.name)
         outputs.add_row(
             text(output.name),
             text(output.patch.describe()),
-            text(output.order),
+            text(_head(output)),
             text(_cells(output)),
             text(_sizes(checked.map_size) if checked else "?"),
             text(_crops(checked.crops) if checked else "?"),
@@ -90,6 +105,8 @@ def render_convolutionalize(console: Console, result: ConvolutionalizeResult) ->
         ("stride", f"{_sizes(conversion.stride)} feature-map cells"),
         ("outputs", ", ".join(o.name for o in conversion.outputs)),
     ]
+    if conversion.weights_from == "factory":
+        facts.append(("weights", "built by the --arch factory (no MODEL file)"))
     if conversion.output_stride is not None:
         facts.append(
             (
@@ -98,7 +115,8 @@ def render_convolutionalize(console: Console, result: ConvolutionalizeResult) ->
                 f"({_sizes(conversion.phases)} shifted runs interleaved)",
             )
         )
-    console.print(table(text(f"fcconv convolutionalize {result.model}"), facts))
+    shown = result.model if result.model is not None else "(the --arch factory's model)"
+    console.print(table(text(f"fcconv convolutionalize {shown}"), facts))
     console.print(_outputs_table(conversion, check))
 
     layers = Table(title="layers")

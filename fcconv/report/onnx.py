@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fcconv.report.console import size, table, text
 
@@ -18,13 +18,13 @@ def render_onnx_convolutionalize(console: Console, result: OnnxConvolutionalizeR
     facts = [
         ("model", result.model),
         ("native input", size(result.input_size)),
-        ("feature map / patch", f"{patch.channels} × {patch.height} × {patch.width} ({patch})"),
-        ("order", f"{result.order} (from {result.order_from})"),
+        ("feature map / patch", f"{patch.describe()} ({patch})"),
+        ("order", f"{result.order} (from the model: {result.order_from})"),
         ("stride", f"{size(result.stride)} feature-map cells"),
     ]
     for index, layer in enumerate(result.layers):
-        weight = "×".join(map(str, layer["weight"]))
-        facts.append((f"linear {index + 1}", f"{layer['was']} [{weight}] → {layer['now']}"))
+        weight = f" [{'×'.join(map(str, layer['weight']))}]" if layer["weight"] else ""
+        facts.append((f"layer {index + 1}", f"{layer['was']}{weight} → {layer['now']}"))
     console.print(table(text(f"fcconv convolutionalize {result.model}"), facts))
     rows = [("check", check.summary())]
     if where is not None:
@@ -64,3 +64,35 @@ def render_onnx_verification(console: Console, result: OnnxVerifyResult) -> None
     ]
     rows += [("difference", problem) for problem in result.check.problems]
     console.print(table(text(f"{result.converted} vs {result.original}: ", verdict), rows))
+
+
+def head_lines(head: dict[str, Any] | None) -> list[str]:
+    """What ``inspect`` read of a Keras or ONNX model's head, one fact a line."""
+    if head is None:
+        return []
+    if not head.get("found"):
+        order = f" (order {head['order']}, {head['order_from']})" if "order" in head else ""
+        return [f"head: none to rewrite{order}: {head.get('reason', '')}"]
+    lines = [f"head: reads {head.get('feeder')}'s map{_map(head)}"]
+    steps = [*head.get("removed", []), *head.get("permute", [])]
+    flatten = head.get("pool") or head.get("flatten")
+    if flatten:
+        steps.append(str(head.get("flatten")))
+    if steps:
+        lines.append(f"  through: {' → '.join(dict.fromkeys(steps))}")
+    lines.append(
+        f"  order: {head.get('order')} (from the {'graph' if 'nodes' in head else 'config'}: "
+        f"{head.get('order_detail')})"
+    )
+    linears = head.get("dense") or head.get("linears") or []
+    lines.append(f"  linear layers: {', '.join(map(str, linears))}")
+    lines.append(f"  outputs: {', '.join(map(str, head.get('outputs', [])))}")
+    return lines
+
+
+def _map(head: dict[str, Any]) -> str:
+    feature_map = head.get("feature_map")
+    layout = head.get("layout")
+    if feature_map is None:
+        return ""
+    return f", a {feature_map} feature map" + (f" ({layout})" if layout else "")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fcconv.patches import AnyPatch, as_nd, kernel_axes, parse_order_nd
 from fcconv.plan import TensorInfo, describe
+from fcconv.verify.arrays import as_array
 from fcconv.verify.bits import bits_dtype, differing, tensor_bits
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ class Tensors(Protocol):
 
     def tensor(self, key: str) -> torch.Tensor:
         """All of ``key`` (for small tensors such as biases)."""
+
+    def array_rows(self, key: str, rows: Sequence[int]) -> np.ndarray:
+        """The listed rows of ``key`` as a numpy array of its dtype (``ml_dtypes`` for bfloat16)."""
 
 
 class MemoryTensors:
@@ -78,6 +82,9 @@ class MemoryTensors:
 
     def tensor(self, key: str) -> torch.Tensor:
         return self.mapping[key]
+
+    def array_rows(self, key: str, rows: Sequence[int]) -> np.ndarray:
+        return as_array(self.rows(key, rows))
 
 
 def as_tensors(side: Tensors | Mapping[str, torch.Tensor]) -> Tensors:

@@ -5,7 +5,7 @@ Linear weight bit for bit; biases and every other tensor are identical.
 
 Functional: on a random input, every cell of the conv output is compared
 with "cut the window, flatten it in ORDER, apply the Linear", computed here
-independently from the *original* weight with ``unfold`` and a matmul.
+independently from the *original* weight, in numpy (no torch).
 
 The exact check reads every element of both weights, a block of rows at a
 time (:mod:`fcconv.verify.exact`). The functional check runs on
@@ -28,7 +28,13 @@ from fcconv.patches import as_nd
 from fcconv.plan import LayerPlan, layer_inputs
 from fcconv.progress import phased
 from fcconv.verify.bits import bitwise_equal
-from fcconv.verify.exact import Mismatch, Tensors, as_tensors, permuted_mismatch
+from fcconv.verify.exact import (
+    MemoryTensors,
+    Mismatch,
+    Tensors,
+    as_tensors,
+    permuted_mismatch,
+)
 from fcconv.verify.untouched import untouched_differences
 from fcconv.verify.windows import (
     BLOCK_ELEMENTS,
@@ -156,21 +162,30 @@ def exact_problems(
 
 
 def _same_tensor(original: Tensors, converted: Tensors, key: str) -> bool:
-    if converted.describe(key) is None:
+    """Bit for bit; tensors on disk are compared as bits, without torch."""
+    import numpy as np
+
+    before, after = original.describe(key), converted.describe(key)
+    if after is None or before is None:
         return False
-    return bitwise_equal(original.tensor(key), converted.tensor(key))
+    if isinstance(original, MemoryTensors) and isinstance(converted, MemoryTensors):
+        return bitwise_equal(original.tensor(key), converted.tensor(key))
+    if (before.dtype, before.shape, before.layout) != (after.dtype, after.shape, after.layout):
+        return False
+    rows = before.shape[0] if before.shape else 1
+    return bool(np.array_equal(original.row_bits(key, 0, rows), converted.row_bits(key, 0, rows)))
 
 
 def _weight_mismatch(
     plan: LayerPlan, original: Tensors, converted: Tensors, found: Mismatch
 ) -> str:
     tap = ", ".join(map(str, unravel_index(found.tap, as_nd(plan.patch).kernel_shape)))
-    kernel = converted.rows(plan.weight_key, [found.row]).reshape(-1)[found.tap]
-    weight = original.rows(plan.weight_key, [found.row]).reshape(-1)[found.column]
+    kernel = converted.array_rows(plan.weight_key, [found.row]).reshape(-1)[found.tap]
+    weight = original.array_rows(plan.weight_key, [found.row]).reshape(-1)[found.column]
     return (
         f"{plan.weight_key}: {found.count} element(s) are not the original's under order "
         f"{plan.order}; first at conv [{found.row}, {tap}] = Linear "
-        f"[{found.row}, {found.column}]: {kernel.item()!r} vs original {weight.item()!r}"
+        f"[{found.row}, {found.column}]: {float(kernel)!r} vs original {float(weight)!r}"
     )
 
 
@@ -198,10 +213,10 @@ def check_layer(
     if _runnable(plan, original, converted):
         rows = functional_rows(plan.out_features, plan.patch.features)
         functional = functional_check(
-            original.rows(plan.weight_key, rows),
-            original.rows(plan.bias_key, rows) if plan.bias_key else None,
-            converted.rows(plan.weight_key, rows),
-            converted.rows(plan.bias_key, rows) if plan.bias_key else None,
+            original.array_rows(plan.weight_key, rows),
+            original.array_rows(plan.bias_key, rows) if plan.bias_key else None,
+            converted.array_rows(plan.weight_key, rows),
+            converted.array_rows(plan.bias_key, rows) if plan.bias_key else None,
             plan.patch,
             plan.order,
             plan.stride,

@@ -132,6 +132,7 @@ def plan_verification(
     flip: bool | None = None,
     weigh: Weigh | None = None,
     default_order: str | None = None,
+    model_orders: Mapping[str, tuple[str, str]] | None = None,
 ) -> VerificationPlan:
     """Find the converted layers and the order each must be judged in (SPEC §2).
 
@@ -139,7 +140,9 @@ def plan_verification(
     explicit flag, else the file's provenance record, else the weights'
     evidence when it is clear (``weigh``; the rule ``--order auto`` uses),
     else the framework's convention (``default_order``, else ``chw`` and
-    its 1-D/3-D twins). A kernel that matches only another order is a
+    its 1-D/3-D twins). ``model_orders`` (layer → order and how it was read,
+    from a Keras config) is the model's own word: it comes after a flag and
+    a record, before the weights. A kernel that matches only another order is a
     difference that names that order and how to assert it. A kernel is
     flipped (for a framework that convolves) when ``flip`` says so, else
     when the provenance says so; a kernel that only a flip maps onto the
@@ -189,6 +192,7 @@ def plan_verification(
                 flipped,
                 _weighing(weigh, found.evidence, name, entry.weight_key, patch, entry.out_features),
                 default_order,
+                (model_orders or {}).get(name),
             )
         else:  # a claim the kernel cannot hold: checked as claimed, the shapes differ
             layer_order = order_for(None if order == AUTO else order, claimed_patch, name)
@@ -258,6 +262,7 @@ def _claimed_order(
     flip: bool,
     weigh: Callable[[], OrderEvidence | None],
     default_order: str | None,
+    model_order: tuple[str, str] | None = None,
 ) -> OrderClaim:
     as_flipped = " (kernel flipped)" if flip else ""
     ndim = as_nd(patch).ndim
@@ -276,8 +281,11 @@ def _claimed_order(
             default, "default",
             f"{name}: the weight is empty, so every order maps it; checked as {default}",
         )  # fmt: skip
-    evidence = weigh()
-    if evidence is not None and evidence.winner is not None:
+    evidence = weigh() if model_order is None or model_order[0] not in orders_for(ndim) else None
+    if model_order is not None and model_order[0] in orders_for(ndim):
+        model, came, margin = model_order[0], "model", None
+        why = f"order {model} from the model ({model_order[1]})"
+    elif evidence is not None and evidence.winner is not None:
         model, came, margin = evidence.winner, "weights", evidence.margin
         why = f"order {model} from the weights ({evidence.ranking_text()})"
     else:
@@ -310,6 +318,7 @@ def _claimed_order(
 def _came_words(came: str) -> str:
     return {
         "weights": "the order the weights' evidence shows",
+        "model": "the order the model's config flattens in",
         "default": "the framework's default, which the model is assumed to use",
     }.get(came, came)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -121,11 +122,11 @@ def value_differences(original: Any, converted: Any, where: str) -> list[str]:
 
 def _difference(a: Any, b: Any, path: str, pending: list) -> str | None:
     """How ``a`` and ``b`` differ at ``path``, or None; containers queue their items."""
-    import torch
+    torch = sys.modules.get("torch")  # not imported: nothing here can be a tensor
 
     if type(a) is not type(b):
         return f"{path} differs: {type(a).__name__} → {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
+    if torch is not None and isinstance(a, torch.Tensor):
         return None if bitwise_equal(a, b) else f"{path} differs: {_tensor_difference(a, b)}"
     if isinstance(a, Mapping):
         return _mapping_difference(a, b, path, pending)

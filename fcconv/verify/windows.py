@@ -1,10 +1,12 @@
 """The functional check of SPEC §4: the conv against the Linear on every window, any rank.
 
-On a random input, every cell of the conv output (``F.conv1d``, ``conv2d``
-or ``conv3d`` with the converted kernel) is compared with "cut the window,
-flatten it in ORDER, apply the Linear", computed here independently from the
-*original* weight: the windows are cut with ``unfold`` along every spatial
-axis, flattened in the order, and multiplied by the weight.
+On a random input, every cell of the conv output (the converted kernel
+slid over the input in its own ``[C, *sizes]`` layout) is compared with "cut
+the window, flatten it in ORDER, apply the Linear", computed here
+independently from the *original* weight: the windows are cut along every
+spatial axis, flattened in the order, and multiplied by the weight. Both run
+in numpy in float64 (bfloat16 and float8 widened exactly through
+``ml_dtypes``), so a verified safetensors conversion never imports torch.
 
 It runs on :func:`functional_rows` output channels: all of them in a layer of
 up to ``FUNCTIONAL_ELEMENTS`` weight elements, else evenly spaced rows, the
@@ -15,21 +17,19 @@ to prove that the permutation is the convolution's.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fcconv import dtypes
 from fcconv.errors import SpecError
 from fcconv.patches import SPATIAL_AXES, AnyPatch, PatchNd, as_nd
-from fcconv.threads import torch_threads
+from fcconv.verify.arrays import as_array
 from fcconv.verify.judge import Comparison, compare, rounding_bound
 from fcconv.windows import default_input, make_grid
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 BLOCK_ELEMENTS = 1 << 24
 """Weight elements converted to float64 at a time by the functional check (128 MB)."""
@@ -47,8 +47,9 @@ input, the window vectors, or one map of the output."""
 MAX_CHECK_MACS = 1 << 33
 """The most multiply-adds one pass of the functional check may take (a few seconds)."""
 
-_NATIVE_CONV = ("float64", "float32", "float16", "bfloat16")
-"""Dtypes torch convolves on the CPU; others (float8) are judged in float64 only."""
+_IN_DTYPE = ("float64", "float32", "float16", "bfloat16")
+"""Dtypes the conv is also run in and judged against the rounding bound; float8 is judged
+in float64 only."""
 
 
 @dataclass
@@ -161,10 +162,10 @@ def functional_rows(out_features: int, in_features: int) -> list[int]:
 
 
 def functional_check(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    kernel: torch.Tensor,
-    kernel_bias: torch.Tensor | None,
+    weight: Any,
+    bias: Any | None,
+    kernel: Any,
+    kernel_bias: Any | None,
     patch: AnyPatch,
     order: str,
     stride: tuple[int, ...],
@@ -177,49 +178,81 @@ def functional_check(
     """Compare the conv with the Linear applied to every window of a random input.
 
     ``weight``/``bias`` are the original Linear's; ``kernel``/``kernel_bias``
-    the converted conv's (``[O, C, *sizes]`` of any rank). The reference never
-    touches ``kernel``. By default the tensors hold every output row and the
-    check compares :func:`functional_rows` of them; ``rows`` says which output
-    rows they hold when they hold only some (read that way from disk). With
-    ``flip`` the kernel is run as a framework that convolves runs it (every
-    spatial axis reversed as it slides), which is how a flipped kernel is
-    used. Cells whose reference is not finite (the weight holds NaN or ±inf)
-    must be the same kind in the conv (NaN, +inf or −inf); the others are
-    judged by the tolerances. A dtype torch cannot convolve (float8) is judged
-    in float64, from the same upcast values.
+    the converted conv's (``[O, C, *sizes]`` of any rank), as numpy arrays
+    (bfloat16 and float8 as ``ml_dtypes``) or torch tensors. Everything runs
+    in numpy: torch is never imported for it. The reference never touches
+    ``kernel``: it cuts each window, flattens it in ``order`` and applies the
+    Linear; the conv slides the kernel over the input in its own ``[C, *sizes]``
+    layout, with no order at all. By default the tensors hold every output row
+    and the check compares :func:`functional_rows` of them; ``rows`` says
+    which output rows they hold when they hold only some (read that way from
+    disk). With ``flip`` the kernel is run as a framework that convolves runs
+    it (every spatial axis reversed as it slides). Cells whose reference is
+    not finite (the weight holds NaN or ±inf) must be the same kind in the
+    conv (NaN, +inf or −inf); the others are judged by the tolerances.
     """
-    import torch
-
+    weight, kernel = as_array(weight), as_array(kernel)
+    bias = None if bias is None else as_array(bias)
+    kernel_bias = None if kernel_bias is None else as_array(kernel_bias)
     if rows is None:
         rows = functional_rows(kernel.shape[0], patch.features)
         if len(rows) < kernel.shape[0]:
-            index = torch.tensor(rows, dtype=torch.long)
-            weight, kernel = weight[index], kernel[index]
-            bias = bias[index] if bias is not None else None
-            kernel_bias = kernel_bias[index] if kernel_bias is not None else None
-    with torch_threads(len(rows) * patch.features):
-        check = _compare_on_windows(
-            weight, bias, kernel, kernel_bias, as_nd(patch), order, stride, input_size, seed, flip
-        )
+            weight, kernel = weight[rows], kernel[rows]
+            bias = bias[rows] if bias is not None else None
+            kernel_bias = kernel_bias[rows] if kernel_bias is not None else None
+    check = _compare_on_windows(
+        weight, bias, kernel, kernel_bias, as_nd(patch), order, stride, input_size, seed, flip
+    )
     check.channels_checked = len(rows)
     return check
 
 
-def _conv(
-    x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...]
-) -> torch.Tensor:
-    """``F.conv1d``, ``conv2d`` or ``conv3d``, as the kernel's rank says."""
-    import torch.nn.functional as F
+def random_input(channels: int, size: Sequence[int], dtype: np.dtype, seed: int) -> np.ndarray:
+    """A standard normal input ``[1, C, *size]``, rounded to ``dtype`` (so it holds it exactly)."""
+    import numpy as np
 
-    convolve = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[kernel.dim()]
-    return convolve(x, kernel, bias, stride=stride)
+    generator = np.random.default_rng(seed % (1 << 64))
+    x = generator.standard_normal((1, channels, *size))
+    return x.astype(dtype).astype(np.float64) if dtype != np.float64 else x
+
+
+def conv(
+    x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, stride: tuple[int, ...]
+) -> np.ndarray:
+    """Cross-correlation of ``x`` ``[B, C, *size]`` with ``kernel`` ``[O, C, *k]``.
+
+    The kernel in its own layout against each window of the input in the
+    same layout (no flatten order), computed in the arrays' dtype; the
+    output is ``[B, O, *cells]``.
+    """
+    import numpy as np
+
+    ndim = kernel.ndim - 2
+    windows = _windows(x, kernel.shape[2:], stride)  # [B, C, *cells, *k]
+    cells = windows.shape[2 : 2 + ndim]
+    moved = np.moveaxis(windows, 1, 1 + ndim)  # [B, *cells, C, *k]
+    flat = moved.reshape(x.shape[0], *cells, -1)
+    out = flat @ kernel.reshape(kernel.shape[0], -1).T
+    if bias is not None:
+        out = out + bias
+    return np.moveaxis(out, -1, 1)
+
+
+def _windows(x: np.ndarray, sizes: Sequence[int], stride: Sequence[int]) -> np.ndarray:
+    """Every window of ``x`` ``[B, C, *size]`` at ``stride``: a view ``[B, C, *cells, *sizes]``."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    ndim = len(sizes)
+    axes = tuple(range(2, 2 + ndim))
+    view = sliding_window_view(x, tuple(sizes), axis=axes)
+    return view[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
 
 
 def _compare_on_windows(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    kernel: torch.Tensor,
-    kernel_bias: torch.Tensor | None,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    kernel: np.ndarray,
+    kernel_bias: np.ndarray | None,
     patch: PatchNd,
     order: str,
     stride: tuple[int, ...],
@@ -227,23 +260,20 @@ def _compare_on_windows(
     seed: int,
     flip: bool,
 ) -> FunctionalCheck:
-    import torch
+    import numpy as np
 
     if flip:  # true convolution = cross-correlation with every spatial axis reversed
-        kernel = kernel.flip(tuple(range(2, kernel.dim())))
+        kernel = np.flip(kernel, tuple(range(2, kernel.ndim)))
     size = input_size or default_input(patch, stride)
     grid = make_grid(size, patch, stride)
-    dtype_name = dtypes.name_of(kernel.dtype)
+    dtype_name = str(kernel.dtype)
     notes = grid.warnings()
     if kernel.shape[0] == 0:
         notes.append("the layer has no outputs: there is nothing to compare")
         empty = compare([], [], "float64-sharp")
         return FunctionalCheck(tuple(size), grid.counts, grid.cells, dtype_name, empty, None, notes)
     check_work(patch, kernel.shape[0], stride, size)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, patch.channels, *size, generator=generator, dtype=torch.float64)
-    x = x.to(kernel.dtype)  # the input the layer's dtype can hold exactly
-    x64 = x.double()
+    x64 = random_input(patch.channels, size, kernel.dtype, seed)
 
     # float64 copies of the weight are made a block of output rows at a time, so
     # a VGG-sized layer is checked in ~100 MB instead of three 800 MB copies.
@@ -251,11 +281,16 @@ def _compare_on_windows(
     bias64, kernel_bias64 = _bias64(bias, weight), _bias64(kernel_bias, kernel)
     step = max(1, BLOCK_ELEMENTS // patch.features)
     blocks = []
-    for rows in (slice(s, s + step) for s in range(0, kernel.shape[0], step)):
-        reference, scale = _linear_on_windows(vectors, weight[rows].double(), bias64[rows])
-        dense64 = _conv(x64, kernel[rows].double(), kernel_bias64[rows], stride)
-        blocks.append((reference, scale, dense64))
-    reference, scale, dense64 = (torch.cat(parts, dim=1) for parts in zip(*blocks, strict=True))
+    with np.errstate(all="ignore"):  # NaN/inf weights are judged by kind
+        for rows in (slice(s, s + step) for s in range(0, kernel.shape[0], step)):
+            reference, scale = _linear_on_windows(
+                vectors, weight[rows].astype(np.float64), bias64[rows]
+            )
+            dense64 = conv(x64, kernel[rows].astype(np.float64), kernel_bias64[rows], stride)
+            blocks.append((reference, scale, dense64))
+    reference, scale, dense64 = (
+        np.concatenate(parts, axis=1) for parts in zip(*blocks, strict=True)
+    )
     float64 = compare(dense64, reference, "float64-sharp", scale=scale)
     if float64.nonfinite:
         notes.append(
@@ -264,104 +299,89 @@ def _compare_on_windows(
             "reference in kind"
         )
     result = FunctionalCheck(tuple(size), grid.counts, grid.cells, dtype_name, float64, None, notes)
-    if dtype_name not in _NATIVE_CONV:
+    if dtype_name not in _IN_DTYPE:
         notes.append(
-            f"torch cannot convolve {dtype_name} on this machine: judged in float64 from the "
-            f"same {dtype_name} values, without the {dtype_name} rounding bound"
+            f"{dtype_name} is judged in float64 from the same {dtype_name} values, without "
+            f"the {dtype_name} rounding bound"
         )
         return result
-    with _reliable_conv(kernel.dtype):
-        dense = _conv(x, kernel, kernel_bias, stride)
-    result.in_dtype = _judge_in_dtype(
-        result, dense, reference, scale, torch.finfo(kernel.dtype), patch
-    )
+    with np.errstate(all="ignore"):
+        dense = conv(x64.astype(kernel.dtype), kernel, kernel_bias, stride)
+        dense = dense.astype(kernel.dtype)  # bfloat16 products accumulate in float32
+    result.in_dtype = _judge_in_dtype(result, dense, reference, scale, _finfo(kernel.dtype), patch)
     return result
+
+
+def _finfo(dtype: np.dtype) -> Any:
+    import numpy as np
+
+    if dtype.name in ("float16", "float32", "float64"):
+        return np.finfo(dtype)
+    import ml_dtypes
+
+    return ml_dtypes.finfo(dtype)
 
 
 def _judge_in_dtype(
     result: FunctionalCheck,
-    dense: torch.Tensor,
-    reference: torch.Tensor,
-    scale: torch.Tensor,
+    dense: np.ndarray,
+    reference: np.ndarray,
+    scale: np.ndarray,
     info: Any,
     patch: PatchNd,
 ) -> Comparison | None:
     """The conv run in the layer's own dtype, against the rigorous rounding bound."""
-    import torch
+    import numpy as np
 
-    rule = rounding_bound(info.eps, info.tiny, patch.features)
+    rule = rounding_bound(float(info.eps), float(info.tiny), patch.features)
     if rule is None:
         result.notes.append(
             f"the rigorous {result.dtype} bound is vacuous for N={patch.features} "
             "(N·u ≥ 1); the float64 check is the judge"
         )
         return None
-    finite = torch.isfinite(reference)
+    finite = np.isfinite(reference)
     # Where |W|·|x| + |b| exceeds the dtype's range the rounding bound says nothing.
-    in_range = finite & (scale <= info.max)
-    out_of_range = int((finite & ~in_range).sum())
+    in_range = finite & (scale <= float(info.max))
+    out_of_range = int(np.count_nonzero(finite & ~in_range))
     if out_of_range:
         result.notes.append(
             f"{out_of_range} output value(s) exceed the range of {result.dtype}; judged in "
             "float64 only"
         )
     # Non-finite values were judged by kind in float64; here only sizes count.
-    got = torch.where(finite, dense.double(), reference)
+    got = np.where(finite, dense.astype(np.float64), reference)
     return compare(got, reference, rule, scale=scale, where=in_range)
 
 
-@contextlib.contextmanager
-def _reliable_conv(dtype: torch.dtype) -> Iterator[None]:
-    """Run a bfloat16 conv on torch's native CPU path instead of oneDNN.
-
-    oneDNN's bfloat16 conv on CPU (torch 2.13) returns wrong numbers for some
-    small shapes with one output column (pytorch/pytorch#169688, #163347);
-    the check judges fcconv's kernel, not that backend.
-    """
-    import torch
-
-    if dtype != torch.bfloat16:
-        yield
-        return
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False  # flags() would warn about Intel GPUs
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
-
-
-def _bias64(bias: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
-    import torch
+def _bias64(bias: np.ndarray | None, weight: np.ndarray) -> np.ndarray:
+    import numpy as np
 
     if bias is None:
-        return torch.zeros(weight.shape[0], dtype=torch.float64)
-    return bias.double()
+        return np.zeros(weight.shape[0], dtype=np.float64)
+    return bias.astype(np.float64)
 
 
-def window_vectors(
-    x: torch.Tensor, patch: AnyPatch, order: str, stride: tuple[int, ...]
-) -> torch.Tensor:
+def window_vectors(x: Any, patch: AnyPatch, order: str, stride: tuple[int, ...]) -> np.ndarray:
     """Every window of ``x`` ``[B, C, *size]`` flattened in ``order``: ``[B, *cells, N]``.
 
-    Cut by ``unfold`` along each spatial axis, the window's axes put in
-    ``order`` (``c`` and the spatial letters), then flattened.
+    Cut along each spatial axis, the window's axes put in ``order`` (``c``
+    and the spatial letters), then flattened.
     """
     nd = as_nd(patch)
-    windows = x
-    for axis, (k, s) in enumerate(zip(nd.sizes, stride, strict=True)):
-        windows = windows.unfold(2 + axis, k, s)  # [B, C, *cells, *window]
+    windows = _windows(as_array(x), nd.sizes, stride)  # [B, C, *cells, *window]
     batch, cells = windows.shape[0], windows.shape[2 : 2 + nd.ndim]
     where = {"c": 1} | {a: 2 + nd.ndim + i for i, a in enumerate(SPATIAL_AXES[nd.ndim])}
-    vectors = windows.permute(0, *range(2, 2 + nd.ndim), *(where[a] for a in order))
+    vectors = windows.transpose(0, *range(2, 2 + nd.ndim), *(where[a] for a in order))
     return vectors.reshape(batch, *cells, nd.features)
 
 
 def _linear_on_windows(
-    vectors: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    vectors: np.ndarray, weight: np.ndarray, bias: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The Linear on every window vector and the error scale |W||x|+|b|, as ``[B, O, *cells]``."""
+    import numpy as np
+
     output = vectors @ weight.T + bias
-    scale = vectors.abs() @ weight.abs().T + bias.abs()
-    last = output.dim() - 1
-    return output.movedim(last, 1), scale.movedim(last, 1)
+    scale = np.abs(vectors) @ np.abs(weight).T + np.abs(bias)
+    return np.moveaxis(output, -1, 1), np.moveaxis(scale, -1, 1)
