@@ -97,10 +97,14 @@ def plan_axis(
         # reads that run's border where it pads: its box must start at or after it
         start = max(0, ((offset + coarse * (first // runs)) // coarse) * coarse)
         stop = min(length, offset + (last - 1) * step + window)
-        if stop - start < native:  # the program's smallest input
-            stop = min(length, start + native)
-            if stop - start < native:
-                start = max(0, ((stop - native) // coarse) * coarse)
+        # every run the tile's cells come from is at least the program's smallest input:
+        # the run starting (f − 1)·S into the tile included (a padded trunk's native size
+        # can exceed its cells' boxes)
+        need = native + (min(runs, last - first) - 1) * step
+        if stop - start < need:
+            stop = min(length, start + need)
+            if stop - start < need:
+                start = max(0, ((stop - need) // coarse) * coarse)
         spans.append(Span((first, last), (start, stop), step))
     return spans
 
