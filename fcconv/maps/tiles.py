@@ -97,10 +97,10 @@ def plan_axis(
         # reads that run's border where it pads: its box must start at or after it
         start = max(0, ((offset + coarse * (first // runs)) // coarse) * coarse)
         stop = min(length, offset + (last - 1) * step + window)
-        # every run the tile's cells come from is at least the program's smallest input:
-        # the run starting (f − 1)·S into the tile included (a padded trunk's native size
-        # can exceed its cells' boxes)
-        need = native + (min(runs, last - first) - 1) * step
+        # every run of the tile is at least the program's smallest input: the last run
+        # starts (f − 1)·S into the tile, and the tile's map ends where any run does
+        # (a padded trunk's native size can exceed its cells' boxes)
+        need = native + (runs - 1) * step
         if stop - start < need:
             stop = min(length, start + need)
             if stop - start < need:
